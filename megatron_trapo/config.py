@@ -1,0 +1,231 @@
+"""Typed configuration: dataclasses with the paper's defaults, YAML files, key=value overrides.
+
+Field names follow Megatron-LM's command-line flags where one exists
+(``tensor_model_parallel_size``, ``num_query_groups``, ``untie_embeddings_and_output_weights``…),
+so that a Megatron user can read a config without a glossary. OmegaConf does the merging and
+type checking of YAML and overrides; every dataclass validates its own values in
+``__post_init__`` and names the offending field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Type, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    _check(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only GPT (Llama / Qwen2 / Qwen3 families)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None = multi-head attention (no GQA)
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size // num_attention_heads
+    vocab_size: int = 256
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 256
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    normalization: str = "RMSNorm"
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    untie_embeddings_and_output_weights: bool = False
+    swiglu: bool = True
+    params_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine, GPU only)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    hf_architecture: Optional[str] = None  # e.g. Qwen2ForCausalLM, for conversion/sync
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by"):
+            _check(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_query_groups is not None:
+            _check(self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
+                   f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                   f"model.num_query_groups={self.num_query_groups}")
+        if self.kv_channels is None:
+            _check(self.hidden_size % self.num_attention_heads == 0,
+                   f"model.hidden_size={self.hidden_size} is not divisible by "
+                   f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels")
+        _choice("model.normalization", self.normalization, ["RMSNorm", "LayerNorm"])
+        _choice("model.params_dtype", self.params_dtype, ["fp32", "bf16", "fp16"])
+        _choice("model.fp8", self.fp8, [None, "hybrid", "e4m3"])
+        _choice("model.fp8_recipe", self.fp8_recipe, ["delayed", "tensorwise", "mxfp8", "blockwise"])
+        _choice("model.transformer_impl", self.transformer_impl, ["auto", "transformer_engine", "local"])
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron's parallel layout. Data parallel size is what remains of the world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    distributed_backend: str = "auto"  # auto | nccl | gloo
+    distributed_timeout_minutes: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size"):
+            _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        _choice("parallel.distributed_backend", self.distributed_backend, ["auto", "nccl", "gloo"])
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and LR schedule. Defaults: the paper (constant lr 5e-6, clip 1.0, AdamW)."""
+
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("optimizer.optimizer", self.optimizer, ["adam", "sgd"])
+        _choice("optimizer.lr_decay_style", self.lr_decay_style, ["constant", "linear", "cosine"])
+        _check(self.lr >= 0, f"optimizer.lr must be >= 0, got {self.lr}")
+        _check(self.clip_grad >= 0, f"optimizer.clip_grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints go and how often (torch_dist format, resharding on load)."""
+
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: int = 0  # 0 = only at the end
+    keep_last: Optional[int] = None  # None keeps every checkpoint
+    async_save: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
+        _check(self.keep_last is None or self.keep_last >= 1,
+               f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class SmokeConfig:
+    """The foundation's training smoke: a tiny GPT learns a synthetic sequence task.
+
+    It exercises everything below the TRAPO trainer — parallel layout, model, optimizer,
+    pipeline schedule, checkpoints, resume, metrics — on the embedded CPU default.
+    """
+
+    model_preset: Optional[str] = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=3e-3))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train_iters: int = 60
+    seq_length: int = 32
+    micro_batch_size: int = 4
+    num_microbatches: int = 4
+    seed: int = 1234
+    log_dir: Optional[str] = "runs/smoke"
+    log_interval: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("train_iters", "seq_length", "micro_batch_size", "num_microbatches",
+                     "log_interval"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.seq_length < self.model.max_position_embeddings,
+               f"seq_length={self.seq_length} must be < model.max_position_embeddings="
+               f"{self.model.max_position_embeddings}")
+
+
+def _structured(cls: Type[T]):
+    return OmegaConf.structured(cls)
+
+
+def _with_preset(base, cls, raw):
+    """Replace the ``model`` defaults by a named preset when the config asks for one."""
+    name = raw.get("model_preset") if raw is not None else None
+    if name is None and "model_preset" in base:
+        name = base.model_preset
+    if name is None or "model" not in base:
+        return base
+    from megatron_trapo.models.presets import preset
+
+    base.model = OmegaConf.structured(preset(name))
+    return base
+
+
+def load_config(cls: Type[T], yaml_path: Optional[str | Path] = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from its defaults, then a YAML file, then ``key=value`` overrides.
+
+    Unknown keys and wrongly typed values raise :class:`ConfigError` naming the key.
+    """
+    base = _structured(cls)
+    try:
+        layers = []
+        if yaml_path is not None:
+            path = Path(yaml_path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.merge(*layers) if layers else OmegaConf.create({})
+        base = _with_preset(base, cls, raw)
+        for layer in layers:
+            base = OmegaConf.merge(base, layer)
+        return OmegaConf.to_object(base)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        msg = str(exc.msg).splitlines()[0]
+        raise ConfigError(f"invalid config value{f' for {key}' if key else ''}: {msg}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict of a config dataclass (for checkpoints and logs)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

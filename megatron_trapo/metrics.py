@@ -1,0 +1,70 @@
+"""Metrics: JSONL always, TensorBoard and Weights & Biases when installed and asked for.
+
+Only the process that owns logging (global rank 0) writes; the others get a no-op logger.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+
+class MetricsLogger:
+    """Append one JSON object per step to ``DIR/metrics.jsonl`` (+ optional backends)."""
+
+    def __init__(self, log_dir: Optional[str | Path], enabled: bool = True,
+                 tensorboard: bool = True, wandb_project: Optional[str] = None,
+                 run_name: Optional[str] = None, config: Optional[dict] = None):
+        self.enabled = enabled and log_dir is not None
+        self._tb = None
+        self._wandb = None
+        self._file = None
+        if not self.enabled:
+            return
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:  # tensorboard not installed: JSONL only
+                self._tb = None
+        project = wandb_project or os.environ.get("WANDB_PROJECT")
+        if project:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=project, name=run_name, config=config or {},
+                                         dir=str(self.dir))
+            except ImportError:
+                self._wandb = None
+
+    def log(self, step: int, metrics: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list:
+    """All records of a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU build of torch and megatron_trapo (editable, with test extras).
+# Idempotent: a second run only re-checks what is installed. On GPU clusters use the
+# Dockerfile (NGC PyTorch image: CUDA torch, Transformer Engine and NVIDIA apex built in).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# torch first and pinned, so that no dependency range can pull a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
+fi
+.venv/bin/pip install --quiet -e ".[test]"
+.venv/bin/python -c "import megatron.core, megatron_trapo, torch; print('megatron_trapo ready:', 'torch', torch.__version__, '| megatron-core', megatron.core.__version__)"

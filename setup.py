@@ -1,0 +1,41 @@
+"""megatron_trapo: TRAPO post-training on Megatron-Core.
+
+Install torch first (``pip install torch==2.13.0`` on a CPU box, or use the NGC PyTorch image on
+GPUs); the core then installs and imports on a CPU-only machine with none of the extras.
+NVIDIA apex is NOT on PyPI (the PyPI package named ``apex`` is an unrelated project): build it
+from source or use the NGC image, which ships it. Never ``pip install apex``.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_trapo",
+    version="0.1.0",
+    description="Trust-Region Adaptive Policy Optimization (TRAPO) on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_trapo", "megatron_trapo.*"]),
+    include_package_data=True,
+    install_requires=[
+        # Any torch >= 2.6; the CI and Dockerfile pin the build explicitly before this.
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        # megatron-core does not declare it, but a dist_checkpointing save without it spawns
+        # writers that crash while the parent waits forever.
+        "psutil",
+        "numpy",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        "gpu": ["transformer-engine[pytorch]"],
+        "sglang": ["sglang", "sglang-router"],
+        "vllm": ["vllm"],
+        "modelopt": ["nvidia-modelopt[torch]"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+    },
+    entry_points={"console_scripts": ["megatron-trapo=megatron_trapo.cli:main"]},
+)

@@ -1,0 +1,57 @@
+"""Typed configs: paper defaults, YAML + key=value overrides, errors that name the field."""
+import pytest
+
+from megatron_trapo.config import (ConfigError, ModelConfig, OptimizerConfig, ParallelConfig,
+                                   SmokeConfig, load_config)
+
+
+def test_optimizer_defaults_follow_the_paper():
+    cfg = OptimizerConfig()
+    assert cfg.lr == 5e-6 and cfg.lr_decay_style == "constant" and cfg.clip_grad == 1.0
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train_iters: 7\nparallel:\n  tensor_model_parallel_size: 2\n"
+                    "optimizer:\n  lr: 0.5\n")
+    cfg = load_config(SmokeConfig, path, ["optimizer.lr=0.25", "model.num_layers=6"])
+    assert cfg.train_iters == 7
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.optimizer.lr == 0.25  # command line wins over the file
+    assert cfg.model.num_layers == 6
+    assert isinstance(cfg.model, ModelConfig) and isinstance(cfg.parallel, ParallelConfig)
+
+
+def test_model_preset_then_field_override():
+    cfg = load_config(SmokeConfig, None, ["model_preset=qwen2.5-0.5b", "model.num_layers=2"])
+    assert cfg.model.hidden_size == 896 and cfg.model.add_qkv_bias
+    assert cfg.model.num_layers == 2
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.hidden_size=abc", "model.hidden_size"),
+    ("model.bogus=1", "model.bogus"),
+    ("parallel.sequence_paralel=true", "parallel.sequence_paralel"),
+])
+def test_bad_values_name_the_key(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(SmokeConfig, None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.normalization=BatchNorm", "model.normalization"),
+    ("model.num_query_groups=3", "num_query_groups=3"),
+    ("optimizer.lr_decay_style=weird", "optimizer.lr_decay_style"),
+    ("seq_length=4096", "max_position_embeddings"),
+    ("model_preset=gpt5", "unknown model preset 'gpt5'"),
+])
+def test_validation_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SmokeConfig, None, [override])
+
+
+def test_override_without_equals_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(SmokeConfig, None, ["train_iters"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(SmokeConfig, tmp_path / "nope.yaml")

@@ -1,0 +1,64 @@
+"""Invalid parallel layouts fail before any process group exists, naming the numbers."""
+import subprocess
+import sys
+
+import pytest
+
+from megatron_trapo.config import ConfigError, ParallelConfig
+from megatron_trapo.models.presets import preset
+from megatron_trapo.platform.distributed import validate_layout
+
+TINY = preset("tiny")  # 4 heads, 2 query groups, 4 layers, ffn 128
+
+
+def par(**kw):
+    return ParallelConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, world, message", [
+    (dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2), 6,
+     r"world size 6 is not divisible by .*\(2\) x .*\(2\) x .*\(1\) = 4"),
+    (dict(tensor_model_parallel_size=4), 4, r"num_query_groups=2 is not divisible by "
+                                            r"tensor_model_parallel_size=4"),
+    (dict(tensor_model_parallel_size=8), 8, r"num_attention_heads=4 is not divisible"),
+    (dict(sequence_parallel=True), 2, r"sequence_parallel=True requires "
+                                      r"tensor_model_parallel_size > 1"),
+    (dict(virtual_pipeline_model_parallel_size=2), 2, r"requires pipeline_model_parallel_size >= 2"),
+    (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=4), 2,
+     r"num_layers=4 is not divisible by pipeline_model_parallel_size \(2\) x "
+     r"virtual_pipeline_model_parallel_size \(4\) = 8"),
+    (dict(pipeline_model_parallel_size=3), 3, r"num_layers=4 is not divisible"),
+])
+def test_invalid_layouts(kw, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_layout(par(**kw), world, TINY)
+
+
+def test_context_parallel_sequence_length():
+    with pytest.raises(ConfigError, match=r"sequence length 30 is not divisible by 2 x "
+                                          r"context_parallel_size = 4"):
+        validate_layout(par(context_parallel_size=2), 2, TINY, seq_length=30)
+
+
+def test_fp8_refused_on_cpu():
+    with pytest.raises(ConfigError, match="model.fp8='hybrid' needs Transformer Engine"):
+        validate_layout(par(), 1, preset("tiny", fp8="hybrid"))
+
+
+def test_valid_layout_derives_data_parallel():
+    lay = validate_layout(par(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                              virtual_pipeline_model_parallel_size=2), 8, TINY)
+    assert (lay.tp, lay.pp, lay.vpp, lay.dp) == (2, 2, 2, 2)
+
+
+def test_cli_reports_bad_layout_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_trapo.cli", "layout", "--world-size", "3",
+         "parallel.tensor_model_parallel_size=2"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "world size 3 is not divisible" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "megatron_trapo.cli", "layout", "--world-size",
+                         "4", "parallel.tensor_model_parallel_size=2"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "dp=2" in ok.stdout
