@@ -1,7 +1,7 @@
 """Megatron-Core on 2 gloo processes: parallel layouts agree with each other, checkpoints move
 between layouts, training reduces the loss, resume is exact, saves are atomic.
 
-One torchrun runs every phase (tests/dist/workers/parallel_suite.py); each test below checks
+One torchrun runs every phase (tests/distributed/workers/parallel_suite.py); each test below checks
 one measured quantity against the single-process / TP=1 / PP=1 reference.
 """
 import pytest

@@ -1,6 +1,6 @@
 """Two-process suite: TP, SP, PP (1F1B), VPP, cross-layout checkpoints, training, resume,
 atomic saves. Runs every phase in one torchrun (process start-up dominates on 2 cores) and
-writes measured differences to $TRAPO_TEST_OUT; tests/dist/test_parallel_suite.py asserts."""
+writes measured differences to $TRAPO_TEST_OUT; tests/distributed/test_parallel_suite.py asserts."""
 from __future__ import annotations
 
 import os
