@@ -35,7 +35,9 @@ def quiet_known_warnings() -> None:
 
     for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed",
                     "full scope is deprecated", ".*deprecating ShardedTensor",
-                    ".*`load_state_dict` is deprecated"):
+                    ".*`load_state_dict` is deprecated",
+                    ".*`torch.distributed.reduce_scatter_tensor` is deprecated",
+                    ".*`torch.distributed.all_gather_into_tensor` is deprecated"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

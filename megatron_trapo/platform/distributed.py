@@ -68,11 +68,22 @@ def validate_layout(parallel: ParallelConfig, world_size: int,
         if model.fp8 is not None and not torch.cuda.is_available():
             raise ConfigError(f"model.fp8={model.fp8!r} needs Transformer Engine on a CUDA GPU; "
                               "this machine has no CUDA device (set model.fp8=null on CPU)")
+    if cp > 1 and not _have_te_attention():
+        raise ConfigError(
+            f"context_parallel_size={cp} needs Transformer Engine's attention on CUDA GPUs "
+            "(megatron-core's local DotProductAttention has no context parallelism); "
+            "this machine has no Transformer Engine/CUDA, use context_parallel_size=1")
     if seq_length is not None and cp > 1 and seq_length % (2 * cp) != 0:
         raise ConfigError(f"sequence length {seq_length} is not divisible by 2 x "
                           f"context_parallel_size = {2 * cp}")
     return Layout(world_size=world_size, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=world_size // mp,
                   sequence_parallel=parallel.sequence_parallel)
+
+
+def _have_te_attention() -> bool:
+    from megatron_trapo.models.provider import have_transformer_engine
+
+    return have_transformer_engine()
 
 
 def _backend(parallel: ParallelConfig) -> str:

@@ -34,10 +34,19 @@ def test_invalid_layouts(kw, world, message):
         validate_layout(par(**kw), world, TINY)
 
 
-def test_context_parallel_sequence_length():
+def test_context_parallel_needs_te_attention_on_this_machine():
+    with pytest.raises(ConfigError, match=r"context_parallel_size=2 needs Transformer Engine"):
+        validate_layout(par(context_parallel_size=2), 2, TINY, seq_length=32)
+
+
+def test_context_parallel_sequence_length(monkeypatch):
+    import megatron_trapo.platform.distributed as d
+
+    monkeypatch.setattr(d, "_have_te_attention", lambda: True)  # as on a GPU node with TE
     with pytest.raises(ConfigError, match=r"sequence length 30 is not divisible by 2 x "
                                           r"context_parallel_size = 4"):
         validate_layout(par(context_parallel_size=2), 2, TINY, seq_length=30)
+    assert validate_layout(par(context_parallel_size=2), 4, TINY, seq_length=32).dp == 2
 
 
 def test_fp8_refused_on_cpu():

@@ -101,3 +101,27 @@ def write_results(results: dict) -> None:
     if rank() == 0:
         with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
             json.dump(results, f, indent=2)
+
+
+def train(state, microbatches, n):
+    """``n`` optimizer steps on the same micro-batches; the loss of each (on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_trapo.train.forward_backward import train_step
+
+    losses = []
+    for _ in range(n):
+        out = train_step(*state, microbatches, lm_forward_step, SEQ, MBS)
+        loss = reduce_lm_loss(out["losses"]) if ps.is_pipeline_last_stage() else None
+        losses.append(broadcast_from_last_stage(loss))
+    return losses
+
+
+def loss_and_grads_by_layout(ddp_chunks, microbatches):
+    """Token-mean loss of a forward/backward pass at any layout (grads not gathered)."""
+    from megatron.core import parallel_state as ps
+
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    out = run_forward_backward(ddp_chunks, microbatches, lm_forward_step, SEQ, MBS)
+    return broadcast_from_last_stage(reduce_lm_loss(out) if ps.is_pipeline_last_stage() else None)

@@ -10,23 +10,9 @@ import time
 import torch
 
 from common import (fixed_microbatches, full_logits, loss_and_grads, max_diff, rank, setup,
-                    write_results, SEQ, MBS)
+                    train, write_results)
 from megatron_trapo.train.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
-from megatron_trapo.train.forward_backward import train_step
-from megatron_trapo.train.lm_loss import lm_forward_step, reduce_lm_loss
 from megatron_trapo.train.optimizer import optimizer_steps
-
-
-def train(state, mbs, n):
-    from megatron.core import parallel_state as ps
-    from common import broadcast_from_last_stage
-
-    losses = []
-    for _ in range(n):
-        out = train_step(*state, mbs, lm_forward_step, SEQ, MBS)
-        loss = reduce_lm_loss(out["losses"]) if ps.is_pipeline_last_stage() else None
-        losses.append(broadcast_from_last_stage(loss))
-    return losses
 
 
 def main():
