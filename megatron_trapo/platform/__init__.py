@@ -12,4 +12,16 @@ def activate() -> str:
     return "cpu"
 
 
-__all__ = ["activate", "activate_cpu_compat", "cpu_compat_active"]
+def quiet_known_warnings() -> None:
+    """Silence megatron-core's import-time notices that only say TE/apex are absent."""
+    import warnings
+
+    for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                    "full scope is deprecated", ".*deprecating ShardedTensor",
+                    ".*`load_state_dict` is deprecated",
+                    ".*`torch.distributed.reduce_scatter_tensor` is deprecated",
+                    ".*`torch.distributed.all_gather_into_tensor` is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+__all__ = ["activate", "activate_cpu_compat", "cpu_compat_active", "quiet_known_warnings"]
