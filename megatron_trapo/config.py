@@ -129,6 +129,41 @@ class OptimizerConfig:
         _check(self.clip_grad >= 0, f"optimizer.clip_grad must be >= 0, got {self.clip_grad}")
 
 
+LOSS_MODES = ("trapo", "grpo", "sft", "luffy", "trapo_plain_sft")
+
+
+@dataclass
+class LossConfig:
+    """Which tokens get which loss, and how a step's loss is normalised (paper defaults)."""
+
+    loss_mode: str = "trapo"  # trapo | grpo | sft | luffy | trapo_plain_sft
+    trust_region_alpha: float = 0.1  # TrSFT's α
+    aggregation: str = "constant"  # constant (sum / L_max per sequence) | token_mean | seq_mean_token_mean
+    max_response_length: int = 8192  # L_max of the constant normaliser
+    entropy_coef: float = 0.001  # bonus on generated tokens
+    sft_weight: float = 1.0
+    rl_weight: float = 1.0
+    clip_ratio_low: Optional[float] = None  # PPO ε; the paper runs on-policy without clipping
+    clip_ratio_high: Optional[float] = None
+    luffy_gamma: float = 0.1  # f(p) = p / (p + γ) on off-policy tokens
+    luffy_clip_ratio: float = 0.2  # LUFFY clips its on-policy tokens
+    tis_cap: Optional[float] = None  # truncated IS vs the rollout engine's logprobs, e.g. 2.0
+    logprob_chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _choice("loss.loss_mode", self.loss_mode, LOSS_MODES)
+        _choice("loss.aggregation", self.aggregation,
+                ["constant", "token_mean", "seq_mean_token_mean"])
+        _check(0.0 <= self.trust_region_alpha <= 1.0,
+               f"loss.trust_region_alpha must be in [0, 1], got {self.trust_region_alpha}")
+        _check(self.max_response_length >= 1, "loss.max_response_length must be >= 1")
+        for name in ("clip_ratio_low", "clip_ratio_high", "tis_cap"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"loss.{name} must be > 0 or null, got {value}")
+        _check(self.luffy_gamma > 0, f"loss.luffy_gamma must be > 0, got {self.luffy_gamma}")
+        _check(self.logprob_chunk_size >= 1, "loss.logprob_chunk_size must be >= 1")
+
+
 @dataclass
 class CheckpointConfig:
     """Where checkpoints go and how often (torch_dist format, resharding on load)."""

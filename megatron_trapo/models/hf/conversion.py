@@ -15,7 +15,6 @@ import json
 import os
 import resource
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -24,39 +23,12 @@ import torch
 from megatron_trapo.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_trapo.models.hf.files import (HFCheckpointReader, HFCheckpointWriter,
                                             copy_tokenizer_files, load_hf_config)
+from megatron_trapo.models.sharding import global_tensors, local_shards
 from megatron_trapo.models.hf.mapping import (all_tensor_names, expand, hf_to_model_config,
                                               model_to_hf_config, rule_for_key, rules_for,
                                               to_hf, to_mcore)
 
 HF_SUBDIR = "hf"  # config.json + tokenizer files kept beside a converted checkpoint
-
-
-# --- the sharded-state-dict view of a model ---------------------------------------------------
-
-def local_shards(chunks) -> Dict[str, List[Tuple[object, tuple]]]:
-    """Per global megatron key (``decoder.layers.{i}.…`` with a real index): this rank's
-    shards as (ShardedTensor whose ``data`` views the parameter, slice into the global tensor)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    by_key: Dict[str, List[Tuple[object, tuple]]] = defaultdict(list)
-    for chunk in chunks:
-        module = getattr(chunk, "module", chunk)
-        sd = module.sharded_state_dict()
-        apply_factories(sd)
-        for sh in nested_values(sd):
-            if not isinstance(sh, ShardedTensor) or sh.key.endswith("_extra_state"):
-                continue
-            slices = sh.global_slice()
-            key = sh.key
-            if sh.prepend_axis_num:
-                if sh.prepend_axis_num != 1 or not key.startswith("decoder.layers."):
-                    raise ConfigError(f"cannot map sharded tensor {key} "
-                                      f"(prepend_axis_num={sh.prepend_axis_num})")
-                key = f"decoder.layers.{slices[0]}.{key[len('decoder.layers.'):]}"
-                slices = slices[1:]
-            by_key[key].append((sh, slices, tuple(sh.global_shape[sh.prepend_axis_num:])))
-    return by_key
 
 
 @torch.no_grad()
@@ -75,27 +47,16 @@ def fill_from_hf(chunks, reader: HFCheckpointReader, model: ModelConfig, padded_
         rule, layer = rule_for_key(model, key)
         _, hf_names = expand(rule, layer)
         full = to_mcore(rule.kind, [reader.get(n) for n in hf_names], model, padded_vocab)
-        for sh, slices, global_shape in items:
+        for view, slices, global_shape in items:
             if tuple(full.shape) != global_shape:
                 raise ConfigError(f"{key}: HF gives shape {tuple(full.shape)}, megatron "
                                   f"expects {global_shape} (config mismatch?)")
-            sh.data.copy_(full[slices])
+            view.copy_(full[slices])
     for chunk in chunks:
         for name, p in chunk.named_parameters():
             if torch.isnan(p).any():
                 raise ConfigError(f"parameter {name} was not filled from the HF checkpoint")
     return len(shards)
-
-
-@torch.no_grad()
-def global_tensors(chunks):
-    """Yield (megatron key, global tensor) from a TP=1/PP=1 model (every shard is local)."""
-    for key, items in local_shards(chunks).items():
-        global_shape = items[0][2]
-        full = torch.empty(global_shape, dtype=items[0][0].data.dtype)
-        for sh, slices, _ in items:
-            full[slices] = sh.data
-        yield key, full
 
 
 # --- workers -----------------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""The TRAPO loss as Megatron's ``loss_func`` — a thin adapter over ``algorithms/losses.py``.
+
+Contract with Megatron (models are built with ``calculate_per_token_loss=True``)::
+
+    loss_func(output_tensor) -> (loss, num_tokens, metrics)
+
+- ``loss = Σ_t w_t·ℓ_t / N``: ``ℓ_t`` the per-token loss, ``w_t`` the token's aggregation
+  weight (``batch["agg_weight"]``) and ``N`` the *step's* normaliser ``Σ c_t`` over every
+  micro-batch and every data-/context-parallel rank, computed once per step by
+  :func:`global_normaliser` before the schedule runs.
+- ``num_tokens = 0``: the loss is already globally normalised. The schedule sums gradients over
+  micro-batches, megatron's DDP sums them over DP×CP (per-token mode reduces with SUM), and
+  ``finalize_model_grads`` divides only by a positive global count, so the gradient is exactly
+  that of ``Σ_all w·ℓ / N`` — the same however whole sequences are split over micro-batches,
+  DP, CP, TP or PP ranks (see ``aggregation_weights`` for the three modes).
+- ``metrics``: name → ``tensor([numerator, denominator])``, summed over micro-batches and
+  DP×CP by :func:`reduce_loss_metrics`; names ending in ``_max`` are maxima.
+
+Per-token fields of a micro-batch (all ``[b, s]``, or ``[1, T]`` packed):
+``tokens``, ``position_ids``, ``labels`` (next token), ``expert_mask`` (expert tokens flagged
+for a loss: TrSFT / SFT / LUFFY shaping), ``generated_mask`` (the policy's own tokens: policy
+gradient), ``advantages``, ``old_logprobs``, ``rollout_logprobs`` (optional, for TIS),
+``agg_weight`` and ``agg_norm`` (``w_t``, ``c_t``). Prompt tokens, padding and unflagged prefix
+tokens have both masks 0.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from megatron_trapo.algorithms import losses as L
+from megatron_trapo.config import LossConfig
+from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
+
+
+def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
+                 batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Per-token loss of the configured mode, and its metric numerators/denominators."""
+    mode = cfg.loss_mode
+    expert = batch["expert_mask"].float() if mode != "grpo" else torch.zeros_like(logprobs)
+    generated = batch["generated_mask"].float() if mode != "sft" else torch.zeros_like(logprobs)
+    adv = batch.get("advantages")
+    adv = torch.zeros_like(logprobs) if adv is None else adv.float()
+
+    loss = torch.zeros_like(logprobs)
+    if mode == "trapo":
+        loss = loss + cfg.sft_weight * expert * L.trsft_loss(logprobs, cfg.trust_region_alpha)
+    elif mode in ("sft", "trapo_plain_sft"):
+        loss = loss + cfg.sft_weight * expert * L.sft_loss(logprobs)
+    elif mode == "luffy":
+        loss = loss + cfg.rl_weight * expert * L.luffy_shaping_loss(logprobs, adv, cfg.luffy_gamma)
+
+    metrics: Dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        n_exp = expert.sum()
+        p = logprobs.detach().exp()
+        metrics["expert/tokens"] = torch.stack([n_exp, torch.zeros_like(n_exp)])
+        metrics["expert/outside_trust_region"] = torch.stack(
+            [((p < cfg.trust_region_alpha).float() * expert).sum(), n_exp])
+        metrics["expert/p_mean"] = torch.stack([(p * expert).sum(), n_exp])
+        metrics["expert/nll"] = torch.stack([(-logprobs.detach() * expert).sum(), n_exp])
+
+    if mode != "sft":
+        old = batch["old_logprobs"].float()
+        low, high = ((cfg.luffy_clip_ratio, cfg.luffy_clip_ratio) if mode == "luffy"
+                     else (cfg.clip_ratio_low, cfg.clip_ratio_high))
+        pg = L.policy_gradient_loss(logprobs, old, adv, low, high)
+        tis = None
+        if cfg.tis_cap is not None and batch.get("rollout_logprobs") is not None:
+            tis = L.tis_weights(old, batch["rollout_logprobs"].float(), cfg.tis_cap)
+            pg = pg * tis
+        loss = loss + cfg.rl_weight * generated * pg - cfg.entropy_coef * generated * entropy
+        with torch.no_grad():
+            n_gen = generated.sum()
+            ratio = (logprobs.detach() - old).exp()
+            zero = torch.zeros_like(n_gen)
+            metrics["pg/tokens"] = torch.stack([n_gen, zero])
+            metrics["pg/ratio_mean"] = torch.stack([(ratio * generated).sum(), n_gen])
+            metrics["pg/ratio_max"] = torch.stack([(ratio * generated).max() if n_gen > 0
+                                                   else zero, zero])
+            clipped = L.clipped_mask(logprobs.detach(), old, adv, low, high).float()
+            metrics["pg/clip_frac"] = torch.stack([(clipped * generated).sum(), n_gen])
+            metrics["pg/entropy"] = torch.stack([(entropy.detach() * generated).sum(), n_gen])
+            if tis is not None:
+                metrics["pg/tis_weight_mean"] = torch.stack([(tis * generated).sum(), n_gen])
+                metrics["pg/tis_weight_max"] = torch.stack(
+                    [(tis * generated).max() if n_gen > 0 else zero, zero])
+                metrics["pg/tis_capped_frac"] = torch.stack(
+                    [((tis >= cfg.tis_cap).float() * generated).sum(), n_gen])
+    return loss, metrics
+
+
+def trapo_loss_func(cfg: LossConfig, batch: Dict[str, torch.Tensor], normaliser: float,
+                    output_tensor: torch.Tensor):
+    """Megatron ``loss_func``; see the module docstring for the contract."""
+    logprobs, entropy = vocab_parallel_logprobs_entropy(output_tensor, batch["labels"],
+                                                        cfg.logprob_chunk_size)
+    per_token, metrics = token_losses(cfg, logprobs, entropy, batch)
+    loss = (per_token * batch["agg_weight"].float()).sum() / normaliser
+    metrics["loss"] = torch.stack([loss.detach(), torch.zeros_like(loss.detach())])
+    return loss, torch.tensor(0, dtype=torch.int), metrics
+
+
+def make_forward_step(cfg: LossConfig, normaliser: float) -> Callable:
+    """A ``forward_step(batch, model)`` for :func:`run_forward_backward` with the TRAPO loss."""
+
+    def forward_step(batch, model):
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(trapo_loss_func, cfg, batch, normaliser)
+
+    return forward_step
+
+
+def global_normaliser(microbatches: Sequence[Dict[str, torch.Tensor]]) -> float:
+    """N = Σ c_t over this step's micro-batches on every data-/context-parallel rank."""
+    from megatron.core import parallel_state as ps
+
+    local = torch.zeros((), dtype=torch.float64)
+    for mb in microbatches:
+        local += mb["agg_norm"].double().sum()
+    if torch.cuda.is_available():
+        local = local.cuda()
+    torch.distributed.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
+    value = float(local)
+    if value <= 0:
+        raise ValueError("the step has no loss tokens (global normaliser is 0)")
+    return value
+
+
+def reduce_loss_metrics(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Sum (or max) the loss function's metrics over micro-batches and DP×CP ranks; the result
+    is broadcast from the last pipeline stage so every rank returns the same dict."""
+    from megatron.core import parallel_state as ps
+
+    result: Dict[str, float] = {}
+    if ps.is_pipeline_last_stage():
+        keys = sorted({k for out in outputs for k in out})
+        group = ps.get_data_parallel_group(with_context_parallel=True)
+        for key in keys:
+            stacked = torch.stack([out[key].double() for out in outputs if key in out])
+            if key.endswith("_max"):
+                value = stacked[:, 0].max().reshape(1)
+                torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
+                result[key] = float(value)
+            else:
+                pair = stacked.sum(0)
+                torch.distributed.all_reduce(pair, group=group)
+                result[key] = float(pair[0] / pair[1]) if pair[1] > 0 else float(pair[0])
+    holder = [result]
+    torch.distributed.broadcast_object_list(holder, src=ps.get_pipeline_model_parallel_last_rank(),
+                                            group=ps.get_pipeline_model_parallel_group())
+    return holder[0]

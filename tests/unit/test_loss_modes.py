@@ -1,0 +1,77 @@
+"""The loss adapter's modes: which tokens get which loss (single process, full vocabulary)."""
+import math
+
+import pytest
+import torch
+
+from megatron_trapo.algorithms import losses as L
+from megatron_trapo.config import ConfigError, LossConfig
+from megatron_trapo.train.loss_func import token_losses
+
+LP = torch.log(torch.tensor([0.5, 0.05, 0.3, 0.6, 0.2, 0.9]))
+ENT = torch.tensor([1.0, 2.0, 0.5, 0.7, 1.5, 0.2])
+BATCH = {
+    "expert_mask": torch.tensor([0, 1, 1, 0, 0, 0]),      # token 0: prompt; 1-2: expert prefix
+    "generated_mask": torch.tensor([0, 0, 0, 1, 1, 0]),   # 3-4: generated; 5: padding
+    "advantages": torch.full((6,), 0.5),
+    "old_logprobs": torch.log(torch.tensor([0.5, 0.05, 0.3, 0.5, 0.25, 0.9])),
+    "rollout_logprobs": torch.log(torch.tensor([0.5, 0.05, 0.3, 0.2, 0.25, 0.9])),
+}
+
+
+def run(**kw):
+    cfg = LossConfig(**kw)
+    loss, metrics = token_losses(cfg, LP.clone(), ENT, BATCH)
+    return loss, metrics
+
+
+def test_trapo_mode_token_by_token():
+    loss, m = run(loss_mode="trapo", entropy_coef=0.01)
+    pg = L.policy_gradient_loss(LP, BATCH["old_logprobs"], BATCH["advantages"])
+    expected = torch.tensor([0.0, -0.5, -1.0, 0, 0, 0])  # TrSFT: −p/max(p, 0.1)
+    expected[3:5] = pg[3:5] - 0.01 * ENT[3:5]
+    assert torch.allclose(loss, expected)
+    assert m["expert/tokens"][0] == 2
+    assert m["expert/outside_trust_region"].tolist() == [1.0, 2.0]  # p = 0.05 < α
+    assert m["expert/nll"][0] == pytest.approx(-(math.log(0.05) + math.log(0.3)), rel=1e-6)
+    assert m["pg/tokens"][0] == 2
+    assert m["pg/ratio_max"][0] == pytest.approx(1.2)
+
+
+def test_plain_sft_ablation_and_sft_mode():
+    loss, _ = run(loss_mode="trapo_plain_sft", entropy_coef=0.0)
+    assert loss[1] == pytest.approx(-math.log(0.05)) and loss[2] == pytest.approx(-math.log(0.3))
+    loss, m = run(loss_mode="sft")
+    assert loss[3] == loss[4] == 0 and "pg/tokens" not in m
+    assert loss[1] == pytest.approx(-math.log(0.05))
+
+
+def test_grpo_ignores_expert_tokens():
+    loss, m = run(loss_mode="grpo", entropy_coef=0.0)
+    assert loss[:3].tolist() == [0, 0, 0] and loss[3] != 0
+    assert m["expert/tokens"][0] == 0
+
+
+def test_luffy_shapes_off_policy_and_clips_on_policy():
+    loss, m = run(loss_mode="luffy", entropy_coef=0.0, luffy_gamma=0.1, luffy_clip_ratio=0.1)
+    assert loss[1] == pytest.approx(-0.5 * 0.05 / 0.15, rel=1e-5)
+    # token 3: ratio 1.2 > 1.1 with A > 0 → clipped value −A·1.1
+    assert loss[3] == pytest.approx(-0.5 * 1.1, rel=1e-5)
+    assert m["pg/clip_frac"].tolist() == [1.0, 2.0]
+
+
+def test_tis_caps_importance_weights():
+    loss, m = run(loss_mode="grpo", entropy_coef=0.0, tis_cap=2.0)
+    ratio = 0.6 / 0.5
+    assert loss[3] == pytest.approx(-0.5 * ratio * 2.0, rel=1e-5)  # exp(old − rollout) = 2.5 → 2
+    assert m["pg/tis_capped_frac"].tolist() == [1.0, 2.0]
+    assert m["pg/tis_weight_max"][0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(loss_mode="ppo"), "loss.loss_mode"), (dict(aggregation="sum"), "loss.aggregation"),
+    (dict(trust_region_alpha=2.0), "loss.trust_region_alpha"), (dict(tis_cap=0.0), "loss.tis_cap"),
+])
+def test_config_validation(kw, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        LossConfig(**kw)
