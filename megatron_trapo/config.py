@@ -165,6 +165,46 @@ class LossConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Which engine generates rollouts, and how the trainer's weights reach it."""
+
+    engine: str = "hf"  # hf (embedded) | sglang | vllm
+    model_path: Optional[str] = None  # HF folder the engine starts from
+    tokenizer_path: Optional[str] = None
+    server_impl: str = "embedded"  # for engine=sglang: launch "sglang" or our "embedded" server
+    num_servers: int = 1
+    server_urls: List[str] = field(default_factory=list)  # attach instead of launching
+    use_router: bool = True
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0
+    max_retries: int = 3
+    max_batch_size: int = 64
+    device: str = "cpu"
+    dtype: str = "fp32"
+    weight_sync: str = "auto"  # auto | inprocess | disk | distributed
+    weight_sync_bucket_mb: int = 512
+    weight_sync_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _choice("rollout.engine", self.engine, ["hf", "sglang", "vllm"])
+        _choice("rollout.server_impl", self.server_impl, ["embedded", "sglang"])
+        _choice("rollout.weight_sync", self.weight_sync, ["auto", "inprocess", "disk", "distributed"])
+        _choice("rollout.dtype", self.dtype, ["fp32", "bf16", "fp16"])
+        _check(self.num_servers >= 1, f"rollout.num_servers must be >= 1, got {self.num_servers}")
+        _check(self.engine != "vllm" or bool(self.server_urls),
+               "rollout.engine=vllm needs rollout.server_urls (start vLLM servers first)")
+        if self.engine == "hf":
+            _check(self.weight_sync in ("auto", "inprocess", "disk"),
+                   f"rollout.weight_sync={self.weight_sync} is not available with engine=hf")
+
+    @property
+    def resolved_weight_sync(self) -> str:
+        if self.weight_sync != "auto":
+            return self.weight_sync
+        return {"hf": "inprocess", "sglang": "distributed", "vllm": "disk"}[self.engine]
+
+
+@dataclass
 class CheckpointConfig:
     """Where checkpoints go and how often (torch_dist format, resharding on load)."""
 

@@ -1,0 +1,34 @@
+"""Rollout engines behind one interface (``types.RolloutEngine``): the embedded HF engine,
+SGLang servers behind sglang-router, vLLM servers; our SGLang-protocol server; weight sync."""
+from megatron_trapo.rollout.types import (RolloutEngine, RolloutError, RolloutRequest, Sample,
+                                          SamplingParams)
+
+__all__ = ["RolloutEngine", "RolloutError", "RolloutRequest", "Sample", "SamplingParams",
+           "make_engine"]
+
+
+def make_engine(cfg) -> RolloutEngine:
+    """The engine a :class:`megatron_trapo.config.RolloutConfig` asks for."""
+    if cfg.engine == "hf":
+        from megatron_trapo.rollout.hf_engine import HFEngine
+
+        if not cfg.model_path:
+            raise RolloutError("rollout.model_path is required for engine=hf")
+        return HFEngine(cfg.model_path, device=cfg.device, dtype=cfg.dtype,
+                        max_batch_size=cfg.max_batch_size, tokenizer_path=cfg.tokenizer_path)
+    if cfg.engine == "sglang":
+        from megatron_trapo.rollout.servers import ServerPool
+        from megatron_trapo.rollout.sglang_engine import SGLangEngine
+
+        if cfg.server_urls:
+            pool = ServerPool.attach(list(cfg.server_urls), cfg.use_router, cfg.startup_timeout_s)
+        else:
+            if not cfg.model_path:
+                raise RolloutError("rollout.model_path is required to launch servers")
+            pool = ServerPool.launch(cfg.server_impl, cfg.model_path, cfg.num_servers,
+                                     cfg.use_router, cfg.tokenizer_path, cfg.startup_timeout_s)
+        return SGLangEngine(pool, cfg.request_timeout_s, cfg.max_retries)
+    from megatron_trapo.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(list(cfg.server_urls), model=cfg.model_path or "",
+                      request_timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries)

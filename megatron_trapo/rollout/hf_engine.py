@@ -1,0 +1,223 @@
+"""The embedded engine: HF transformers in-process, batched, with a KV cache.
+
+Why a sampling loop of our own rather than ``model.generate``: the logprobs must be the raw
+``log_softmax`` of the logits the token was sampled from (``generate``'s ``output_scores``
+include the logits processors), each sample needs its own seeded generator (distinct,
+reproducible samples), and finished rows are dropped from the batch and its cache as they end.
+Sampling is vectorised over the batch (Gumbel-max with per-row noise).
+Prompts of different lengths are left-padded; position ids skip the padding, so every row
+computes exactly what it would alone.
+"""
+from __future__ import annotations
+
+import inspect
+import random
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_trapo.rollout.types import (RolloutEngine, RolloutError, RolloutRequest, Sample,
+                                          SamplingParams)
+
+
+def _eos_ids(model) -> List[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    if ids is None:
+        ids = getattr(model.config, "eos_token_id", None)
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def _sample_rows(logits: torch.Tensor, params: List[SamplingParams],
+                 gens: List[torch.Generator]) -> torch.Tensor:
+    """One token per row: argmax for greedy rows, else temperature / top-k / top-p sampling by
+    the Gumbel-max trick, with each row's uniform noise from its own generator (exact sampling,
+    vectorised over the batch, reproducible per sample)."""
+    rows, vocab = logits.shape
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    greedy = temps == 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(-1)
+    ks = [p.top_k if p.top_k and 0 < p.top_k < vocab else 0 for p in params]
+    tops = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
+    if any(ks) or bool((tops < 1).any()):
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        for r, k in enumerate(ks):
+            if k:
+                drop[r, k:] = True
+        probs = torch.softmax(sorted_logits, -1)
+        drop |= (probs.cumsum(-1) - probs) >= tops.unsqueeze(-1)  # keep the token crossing p
+        scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    noise = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in gens])
+    gumbel = -torch.log(-torch.log(noise.clamp(min=1e-300))).to(logits.dtype)
+    sampled = torch.argmax(scaled + gumbel, dim=-1)
+    return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+
+
+class HFEngine(RolloutEngine):
+    """``engine: hf`` — transformers on CPU (or one GPU) in this process."""
+
+    name = "hf"
+
+    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "fp32",
+                 max_batch_size: int = 64, tokenizer_path: Optional[str] = None,
+                 weight_version: str = "0"):
+        from transformers import AutoModelForCausalLM
+
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        if not (Path(model_path) / "config.json").is_file():
+            raise RolloutError(f"model_path {model_path}: no config.json (an HF model folder "
+                               "is needed; convert Megatron checkpoints with "
+                               "tools/convert_mcore_to_hf.py)")
+        self.model_path = str(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
+                                                          attn_implementation="sdpa")
+        self.model.to(device).eval()
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.eos_ids = _eos_ids(self.model)
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.vocab_size = int(self.model.config.vocab_size)
+        self._version = str(weight_version)
+        self._lock = threading.Lock()
+        self._rng = random.Random(0)
+        # transformers >= 5.2x names the KV-cache argument `cache`; older ones `past_key_values`.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        if tokenizer_path is not None:
+            check_tokenizer(tokenizer_path, self.vocab_size)
+
+    @property
+    def weight_version(self) -> str:
+        return self._version
+
+    # --- generation ------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> List[List[Sample]]:
+        rows = []  # (request index, sample index, input ids, budget, sampling, seed)
+        for i, req in enumerate(requests):
+            ids = req.input_ids()
+            if not ids:
+                raise RolloutError(f"request {i}: empty prompt")
+            if len(ids) >= self.max_context:
+                raise RolloutError(f"request {i}: prompt + prefix of {len(ids)} tokens does not "
+                                   f"fit the model's context of {self.max_context}")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RolloutError(f"request {i}: token ids {bad[:5]} outside the model's vocab "
+                                   f"of {self.vocab_size} (tokenizer/model mismatch?)")
+            budget = min(req.generation_budget(), self.max_context - len(ids))
+            for j in range(req.sampling.n):
+                if budget == 0:  # the prefix used the whole budget (a pure expert sample)
+                    continue
+                seed = (req.sampling.seed + j if req.sampling.seed is not None
+                        else self._rng.randrange(2**62))
+                rows.append((i, j, ids, budget, req.sampling, seed))
+        out: List[List[Optional[Sample]]] = [[None] * r.sampling.n for r in requests]
+        for i, req in enumerate(requests):
+            for j in range(req.sampling.n):
+                out[i][j] = Sample([], [], "length", self._version, len(req.prefix_ids))
+        with self._lock:
+            for start in range(0, len(rows), self.max_batch_size):
+                batch = rows[start:start + self.max_batch_size]
+                for (i, j, *_), sample in zip(batch, self._generate_batch(batch)):
+                    sample.prefix_len = len(requests[i].prefix_ids)
+                    out[i][j] = sample
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _generate_batch(self, rows) -> List[Sample]:
+        from transformers import DynamicCache
+
+        n = len(rows)
+        length = max(len(r[2]) for r in rows)
+        ids = torch.zeros(n, length, dtype=torch.long)
+        attn = torch.zeros(n, length, dtype=torch.long)
+        for k, (_, _, toks, *_rest) in enumerate(rows):
+            ids[k, length - len(toks):] = torch.tensor(toks)
+            attn[k, length - len(toks):] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                            use_cache=True, **{self._cache_kw: cache}).logits[:, -1, :].float()
+        gens = [torch.Generator().manual_seed(r[5]) for r in rows]
+        tokens: List[List[int]] = [[] for _ in rows]
+        logps: List[List[float]] = [[] for _ in rows]
+        finish = ["length"] * n
+        active = list(range(n))  # rows (of `rows`) still in the batch, in batch order
+        next_pos = pos[:, -1] + 1
+        while active:
+            logits = logits.cpu()
+            picked = _sample_rows(logits, [rows[k][4] for k in active], [gens[k] for k in active])
+            picked_lp = torch.log_softmax(logits, dim=-1).gather(1, picked[:, None]).squeeze(1)
+            chosen = picked.tolist()
+            for b, k in enumerate(active):
+                tokens[k].append(chosen[b])
+                logps[k].append(float(picked_lp[b]))
+            keep = []
+            for b, k in enumerate(active):
+                stops = self.eos_ids + list(rows[k][4].stop_token_ids)
+                if chosen[b] in stops:
+                    finish[k] = "stop"
+                elif len(tokens[k]) < rows[k][3]:
+                    keep.append(b)
+            if not keep:
+                break
+            index = torch.tensor(keep, device=self.device)
+            if len(keep) < len(active):
+                cache.batch_select_indices(index)
+                attn, next_pos = attn[index], next_pos[index]
+            active = [active[b] for b in keep]
+            step_ids = torch.tensor([[chosen[b]] for b in keep], device=self.device)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            logits = self.model(input_ids=step_ids, attention_mask=attn,
+                                position_ids=next_pos.unsqueeze(1), use_cache=True,
+                                **{self._cache_kw: cache}).logits[:, -1, :].float()
+            next_pos = next_pos + 1
+        return [Sample(tokens[k], logps[k], finish[k], self._version) for k in range(n)]
+
+    @torch.no_grad()
+    def teacher_forced_logprobs(self, input_ids: List[int], completion: List[int]) -> List[float]:
+        """Raw log p of ``completion`` after ``input_ids`` by one full forward (for checks)."""
+        seq = torch.tensor([input_ids + completion], device=self.device)
+        logits = self.model(input_ids=seq).logits[0].float()
+        lsm = torch.log_softmax(logits[len(input_ids) - 1:-1], -1)
+        return lsm.gather(-1, torch.tensor(completion, device=self.device)[:, None]).squeeze(-1).tolist()
+
+    # --- weights ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_weights_from_tensors(self, named_tensors: Dict[str, torch.Tensor],
+                                    weight_version: str) -> None:
+        with self._lock:
+            state = self.model.state_dict()
+            unknown = [k for k in named_tensors if k not in state]
+            if unknown:
+                raise RolloutError(f"weight update names unknown to the model: {unknown[:5]}")
+            for name, tensor in named_tensors.items():
+                if tuple(tensor.shape) != tuple(state[name].shape):
+                    raise RolloutError(f"weight update {name}: shape {tuple(tensor.shape)} != "
+                                       f"model's {tuple(state[name].shape)}")
+                state[name].copy_(tensor)
+            self._version = str(weight_version)
+
+    def update_weights_from_disk(self, path: str, weight_version: str) -> None:
+        from megatron_trapo.models.hf.files import HFCheckpointReader
+
+        reader = HFCheckpointReader(path)
+        self.update_weights_from_tensors({n: reader.get(n) for n in reader.names()}, weight_version)
+        self.model_path = str(path)
+
+
+def check_tokenizer(tokenizer_path: str, model_vocab: int) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    if len(tok) > model_vocab:
+        raise RolloutError(f"tokenizer at {tokenizer_path} has {len(tok)} tokens but the model's "
+                           f"vocab is {model_vocab}: tokenizer/model mismatch")

@@ -1,0 +1,161 @@
+"""``engine: sglang`` — generation through SGLang servers (behind sglang-router), weight updates
+to each server directly (the router answers 404 for them).
+
+Every sample is one HTTP request (``n = 1``, its own ``sampling_seed``), as slime does: a
+request that fails (connection dropped, 5xx, timeout) is retried through the router — which
+then routes to another server — after a health check that drops dead servers from the pool and
+the router. A sample is kept exactly once: the first successful answer for its (request,
+sample) slot.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence
+
+import httpx
+
+from megatron_trapo.rollout import protocol
+from megatron_trapo.rollout.servers import ServerPool
+from megatron_trapo.rollout.types import RolloutEngine, RolloutError, RolloutRequest, Sample
+
+logger = logging.getLogger(__name__)
+
+
+class SGLangEngine(RolloutEngine):
+    name = "sglang"
+
+    def __init__(self, pool: ServerPool, request_timeout_s: float = 600, max_retries: int = 3,
+                 concurrency: int = 64, seed: int = 0):
+        self.pool = pool
+        self.timeout = request_timeout_s
+        self.max_retries = max_retries
+        self.client = httpx.Client(timeout=request_timeout_s,
+                                   headers={"Content-Type": "application/json"},
+                                   limits=httpx.Limits(max_connections=concurrency))
+        self.executor = ThreadPoolExecutor(max_workers=concurrency)
+        self._rng = random.Random(seed)
+        self._check_lock = threading.Lock()
+        self._version = self._server_version()
+        self.retries = 0  # failed attempts retried (metric)
+
+    def _server_version(self) -> str:
+        try:
+            return str(httpx.get(self.pool.urls[0] + "/get_model_info", timeout=10).json()
+                       .get("weight_version", "0"))
+        except (httpx.HTTPError, ValueError):
+            return "0"
+
+    @property
+    def weight_version(self) -> str:
+        return self._version
+
+    @property
+    def dead_servers(self) -> List[str]:
+        return list(self.pool.dead)
+
+    def _one(self, payload: dict, prefix_len: int, where: str) -> Sample:
+        last: Optional[str] = None
+        for attempt in range(self.max_retries + 1):
+            if not self.pool.urls:
+                raise RolloutError(f"{where}: no live server left (dead: {self.pool.dead})")
+            try:
+                r = self.client.post(self.pool.generate_url + "/generate", json=payload)
+                if r.status_code == 400:
+                    raise RolloutError(f"{where}: server refused the request: {r.text[:300]}")
+                if r.status_code == 200:
+                    return protocol.sample_from_sglang(r.json(), prefix_len)
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            self.retries += 1
+            with self._check_lock:
+                for url in self.pool.check():
+                    logger.warning("dropped dead server %s", url)
+        raise RolloutError(f"{where}: failed after {self.max_retries + 1} attempts ({last})")
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> List[List[Sample]]:
+        futures = []
+        for i, req in enumerate(requests):
+            sp = req.sampling
+            budget = req.generation_budget()
+            for j in range(sp.n):
+                if budget == 0:  # the prefix used the whole budget: nothing to generate
+                    futures.append((i, j, None))
+                    continue
+                seed = sp.seed + j if sp.seed is not None else self._rng.randrange(2**31)
+                one = type(sp)(n=1, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                               max_new_tokens=budget, stop_token_ids=sp.stop_token_ids, seed=seed)
+                payload = protocol.sglang_payload(req.input_ids(), one, seed)
+                futures.append((i, j, self.executor.submit(
+                    self._one, payload, len(req.prefix_ids), f"request {i} sample {j}")))
+        out: List[List[Optional[Sample]]] = [[None] * r.sampling.n for r in requests]
+        for i, j, fut in futures:
+            out[i][j] = (fut.result() if fut is not None else
+                         Sample([], [], "length", self._version, len(requests[i].prefix_ids)))
+        # The router retries on its own, so a dead server may never surface as a failed
+        # request here: look for dead servers after every batch too, drop and report them.
+        with self._check_lock:
+            for url in self.pool.check():
+                logger.warning("dropped dead server %s", url)
+        return out  # type: ignore[return-value]
+
+    # --- weights: to every server directly ----------------------------------------------------
+
+    def _post_all(self, path: str, body: dict) -> None:
+        for url in self.pool.urls:
+            r = self.client.post(url + path, json=body)
+            ok = r.status_code == 200 and r.json().get("success", True)
+            if not ok:
+                raise RolloutError(f"{url}{path} failed: HTTP {r.status_code} {r.text[:300]}")
+
+    def pause(self) -> None:
+        self._post_all("/pause_generation", {"mode": "in_place"})
+
+    def resume(self) -> None:
+        self._post_all("/continue_generation", {})
+
+    def update_weights_from_disk(self, path: str, weight_version: str) -> None:
+        self._post_all("/update_weights_from_disk", {"model_path": path, "flush_cache": True,
+                                                     "weight_version": str(weight_version)})
+        self._version = str(weight_version)
+
+    def init_weights_update_group(self, master_address: str, master_port: int,
+                                  backend: str, ranks_per_server: int = 1) -> int:
+        """Ask every server to join the broadcast group; returns the group's world size."""
+        world = 1 + ranks_per_server * len(self.pool.urls)
+        bodies = [{"master_address": master_address, "master_port": master_port,
+                   "rank_offset": 1 + k * ranks_per_server, "world_size": world,
+                   "group_name": "weight_update_group", "backend": backend}
+                  for k in range(len(self.pool.urls))]
+        self._pending = [self.executor.submit(self.client.post, url + "/init_weights_update_group",
+                                              json=body)
+                         for url, body in zip(self.pool.urls, bodies)]
+        return world
+
+    def finish_init_group(self) -> None:
+        for fut in self._pending:
+            r = fut.result()
+            if r.status_code != 200 or not r.json().get("success", False):
+                raise RolloutError(f"init_weights_update_group failed: {r.text[:300]}")
+
+    def start_distributed_update(self, names, dtypes, shapes, weight_version: str):
+        body = {"names": names, "dtypes": dtypes, "shapes": shapes,
+                "group_name": "weight_update_group", "flush_cache": True,
+                "weight_version": str(weight_version)}
+        return [self.executor.submit(self.client.post, url + "/update_weights_from_distributed",
+                                     json=body) for url in self.pool.urls]
+
+    def finish_distributed_update(self, futures, weight_version: str) -> None:
+        for fut in futures:
+            r = fut.result()
+            if r.status_code != 200 or not r.json().get("success", False):
+                raise RolloutError(f"update_weights_from_distributed failed: {r.text[:300]}")
+        self._version = str(weight_version)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+        self.pool.close()
