@@ -15,14 +15,18 @@ CHAT_TEMPLATE = (
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
-                        special_tokens: List[str] = SPECIAL_TOKENS):
+                        special_tokens: List[str] = SPECIAL_TOKENS,
+                        individual_digits: bool = False):
     """Train, wrap as ``PreTrainedTokenizerFast`` (eos ``<|endoftext|>``, Qwen-style chat
-    template), save to ``out_dir`` and return it."""
+    template), save to ``out_dir`` and return it. ``individual_digits`` splits numbers into
+    digits (as Qwen's and Llama 3's tokenizers do), which small models need for arithmetic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                  byte_level]) if individual_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -1,0 +1,114 @@
+"""Converters from public dataset layouts to :class:`Record` s, with a report of every skipped
+row and why (never a silent drop).
+
+- ``openr1``: OpenR1-Math-220k rows — ``problem``, ``answer``, ``generations`` (list) and
+  ``correctness_math_verify`` (list of bools): the verified generations are the expert traces.
+- ``luffy``: the LUFFY/TRAPO parquet layout — ``prompt`` (chat messages), ``target``
+  ([{role, content}]) or ``extra_info.answer_list``, ``reward_model.ground_truth``.
+- ``jsonl``: plain rows with ``problem``, ``answer`` and ``solutions`` (list) or ``solution``;
+  other field names through a mapping.
+Expert texts keep only the part inside <think>…</think> when present.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from megatron_trapo.config import ConfigError
+from megatron_trapo.data.prompts import INSTRUCTION, expert_text
+from megatron_trapo.data.records import Record
+
+
+@dataclass
+class Report:
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: Dict[str, List[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, row_id: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(row_id)
+
+    def as_dict(self) -> dict:
+        return {"kept": self.kept, "skipped": dict(self.skipped),
+                "skipped_total": sum(self.skipped.values()), "examples": self.examples}
+
+
+def _openr1(row: dict) -> Tuple[Optional[Record], Optional[str]]:
+    gens = row.get("generations") or []
+    ok = row.get("correctness_math_verify") or []
+    sols = [expert_text(g) for g, good in zip(gens, ok) if good and isinstance(g, str)]
+    return Record(row.get("problem") or "", str(row.get("answer") or ""), sols,
+                  row.get("uuid") or row.get("id"), row.get("source")), None
+
+
+def _luffy(row: dict) -> Tuple[Optional[Record], Optional[str]]:
+    prompt = row.get("prompt") or []
+    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        return None, "no_user_message"
+    problem = users[-1].replace(INSTRUCTION, "").strip()
+    target = row.get("target") or []
+    sols = [t.get("content", "") for t in target if isinstance(t, dict) and t.get("content")]
+    extra = row.get("extra_info") or {}
+    sols += [s for s in (extra.get("answer_list") or []) if isinstance(s, str)]
+    answer = str((row.get("reward_model") or {}).get("ground_truth") or "")
+    return Record(problem, answer, [expert_text(s) for s in sols],
+                  str(extra.get("index")) if extra.get("index") is not None else None,
+                  row.get("data_source")), None
+
+
+def _plain(mapping: Dict[str, str]) -> Callable:
+    def convert(row: dict):
+        get = lambda k: row.get(mapping.get(k, k))  # noqa: E731
+        sols = get("solutions")
+        if sols is None and get("solution") is not None:
+            sols = [get("solution")]
+        if isinstance(sols, str):
+            sols = [sols]
+        return Record(str(get("problem") or ""), str(get("answer") or ""),
+                      [expert_text(s) for s in (sols or []) if isinstance(s, str)],
+                      get("id"), get("source")), None
+    return convert
+
+
+def converter(fmt: str, mapping: Optional[Dict[str, str]] = None) -> Callable:
+    if fmt == "openr1":
+        return _openr1
+    if fmt == "luffy":
+        return _luffy
+    if fmt == "jsonl":
+        return _plain(mapping or {})
+    raise ConfigError(f"--format {fmt!r} is not one of openr1, luffy, jsonl")
+
+
+def convert_rows(rows: Iterable[dict], fmt: str, mapping: Optional[Dict[str, str]] = None,
+                 prompt_length: Optional[Callable[[str], int]] = None,
+                 max_prompt_length: Optional[int] = None,
+                 require_solution: bool = True) -> Tuple[List[Record], Report]:
+    """Convert rows; skip (and count) rows with no answer, no usable solution or a prompt over
+    ``max_prompt_length`` tokens (measured by ``prompt_length``)."""
+    conv = converter(fmt, mapping)
+    report, out = Report(), []
+    for i, row in enumerate(rows):
+        rid = str(row.get("id") or row.get("uuid") or i)
+        rec, reason = conv(row)
+        if reason is None and not rec.problem.strip():
+            reason = "no_problem"
+        if reason is None and not rec.answer.strip():
+            reason = "no_answer"
+        if reason is None and require_solution and not any(s.strip() for s in rec.solutions):
+            reason = "no_usable_solution"
+        if reason is None and max_prompt_length is not None and prompt_length is not None \
+                and prompt_length(rec.problem) > max_prompt_length:
+            reason = "prompt_too_long"
+        if reason is not None:
+            report.skip(reason, rid)
+            continue
+        rec.id = rec.id if rec.id is not None else rid
+        out.append(rec)
+        report.kept += 1
+    return out, report

@@ -1,0 +1,30 @@
+"""Prompt rendering with the paper's instruction, and the expert text TRAPO trains on."""
+from __future__ import annotations
+
+import re
+from typing import List, Optional
+
+SYSTEM = "You are a helpful assistant."
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def expert_text(solution: str) -> str:
+    """The reasoning inside <think>…</think> when present, else the whole solution."""
+    m = _THINK.search(solution)
+    return m.group(1).strip() if m else solution.strip()
+
+
+def messages(problem: str, system: Optional[str] = SYSTEM) -> List[dict]:
+    out = [{"role": "system", "content": system}] if system else []
+    return out + [{"role": "user", "content": f"{problem}\n{INSTRUCTION}"}]
+
+
+def render_prompt(tokenizer, problem: str, system: Optional[str] = SYSTEM) -> str:
+    """The prompt text through the tokenizer's chat template (generation prompt appended)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages(problem, system), tokenize=False,
+                                             add_generation_prompt=True)
+    head = f"{system}\n\n" if system else ""
+    return f"{head}{problem}\n{INSTRUCTION}\n"

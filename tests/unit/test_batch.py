@@ -1,0 +1,55 @@
+"""Per-token masks follow the sampler's decisions; weights are split-invariant."""
+import torch
+
+from megatron_trapo.algorithms.micro_group import MicroGroupConfig, plan_group
+from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
+from megatron_trapo.config import LossConfig
+from megatron_trapo.train.batch import build_sequences, make_microbatches, split_for_rank
+
+
+def group_from_plan(rewards):
+    plan = plan_group(MicroGroupConfig(), rewards, num_traces=2)
+    trajs = []
+    for p, r in zip(plan, rewards):
+        prefix = [50, 51, 52, 53][: {0.0: 0, 0.25: 1, 0.5: 2, 1.0: 4}[p.prefix_ratio]]
+        completion = [] if p.full_solution else [60, 61, 62]
+        trajs.append(Trajectory(0, [1, 2, 3], prefix, completion, [-0.5] * len(completion),
+                                p.train_prefix, p.level, p.guided, float(r)))
+    return plan, trajs
+
+
+def test_masks_match_sampler_decisions():
+    plan, trajs = group_from_plan([0] * 8)
+    assign_advantages(trajs, 8)
+    seqs = build_sequences(trajs, LossConfig(aggregation="token_mean"))
+    for p, t, s in zip(plan, trajs, seqs):
+        n_prompt, n_prefix = len(t.prompt_ids), len(t.prefix_ids)
+        exp = s["expert_mask"].tolist()
+        gen = s["generated_mask"].tolist()
+        # position k predicts token k+1: prefix tokens are labels at positions p-1 .. p+f-2
+        want_exp = [1.0 if p.train_prefix and n_prompt - 1 <= k < n_prompt + n_prefix - 1 else 0.0
+                    for k in range(len(exp))]
+        assert exp == want_exp
+        assert sum(gen) == len(t.completion_ids)
+        assert all(e * g == 0 for e, g in zip(exp, gen))
+        if p.full_solution:  # pure TrSFT sample: no generated tokens
+            assert sum(gen) == 0 and sum(exp) == 4
+        if not p.guided:
+            assert sum(exp) == 0
+    # the L = 0.25 pair shares its prefix but only the second trains on it
+    assert seqs[4]["expert_mask"].sum() == 0 and seqs[5]["expert_mask"].sum() == 1
+    # rollout logprobs sit exactly on generated positions
+    assert torch.equal(seqs[0]["rollout_logprobs"] != 0, seqs[0]["generated_mask"].bool())
+
+
+def test_microbatches_respect_token_budget_and_keep_every_sequence():
+    _, trajs = group_from_plan([1, 0, 0, 0, 0, 0, 0, 0])
+    seqs = build_sequences(trajs, LossConfig())
+    mine = split_for_rank(seqs, 0, 2) + split_for_rank(seqs, 1, 2)
+    assert sorted(int(s["sample_ids"][0]) for s in mine) == list(range(8))
+    mbs = make_microbatches(seqs, max_tokens=16)
+    assert all(mb["tokens"].numel() <= 16 for mb in mbs)
+    total_norm = sum(float(mb["agg_norm"].sum()) for mb in mbs)
+    assert abs(total_norm - sum(float(s["agg_norm"].sum()) for s in seqs)) < 1e-6
+    fixed = make_microbatches(seqs, max_tokens=64, fixed_shape=(2, 10))
+    assert all(tuple(mb["tokens"].shape) == (2, 10) for mb in fixed)

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Convert a dataset into megatron_trapo records (problem, answer, expert solutions), with a
+report of skipped rows.
+
+    python tools/prepare_data.py --format openr1 --input openr1.parquet --output train.jsonl \
+        --tokenizer Qwen2.5-Math-7B --max-prompt-length 1024
+    python tools/prepare_data.py --format luffy --input openr1_46k.parquet --output train.jsonl
+    python tools/prepare_data.py --format jsonl --input my.jsonl --output train.jsonl \
+        --field-map problem=question answer=final solutions=traces
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+
+def read_rows(path: Path):
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--format", required=True, choices=["openr1", "luffy", "jsonl"])
+    ap.add_argument("--input", required=True, help=".parquet or .jsonl")
+    ap.add_argument("--output", required=True, help=".jsonl or .parquet")
+    ap.add_argument("--tokenizer", default=None, help="HF tokenizer folder, for the length limit")
+    ap.add_argument("--max-prompt-length", type=int, default=1024)
+    ap.add_argument("--field-map", nargs="*", default=[], help="ours=theirs for --format jsonl")
+    ap.add_argument("--report", default=None, help="report JSON (default: OUTPUT.report.json)")
+    args = ap.parse_args()
+
+    from megatron_trapo.config import ConfigError
+    from megatron_trapo.data.convert import convert_rows
+    from megatron_trapo.data.records import save_records
+
+    try:
+        path = Path(args.input)
+        if not path.is_file():
+            raise ConfigError(f"--input {path}: no such file")
+        mapping = dict(kv.split("=", 1) for kv in args.field_map)
+        length = None
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            from megatron_trapo.data.prompts import render_prompt
+
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+            length = lambda problem: len(tok(render_prompt(tok, problem))["input_ids"])  # noqa: E731
+        records, report = convert_rows(read_rows(path), args.format, mapping, length,
+                                       args.max_prompt_length if length else None)
+    except (ConfigError, ValueError) as exc:
+        print(f"prepare_data: error: {exc}", file=sys.stderr)
+        return 2
+    save_records(records, args.output)
+    rep = report.as_dict()
+    Path(args.report or f"{args.output}.report.json").write_text(json.dumps(rep, indent=2))
+    print(json.dumps(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
