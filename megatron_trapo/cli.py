@@ -7,11 +7,12 @@ Bad configuration exits with status 2 and one line naming the field, never a tra
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import List, Optional
 
-from megatron_trapo.config import ConfigError, SmokeConfig, load_config
+from megatron_trapo.config import ConfigError, SmokeConfig, TrainConfig, load_config
 from megatron_trapo.platform import quiet_known_warnings
 
 
@@ -23,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     smoke.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in checkpoint.save/load")
     smoke.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train_iters=10")
+    train = sub.add_parser("train", help="TRAPO / GRPO / SFT / LUFFY training")
+    train.add_argument("--config", help="YAML file (TrainConfig fields)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in checkpoint.save")
+    train.add_argument("overrides", nargs="*", help="key=value overrides")
     layout = sub.add_parser("layout", help="validate a parallel layout for a world size")
     layout.add_argument("--world-size", type=int, required=True)
     layout.add_argument("--config", help="YAML file (SmokeConfig fields)")
@@ -33,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     quiet_known_warnings()
+    if args.command == "train":
+        return _train(args)
     try:
         cfg = load_config(SmokeConfig, args.config, args.overrides)
         if args.command == "layout":
@@ -57,6 +65,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     if torch.distributed.get_rank() == 0:
         print(f"smoke done: loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} "
               f"(started at iteration {result['start_iteration']})")
+    from megatron_trapo.platform.distributed import destroy_distributed
+
+    destroy_distributed()
+    return 0
+
+
+def _train(args) -> int:
+    import torch
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        from megatron_trapo.platform.distributed import validate_layout
+
+        if cfg.load is None:
+            validate_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), cfg.model)
+        from megatron_trapo.train.trainer import run_training
+
+        final = run_training(cfg, resume=args.resume)
+    except ConfigError as exc:
+        print(f"megatron-trapo: error: {exc}", file=sys.stderr)
+        return 2
+    if torch.distributed.get_rank() == 0:
+        print(json.dumps({k: round(v, 5) for k, v in final.items()
+                          if isinstance(v, float)}))
     from megatron_trapo.platform.distributed import destroy_distributed
 
     destroy_distributed()

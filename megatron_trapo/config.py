@@ -129,6 +129,40 @@ class OptimizerConfig:
         _check(self.clip_grad >= 0, f"optimizer.clip_grad must be >= 0, got {self.clip_grad}")
 
 
+@dataclass
+class MicroGroupConfig:
+    """Defaults: the paper's n = (4, 2, 1, 1), L = (0, 0.25, 0.5, 1.0), t = (−1, .5, .7, .9)."""
+
+    budgets: List[int] = field(default_factory=lambda: [4, 2, 1, 1])
+    prefix_ratios: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0])
+    threshold_mode: str = "count"  # count (reference code) | mean (paper text)
+    mean_thresholds: List[float] = field(default_factory=lambda: [-1.0, 0.5, 0.7, 0.9])
+    count_thresholds: List[int] = field(default_factory=lambda: [0, 2, 4, 7])  # guided if correct < c
+    # per level, per sample: train the prefix with TrSFT (1) or use it as context only (0)
+    sft_flags: List[List[int]] = field(default_factory=lambda: [[0, 0, 0, 0], [0, 1], [1], [1]])
+    trace_index: List[int] = field(default_factory=lambda: [0, 0, 0, 1])  # expert trace per level
+    snap_window: float = 0.3  # snap the cut forward to a "\n\n" token within ratio + window
+
+    def __post_init__(self) -> None:
+        n = len(self.budgets)
+        for name in ("prefix_ratios", "mean_thresholds", "count_thresholds", "sft_flags",
+                     "trace_index"):
+            if len(getattr(self, name)) != n:
+                raise ConfigError(f"sampler.{name} has {len(getattr(self, name))} entries, "
+                                  f"sampler.budgets has {n}")
+        for i, (b, flags) in enumerate(zip(self.budgets, self.sft_flags)):
+            if len(flags) != b:
+                raise ConfigError(f"sampler.sft_flags[{i}] has {len(flags)} flags for a budget of {b}")
+        if self.threshold_mode not in ("count", "mean"):
+            raise ConfigError(f"sampler.threshold_mode={self.threshold_mode!r} is not count|mean")
+        if any(not 0.0 <= r <= 1.0 for r in self.prefix_ratios):
+            raise ConfigError(f"sampler.prefix_ratios must be in [0, 1], got {self.prefix_ratios}")
+
+    @property
+    def group_size(self) -> int:
+        return sum(self.budgets)
+
+
 LOSS_MODES = ("trapo", "grpo", "sft", "luffy", "trapo_plain_sft")
 
 
@@ -248,6 +282,48 @@ class SmokeConfig:
         _check(self.seq_length < self.model.max_position_embeddings,
                f"seq_length={self.seq_length} must be < model.max_position_embeddings="
                f"{self.model.max_position_embeddings}")
+
+
+@dataclass
+class TrainConfig:
+    """A TRAPO (or baseline) run: model, layout, optimizer, loss, sampler, rollout, data.
+
+    Defaults follow the paper (TRAPO.md §4) where it says something: 8 samples per prompt from
+    micro-groups (4, 2, 1, 1), constant lr, rollout temperature 1.0, one optimizer step per
+    rollout batch (strictly on-policy).
+    """
+
+    model_preset: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    load: Optional[str] = None  # initial Megatron checkpoint (e.g. converted from HF)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: MicroGroupConfig = field(default_factory=MicroGroupConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train_data: Optional[str] = None  # .jsonl / .parquet records
+    eval_data: Optional[str] = None
+    prompts_per_step: int = 128
+    train_iters: int = 500
+    temperature: float = 1.0
+    top_p: float = 1.0
+    normalize_adv_std: bool = False
+    luffy_off_policy: int = 1
+    luffy_on_policy_stats_only: bool = False
+    recompute_old_logprobs: bool = True
+    max_tokens_per_microbatch: int = 16384
+    eval_interval: int = 0  # 0 = only at the end
+    eval_max_problems: Optional[int] = None
+    eval_temperature: float = 0.0
+    seed: int = 1234
+    log_dir: Optional[str] = "runs/train"
+
+    def __post_init__(self) -> None:
+        _check(self.prompts_per_step >= 1, "prompts_per_step must be >= 1")
+        _check(self.train_iters >= 1, "train_iters must be >= 1")
+        _check(self.temperature > 0, "temperature must be > 0 for training rollouts")
+        _check(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")
 
 
 def _structured(cls: Type[T]):

@@ -10,44 +10,12 @@ guided micro-group train on their prefix and which expert trace each level uses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Sequence
 
-from megatron_trapo.config import ConfigError
+from megatron_trapo.config import MicroGroupConfig
 
-
-@dataclass
-class MicroGroupConfig:
-    """Defaults: the paper's n = (4, 2, 1, 1), L = (0, 0.25, 0.5, 1.0), t = (−1, .5, .7, .9)."""
-
-    budgets: List[int] = field(default_factory=lambda: [4, 2, 1, 1])
-    prefix_ratios: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0])
-    threshold_mode: str = "count"  # count (reference code) | mean (paper text)
-    mean_thresholds: List[float] = field(default_factory=lambda: [-1.0, 0.5, 0.7, 0.9])
-    count_thresholds: List[int] = field(default_factory=lambda: [0, 2, 4, 7])  # guided if correct < c
-    # per level, per sample: train the prefix with TrSFT (1) or use it as context only (0)
-    sft_flags: List[List[int]] = field(default_factory=lambda: [[0, 0, 0, 0], [0, 1], [1], [1]])
-    trace_index: List[int] = field(default_factory=lambda: [0, 0, 0, 1])  # expert trace per level
-    snap_window: float = 0.3  # snap the cut forward to a "\n\n" token within ratio + window
-
-    def __post_init__(self) -> None:
-        n = len(self.budgets)
-        for name in ("prefix_ratios", "mean_thresholds", "count_thresholds", "sft_flags",
-                     "trace_index"):
-            if len(getattr(self, name)) != n:
-                raise ConfigError(f"sampler.{name} has {len(getattr(self, name))} entries, "
-                                  f"sampler.budgets has {n}")
-        for i, (b, flags) in enumerate(zip(self.budgets, self.sft_flags)):
-            if len(flags) != b:
-                raise ConfigError(f"sampler.sft_flags[{i}] has {len(flags)} flags for a budget of {b}")
-        if self.threshold_mode not in ("count", "mean"):
-            raise ConfigError(f"sampler.threshold_mode={self.threshold_mode!r} is not count|mean")
-        if any(not 0.0 <= r <= 1.0 for r in self.prefix_ratios):
-            raise ConfigError(f"sampler.prefix_ratios must be in [0, 1], got {self.prefix_ratios}")
-
-    @property
-    def group_size(self) -> int:
-        return sum(self.budgets)
+__all__ = ["MicroGroupConfig", "Planned", "cut_prefix", "is_guided", "plan_group", "plan_level"]
 
 
 def is_guided(cfg: MicroGroupConfig, level: int, rewards_so_far: Sequence[float]) -> bool:

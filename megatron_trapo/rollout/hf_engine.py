@@ -90,6 +90,22 @@ class HFEngine(RolloutEngine):
         if tokenizer_path is not None:
             check_tokenizer(tokenizer_path, self.vocab_size)
 
+    @classmethod
+    def from_hf_config(cls, hf_config: Dict, **kwargs) -> "HFEngine":
+        """An engine with this architecture and uninitialised weights, to be filled by an
+        in-process weight sync (no checkpoint on disk needed)."""
+        import json
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="trapo_hf_engine_"))
+        (folder / "config.json").write_text(json.dumps(hf_config))
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
+                                                 dtype=torch.float32, attn_implementation="sdpa")
+        model.save_pretrained(folder)
+        return cls(str(folder), **kwargs)
+
     @property
     def weight_version(self) -> str:
         return self._version

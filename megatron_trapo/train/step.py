@@ -1,0 +1,95 @@
+"""One TRAPO step, top to bottom: prompts → micro-group rollouts → rewards → advantages →
+masked micro-batches → old logprobs → Megatron forward/backward + optimizer step → weight
+sync → metrics. Every rank runs it; rollouts happen on the sync rank (global rank 0), whose
+trajectories are broadcast so that every rank builds the same batch and takes its share."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, List
+
+import torch
+
+from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
+from megatron_trapo.rollout.groups import generate_groups
+from megatron_trapo.rollout.types import SamplingParams
+from megatron_trapo.train.batch import build_sequences, make_microbatches, split_for_rank
+from megatron_trapo.train.forward_backward import run_forward_backward, train_step
+from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
+from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
+
+
+def trapo_step(run, step: int) -> Dict[str, float]:
+    """``run`` is a :class:`megatron_trapo.train.trainer.Run` (model, optimizer, engine, data)."""
+    from megatron.core import parallel_state as ps
+
+    cfg = run.cfg
+    # 1-3. this step's prompts, their micro-group rollouts and rewards (sync rank), shared
+    trajs = None
+    if torch.distributed.get_rank() == 0:
+        sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                  max_new_tokens=cfg.loss.max_response_length,
+                                  stop_token_ids=run.stop_ids)
+        trajs = generate_groups(run.data.batch(step), run.engine, run.reward, run.tokenizer,
+                                cfg.loss.loss_mode, cfg.sampler, sampling, run.eos_id,
+                                seed=cfg.seed * 7919 + step, luffy_off_policy=cfg.luffy_off_policy)
+    holder: List = [trajs]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    trajs = holder[0]
+    # 4. group-relative advantages over each prompt's samples
+    group = 1 if cfg.loss.loss_mode == "sft" else cfg.sampler.group_size
+    assign_advantages(trajs, group, cfg.normalize_adv_std, cfg.luffy_on_policy_stats_only)
+    # 5. per-token masks and weights, this rank's share, micro-batches under a token budget
+    seqs = build_sequences(trajs, cfg.loss)
+    width = max(s["tokens"].numel() for s in seqs)
+    fixed = None
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        fixed = (max(1, cfg.max_tokens_per_microbatch // width), width)
+    mbs = make_microbatches(split_for_rank(seqs, ps.get_data_parallel_rank(),
+                                           ps.get_data_parallel_world_size()),
+                            cfg.max_tokens_per_microbatch, run.pad_id, fixed)
+    seq_len = max(mb["tokens"].shape[1] for mb in mbs)
+    mb_size = max(mb["tokens"].shape[0] for mb in mbs)
+    # 6. old logprobs from the trainer itself (rollout logprobs stay for TIS)
+    if cfg.recompute_old_logprobs and cfg.loss.loss_mode != "sft":
+        fill_old_logprobs(run.ddp, mbs, cfg.loss.logprob_chunk_size, seq_len, mb_size)
+    # 7. Megatron forward/backward over the micro-batches, one optimizer step
+    out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
+                     make_forward_step(cfg.loss, global_normaliser(mbs)), seq_len, mb_size)
+    # 8. the new weights to the engine
+    if run.sync is not None:
+        run.sync.sync(run.ddp, str(step + 1))
+    # 9. metrics
+    return {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs),
+            "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"]}
+
+
+def _logprob_loss(chunk_size, batch, output):
+    lp, _ = vocab_parallel_logprobs_entropy(output, batch["labels"], chunk_size)
+    return output.sum() * 0, torch.tensor(0, dtype=torch.int), {"lp": lp.detach()}
+
+
+@torch.no_grad()
+def fill_old_logprobs(chunks, mbs, chunk_size: int, seq_len: int, mb_size: int) -> None:
+    """Replace ``old_logprobs`` by the current weights' logprobs (last pipeline stage)."""
+    def step(batch, model):
+        return model(batch["tokens"], batch["position_ids"], None), partial(_logprob_loss,
+                                                                            chunk_size, batch)
+
+    out = run_forward_backward(chunks, mbs, step, seq_len, mb_size, forward_only=True)
+    for mb, o in zip(mbs, out):
+        mb["old_logprobs"] = o["lp"] * mb["generated_mask"]
+
+
+def rollout_metrics(trajs: List[Trajectory]) -> Dict[str, float]:
+    """Reward and length of free rollouts (guided samples excluded), guidance statistics."""
+    free = [t for t in trajs if not t.guided]
+    guided = [t for t in trajs if t.guided]
+    out = {"rollout/samples": float(len(trajs)),
+           "rollout/guided_fraction": len(guided) / max(len(trajs), 1),
+           "rollout/full_solution_samples": float(sum(1 for t in guided if not t.completion_ids))}
+    if free:
+        out["rollout/reward_unguided"] = sum(t.reward for t in free) / len(free)
+        out["rollout/length_unguided"] = sum(len(t.completion_ids) for t in free) / len(free)
+    if guided:
+        out["rollout/reward_guided"] = sum(t.reward for t in guided) / len(guided)
+    return out

@@ -1,0 +1,186 @@
+"""The training run around :func:`megatron_trapo.train.step.trapo_step`: set-up (layout, model,
+optimizer, tokenizer, data, engine, reward, weight sync), the loop with progress bar, metrics,
+periodic checkpoints and held-out evaluation, exact resume, and the training-curve PNG."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_trapo.config import ConfigError, TrainConfig, to_dict
+
+logger = logging.getLogger(__name__)
+
+
+class PromptData:
+    """Training prompts in a fixed, seeded order: step k's prompts depend only on (seed, k), so
+    the data position of a resumed run is its step."""
+
+    def __init__(self, items: list, prompts_per_step: int, seed: int):
+        if not items:
+            raise ConfigError("train_data holds no usable records")
+        self.items, self.n, self.seed = items, prompts_per_step, seed
+
+    def batch(self, step: int) -> list:
+        out = []
+        for k in range(step * self.n, (step + 1) * self.n):
+            epoch, pos = divmod(k, len(self.items))
+            order = list(range(len(self.items)))
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            out.append(self.items[order[pos]])
+        return out
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    ddp: list
+    optimizer: object
+    scheduler: object
+    model: object
+    tokenizer: object
+    data: Optional[PromptData]
+    eval_items: list
+    engine: object
+    reward: object
+    sync: object
+    eos_id: int
+    pad_id: int
+    stop_ids: List[int]
+
+
+def _tokenizer_path(cfg: TrainConfig) -> str:
+    if cfg.rollout.tokenizer_path:
+        return cfg.rollout.tokenizer_path
+    if cfg.load and (Path(cfg.load) / "hf" / "tokenizer_config.json").is_file():
+        return str(Path(cfg.load) / "hf")
+    raise ConfigError("no tokenizer: set rollout.tokenizer_path (or load a converted checkpoint "
+                      "with an hf/ folder)")
+
+
+def setup(cfg: TrainConfig, resume: bool) -> tuple:
+    from transformers import AutoTokenizer
+
+    from megatron_trapo.data.records import load_records
+    from megatron_trapo.models.hf.mapping import model_to_hf_config
+    from megatron_trapo.models.pretrained import model_config_from_checkpoint
+    from megatron_trapo.models.provider import build_model
+    from megatron_trapo.platform.distributed import initialize_distributed
+    from megatron_trapo.reward.math_reward import MathReward
+    from megatron_trapo.rollout import make_engine
+    from megatron_trapo.rollout.groups import encode
+    from megatron_trapo.rollout.hf_engine import HFEngine
+    from megatron_trapo.rollout.weight_sync import WeightSync
+    from megatron_trapo.train.checkpoint import latest_iteration, load_checkpoint
+    from megatron_trapo.train.optimizer import build_training_state
+
+    model = model_config_from_checkpoint(cfg.load) if cfg.load else cfg.model
+    if cfg.loss.loss_mode != "sft" and not cfg.train_data:
+        raise ConfigError("train_data is required")
+    initialize_distributed(cfg.parallel, model, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    chunks = build_model(model, cfg.parallel, perform_initialization=cfg.load is None)
+    ddp, optimizer, scheduler = build_training_state(chunks, cfg.optimizer, cfg.train_iters)
+    start, trainer_state = 0, {}
+    ckpt = cfg.checkpoint.save
+    if resume and ckpt and latest_iteration(ckpt) is not None:
+        info = load_checkpoint(ckpt, ddp, optimizer, scheduler)
+        start, trainer_state = info["iteration"], info["trainer_state"]
+    elif cfg.load:
+        load_checkpoint(cfg.load, ddp, refresh_optimizer=optimizer, load_rng=False)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(cfg))
+    eos_id = tokenizer.eos_token_id
+    stop_ids = sorted({eos_id, *[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>",)
+                                 if t in tokenizer.get_vocab()]})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    rank0 = torch.distributed.get_rank() == 0
+    data = evals = None
+    engine = reward = None
+    if rank0:
+        data = PromptData(encode(load_records(cfg.train_data), tokenizer), cfg.prompts_per_step,
+                          cfg.seed) if cfg.train_data else None
+        evals = encode(load_records(cfg.eval_data), tokenizer) if cfg.eval_data else []
+        if cfg.eval_max_problems:
+            evals = evals[:cfg.eval_max_problems]
+        if cfg.rollout.engine == "hf" and not cfg.rollout.model_path:
+            engine = HFEngine.from_hf_config(model_to_hf_config(model), device=cfg.rollout.device,
+                                             max_batch_size=cfg.rollout.max_batch_size)
+        else:
+            engine = make_engine(dataclasses.replace(cfg.rollout,
+                                                     tokenizer_path=_tokenizer_path(cfg)))
+        reward = MathReward(num_workers=2)
+    sync = WeightSync(engine, model, cfg.rollout.resolved_weight_sync,
+                      bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 1024**2,
+                      disk_dir=cfg.rollout.weight_sync_dir)
+    sync.sync(ddp, str(start))  # the engine starts from exactly the trainer's weights
+    run = Run(cfg, ddp, optimizer, scheduler, model, tokenizer, data, evals or [], engine, reward,
+              sync, eos_id, pad_id, stop_ids)
+    return run, start, trainer_state
+
+
+def evaluate(run: Run) -> Dict[str, float]:
+    """Held-out accuracy (rank 0 generates and scores; every rank returns the result)."""
+    from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
+
+    result = [None]
+    if torch.distributed.get_rank() == 0 and run.eval_items:
+        reqs = [RolloutRequest(it.prompt_ids, SamplingParams(
+            temperature=run.cfg.eval_temperature, max_new_tokens=run.cfg.loss.max_response_length,
+            stop_token_ids=run.stop_ids, seed=run.cfg.seed + i)) for i, it in enumerate(run.eval_items)]
+        samples = run.engine.generate(reqs)
+        texts = [run.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in samples]
+        scores = run.reward.score([(t, it.record.answer) for t, it in zip(texts, run.eval_items)])
+        result = [{"eval/accuracy": sum(scores) / len(scores),
+                   "eval/length": sum(len(s[0].token_ids) for s in samples) / len(samples)}]
+    torch.distributed.broadcast_object_list(result, src=0)
+    return result[0] or {}
+
+
+def run_training(cfg: TrainConfig, resume: bool = False) -> Dict[str, float]:
+    from tqdm import tqdm
+
+    from megatron_trapo.metrics import MetricsLogger
+    from megatron_trapo.plotting import plot_curves
+    from megatron_trapo.train.checkpoint import save_checkpoint
+    from megatron_trapo.train.step import trapo_step
+
+    run, start, _ = setup(cfg, resume)
+    rank0 = torch.distributed.get_rank() == 0
+    metrics = MetricsLogger(cfg.log_dir, enabled=rank0, config=to_dict(cfg))
+    final: Dict[str, float] = {}
+    has_eval = cfg.eval_data is not None  # known on every rank (items live on rank 0)
+    if start == 0 and has_eval:
+        final = evaluate(run)
+        metrics.log(0, final)
+    bar = tqdm(range(start, cfg.train_iters), disable=not rank0, initial=start,
+               total=cfg.train_iters, desc=cfg.loss.loss_mode, unit="step")
+    for step in bar:
+        t0 = time.time()
+        m = trapo_step(run, step)
+        m["step_time_s"] = time.time() - t0
+        last = step + 1 == cfg.train_iters
+        if has_eval and (last or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0)):
+            m.update(evaluate(run))
+        metrics.log(step + 1, m)
+        final = m
+        bar.set_postfix(loss=f"{m.get('loss', 0):.4f}",
+                        reward=f"{m.get('rollout/reward_unguided', float('nan')):.2f}")
+        interval = cfg.checkpoint.save_interval
+        if cfg.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
+            save_checkpoint(cfg.checkpoint.save, step + 1, run.ddp, run.optimizer, run.scheduler,
+                            trainer_state={"iteration": step + 1}, config={"model": dataclasses.asdict(run.model)},
+                            keep_last=cfg.checkpoint.keep_last)
+    metrics.close()
+    if rank0 and cfg.log_dir and (Path(cfg.log_dir) / "metrics.jsonl").is_file():
+        plot_curves(Path(cfg.log_dir) / "metrics.jsonl", Path(cfg.log_dir) / "curves.png",
+                    title=cfg.loss.loss_mode)
+    if run.reward is not None:
+        run.reward.close()
+    return final
