@@ -1,0 +1,45 @@
+"""One full TRAPO step at TP=2 on CPU: record the trajectories the sampler made (rank 0) and
+the loss function's token counts, to check that the masks follow the sampler's decisions."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from megatron_trapo.config import load_config, TrainConfig
+from megatron_trapo.platform import quiet_known_warnings
+
+
+def main():
+    quiet_known_warnings()
+    from megatron_trapo.train import step as step_mod
+    from megatron_trapo.train.trainer import setup
+
+    cfg = load_config(TrainConfig, None, os.environ["TRAIN_ARGS"].split())
+    run, start, _ = setup(cfg, resume=False)
+    seen = {}
+    real = step_mod.generate_groups
+
+    def spy(*args, **kwargs):
+        trajs = real(*args, **kwargs)
+        seen["trajs"] = trajs
+        return trajs
+
+    step_mod.generate_groups = spy
+    metrics = step_mod.trapo_step(run, 0)
+    if torch.distributed.get_rank() == 0:
+        trajs = seen["trajs"]
+        out = {"metrics": metrics,
+               "expected_expert": sum(len(t.prefix_ids) for t in trajs if t.train_prefix),
+               "expected_generated": sum(len(t.completion_ids) for t in trajs),
+               "levels": [[t.group, t.level, t.guided, t.train_prefix, len(t.prefix_ids),
+                           len(t.completion_ids), t.reward] for t in trajs]}
+        with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
+            json.dump(out, f)
+    torch.distributed.barrier()
+    run.reward and run.reward.close()
+
+
+if __name__ == "__main__":
+    main()
