@@ -17,12 +17,12 @@ _OPS = (("Add", "+"), ("Subtract", "-"), ("Multiply by", "*"))
 
 
 def make_problem(rng: random.Random, steps: int, index: int, split: str) -> Record:
-    value = rng.randint(2, 20)
+    value = rng.randint(2, 12)
     text = [f"Start with {value}."]
     lines, alt = [], []
     for _ in range(steps):
         word, sym = rng.choice(_OPS)
-        operand = rng.randint(2, 5) if sym == "*" else rng.randint(1, 20)
+        operand = rng.randint(2, 3) if sym == "*" else rng.randint(1, 9)
         new = value + operand if sym == "+" else value - operand if sym == "-" else value * operand
         text.append(f"{word} {operand}.")
         lines.append(f"{value} {sym} {operand} = {new}.")
