@@ -163,14 +163,14 @@ class MicroGroupConfig:
         return sum(self.budgets)
 
 
-LOSS_MODES = ("trapo", "grpo", "sft", "luffy", "trapo_plain_sft")
+LOSS_MODES = ("trapo", "grpo", "sft", "luffy", "trapo_plain_sft", "sft_then_rl")
 
 
 @dataclass
 class LossConfig:
     """Which tokens get which loss, and how a step's loss is normalised (paper defaults)."""
 
-    loss_mode: str = "trapo"  # trapo | grpo | sft | luffy | trapo_plain_sft
+    loss_mode: str = "trapo"  # trapo | grpo | sft | luffy | trapo_plain_sft | sft_then_rl
     trust_region_alpha: float = 0.1  # TrSFT's α
     aggregation: str = "constant"  # constant (sum / L_max per sequence) | token_mean | seq_mean_token_mean
     max_response_length: int = 8192  # L_max of the constant normaliser
@@ -311,6 +311,7 @@ class TrainConfig:
     normalize_adv_std: bool = False
     luffy_off_policy: int = 1
     luffy_on_policy_stats_only: bool = False
+    sft_stage_iters: int = 100  # loss_mode=sft_then_rl: SFT steps before the GRPO stage
     recompute_old_logprobs: bool = True
     max_tokens_per_microbatch: int = 16384
     eval_interval: int = 0  # 0 = only at the end

