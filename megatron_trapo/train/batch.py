@@ -19,6 +19,32 @@ from megatron_trapo.algorithms.losses import aggregation_weights
 from megatron_trapo.algorithms.trajectory import Trajectory
 from megatron_trapo.config import LossConfig
 
+def packed_attention(batch: Dict[str, torch.Tensor]):
+    """Megatron forward kwargs that keep packed sequences apart.
+
+    Transformer Engine: ``PackedSeqParams`` (THD, cu_seqlens). Local spec (CPU): a block-
+    diagonal causal mask (True = masked); RoPE needs no per-sequence reset there, because
+    attention between tokens of one sequence depends only on their relative positions.
+    """
+    seg = batch.get("segment_ids")
+    if seg is None:
+        return {}
+    from megatron_trapo.models.provider import have_transformer_engine
+
+    if have_transformer_engine():
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        lengths = torch.bincount(seg[0][seg[0] >= 0])
+        cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=seg.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        return {"packed_seq_params": PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+            max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))}
+    same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [b, s, s]
+    causal = torch.ones_like(same[0]).tril().bool()
+    return {"attention_mask": (~(same & causal)).unsqueeze(1)}  # [b, 1, s, s]
+
+
 FIELDS = ("tokens", "labels", "position_ids", "expert_mask", "generated_mask", "advantages",
           "old_logprobs", "rollout_logprobs", "agg_weight", "agg_norm", "sample_ids")
 
@@ -65,6 +91,45 @@ def split_for_rank(seqs: Sequence[dict], dp_rank: int, dp_size: int) -> List[dic
         if r == dp_rank:
             mine.append(seqs[idx])
     return mine
+
+
+def pack_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
+                      fixed_width: bool = False) -> List[Dict[str, torch.Tensor]]:
+    """Sequence packing: first-fit of whole sequences (longest first) into rows of at most
+    ``max_tokens`` tokens, one [1, W] micro-batch per row, with ``segment_ids`` (−1 on padding)
+    so that attention stays within each sequence. ``fixed_width`` pads every row to
+    ``max_tokens`` (pipeline parallelism needs one shape)."""
+    bins: List[List[dict]] = []
+    used: List[int] = []
+    for s in sorted(seqs, key=lambda x: -x["tokens"].numel()):
+        n = s["tokens"].numel()
+        if n > max_tokens:
+            raise ValueError(f"a sequence of {n} tokens exceeds max_tokens_per_microbatch="
+                             f"{max_tokens}")
+        for b, u in enumerate(used):
+            if u + n <= max_tokens:
+                bins[b].append(s)
+                used[b] += n
+                break
+        else:
+            bins.append([s])
+            used.append(n)
+    out = []
+    for group, total in zip(bins, used):
+        width = max_tokens if fixed_width else total
+        mb = {}
+        for key in FIELDS:
+            fill = pad_id if key in ("tokens", "labels") else 0
+            row = torch.full((width,), fill, dtype=group[0][key].dtype)
+            row[:total] = torch.cat([s[key] for s in group])
+            mb[key] = row.unsqueeze(0)
+        seg = torch.full((width,), -1, dtype=torch.long)
+        seg[:total] = torch.cat([torch.full((s["tokens"].numel(),), k) for k, s in enumerate(group)])
+        mb["segment_ids"] = seg.unsqueeze(0)
+        mb["position_ids"] = torch.cat([torch.arange(s["tokens"].numel()) for s in group] +
+                                       [torch.zeros(width - total, dtype=torch.long)]).unsqueeze(0)
+        out.append(mb)
+    return out
 
 
 def make_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,

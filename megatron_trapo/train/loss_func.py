@@ -107,7 +107,11 @@ def make_forward_step(cfg: LossConfig, normaliser: float) -> Callable:
     """A ``forward_step(batch, model)`` for :func:`run_forward_backward` with the TRAPO loss."""
 
     def forward_step(batch, model):
-        output = model(batch["tokens"], batch["position_ids"], None)
+        from megatron_trapo.train.batch import packed_attention
+
+        kwargs = packed_attention(batch)
+        output = model(batch["tokens"], batch["position_ids"], kwargs.pop("attention_mask", None),
+                       **kwargs)
         return output, partial(trapo_loss_func, cfg, batch, normaliser)
 
     return forward_step

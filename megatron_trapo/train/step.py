@@ -12,7 +12,8 @@ import torch
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
 from megatron_trapo.rollout.groups import generate_groups
 from megatron_trapo.rollout.types import SamplingParams
-from megatron_trapo.train.batch import build_sequences, make_microbatches, split_for_rank
+from megatron_trapo.train.batch import (build_sequences, make_microbatches, pack_microbatches,
+                                        packed_attention, split_for_rank)
 from megatron_trapo.train.forward_backward import run_forward_backward, train_step
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
@@ -40,13 +41,14 @@ def trapo_step(run, step: int) -> Dict[str, float]:
     assign_advantages(trajs, group, cfg.normalize_adv_std, cfg.luffy_on_policy_stats_only)
     # 5. per-token masks and weights, this rank's share, micro-batches under a token budget
     seqs = build_sequences(trajs, cfg.loss)
-    width = max(s["tokens"].numel() for s in seqs)
-    fixed = None
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        fixed = (max(1, cfg.max_tokens_per_microbatch // width), width)
-    mbs = make_microbatches(split_for_rank(seqs, ps.get_data_parallel_rank(),
-                                           ps.get_data_parallel_world_size()),
-                            cfg.max_tokens_per_microbatch, run.pad_id, fixed)
+    mine = split_for_rank(seqs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    pp = ps.get_pipeline_model_parallel_world_size() > 1  # pipelines need one micro-batch shape
+    if cfg.pack_sequences:
+        mbs = pack_microbatches(mine, cfg.max_tokens_per_microbatch, run.pad_id, fixed_width=pp)
+    else:
+        width = max(s["tokens"].numel() for s in seqs)
+        fixed = (max(1, cfg.max_tokens_per_microbatch // width), width) if pp else None
+        mbs = make_microbatches(mine, cfg.max_tokens_per_microbatch, run.pad_id, fixed)
     seq_len = max(mb["tokens"].shape[1] for mb in mbs)
     mb_size = max(mb["tokens"].shape[0] for mb in mbs)
     # 6. old logprobs from the trainer itself (rollout logprobs stay for TIS)
@@ -72,8 +74,10 @@ def _logprob_loss(chunk_size, batch, output):
 def fill_old_logprobs(chunks, mbs, chunk_size: int, seq_len: int, mb_size: int) -> None:
     """Replace ``old_logprobs`` by the current weights' logprobs (last pipeline stage)."""
     def step(batch, model):
-        return model(batch["tokens"], batch["position_ids"], None), partial(_logprob_loss,
-                                                                            chunk_size, batch)
+        kwargs = packed_attention(batch)
+        out = model(batch["tokens"], batch["position_ids"], kwargs.pop("attention_mask", None),
+                    **kwargs)
+        return out, partial(_logprob_loss, chunk_size, batch)
 
     out = run_forward_backward(chunks, mbs, step, seq_len, mb_size, forward_only=True)
     for mb, o in zip(mbs, out):

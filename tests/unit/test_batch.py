@@ -53,3 +53,22 @@ def test_microbatches_respect_token_budget_and_keep_every_sequence():
     assert abs(total_norm - sum(float(s["agg_norm"].sum()) for s in seqs)) < 1e-6
     fixed = make_microbatches(seqs, max_tokens=64, fixed_shape=(2, 10))
     assert all(tuple(mb["tokens"].shape) == (2, 10) for mb in fixed)
+
+
+def test_packing_keeps_sequences_whole_and_apart():
+    from megatron_trapo.train.batch import pack_microbatches, packed_attention
+
+    _, trajs = group_from_plan([0] * 8)
+    seqs = build_sequences(trajs, LossConfig())
+    mbs = pack_microbatches(seqs, max_tokens=20)
+    assert all(mb["tokens"].shape[0] == 1 and mb["tokens"].shape[1] <= 20 for mb in mbs)
+    assert sum(int(mb["segment_ids"].max()) + 1 for mb in mbs) == 8
+    assert sum(float(mb["generated_mask"].sum()) for mb in mbs) == sum(
+        float(s["generated_mask"].sum()) for s in seqs)
+    mb = max(mbs, key=lambda m: int(m["segment_ids"].max()))
+    mask = packed_attention(mb)["attention_mask"][0, 0]  # True = masked
+    seg = mb["segment_ids"][0]
+    i, j = int((seg == 1).nonzero()[0]), int((seg == 0).nonzero()[0])
+    assert mask[i, j]  # a later sequence cannot see an earlier one
+    assert not mask[j, j] and mask[j, j + 1]  # causal within a sequence
+    assert mb["position_ids"][0, i] == 0  # positions restart per sequence

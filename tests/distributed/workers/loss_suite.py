@@ -72,7 +72,7 @@ def mixed_batch():
     pos = torch.arange(S).unsqueeze(0).expand(B, S)
     return dict(tokens=tokens, labels=labels, position_ids=pos, expert_mask=expert,
                 generated_mask=generated, advantages=adv, old_logprobs=old,
-                rollout_logprobs=rollout, sample_ids=ids)
+                rollout_logprobs=rollout, sample_ids=ids)  # agg weights added per mode
 
 
 def with_weights(batch, cfg):
@@ -98,11 +98,19 @@ def run_layout(name, tp, pp, sp, mbs_per_rank, root, batch_by_mode, r):
     mine = list(range(dp_rank * rows_per_rank, (dp_rank + 1) * rows_per_rank))
     for agg, (cfg, batch) in batch_by_mode.items():
         per_mb = rows_per_rank // mbs_per_rank
-        mbs = [split(batch, mine[i * per_mb:(i + 1) * per_mb]) for i in range(mbs_per_rank)]
+        if "packed" in name:  # whole sequences packed into rows of up to 3 sequences
+            from megatron_trapo.train.batch import FIELDS, pack_microbatches
+
+            seqs = [{k: batch[k][row] for k in FIELDS} for row in mine]
+            mbs = pack_microbatches(seqs, 3 * S)
+            per_mb = 1
+        else:
+            mbs = [split(batch, mine[i * per_mb:(i + 1) * per_mb]) for i in range(mbs_per_rank)]
         for c in chunks:
             c.zero_grad_buffer()
         norm = global_normaliser(mbs)
-        out = run_forward_backward(chunks, mbs, make_forward_step(cfg, norm), S, per_mb)
+        out = run_forward_backward(chunks, mbs, make_forward_step(cfg, norm),
+                                   max(mb["tokens"].shape[1] for mb in mbs), per_mb)
         metrics = reduce_loss_metrics(out)
         grads = gather_global(chunks, "grad")
         r[f"{agg}:{name}"] = {"loss": metrics["loss"], "grads": grads,
@@ -127,7 +135,8 @@ def main():
         batch_by_mode[agg] = (cfg, with_weights(base, cfg))
     layouts = [("tp2_mb1", 2, 1, False, 1), ("tp2_mb4", 2, 1, False, 4),
                ("tp2sp_mb2", 2, 1, True, 2), ("dp2_mb1", 1, 1, False, 1),
-               ("dp2_mb2", 1, 1, False, 2), ("pp2_mb4", 1, 2, False, 4)]
+               ("dp2_mb2", 1, 1, False, 2), ("pp2_mb4", 1, 2, False, 4),
+               ("tp2_packed", 2, 1, False, 1), ("dp2_packed", 1, 1, False, 1)]
     for name, tp, pp, sp, mbs in layouts:
         run_layout(name, tp, pp, sp, mbs, root, batch_by_mode, r)
     summary = {k: v for k, v in r.items() if k.startswith("vp_")}
