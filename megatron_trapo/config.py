@@ -314,7 +314,9 @@ class TrainConfig:
     sft_stage_iters: int = 100  # loss_mode=sft_then_rl: SFT steps before the GRPO stage
     recompute_old_logprobs: bool = True
     max_tokens_per_microbatch: int = 16384
-    pack_sequences: bool = True  # whole sequences packed into rows (else padded [b, s] batches)
+    # Whole sequences packed into rows (varlen attention with Transformer Engine). None = auto:
+    # on with TE; off on CPU, where masked dense attention over long rows costs O(row²).
+    pack_sequences: Optional[bool] = None
     eval_interval: int = 0  # 0 = only at the end
     eval_max_problems: Optional[int] = None
     eval_temperature: float = 0.0

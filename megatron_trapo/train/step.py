@@ -43,7 +43,12 @@ def trapo_step(run, step: int) -> Dict[str, float]:
     seqs = build_sequences(trajs, cfg.loss)
     mine = split_for_rank(seqs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     pp = ps.get_pipeline_model_parallel_world_size() > 1  # pipelines need one micro-batch shape
-    if cfg.pack_sequences:
+    pack = cfg.pack_sequences
+    if pack is None:
+        from megatron_trapo.models.provider import have_transformer_engine
+
+        pack = have_transformer_engine()
+    if pack:
         mbs = pack_microbatches(mine, cfg.max_tokens_per_microbatch, run.pad_id, fixed_width=pp)
     else:
         width = max(s["tokens"].numel() for s in seqs)

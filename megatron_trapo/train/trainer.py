@@ -137,8 +137,15 @@ def evaluate(run: Run) -> Dict[str, float]:
         samples = run.engine.generate(reqs)
         texts = [run.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in samples]
         scores = run.reward.score([(t, it.record.answer) for t, it in zip(texts, run.eval_items)])
-        result = [{"eval/accuracy": sum(scores) / len(scores),
-                   "eval/length": sum(len(s[0].token_ids) for s in samples) / len(samples)}]
+        metrics = {"eval/accuracy": sum(scores) / len(scores),
+                   "eval/length": sum(len(s[0].token_ids) for s in samples) / len(samples)}
+        by_source: Dict[str, List[float]] = {}
+        for it, score in zip(run.eval_items, scores):  # e.g. accuracy per difficulty
+            if it.record.source:
+                by_source.setdefault(it.record.source, []).append(score)
+        if len(by_source) > 1:
+            metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in by_source.items()})
+        result = [metrics]
     torch.distributed.broadcast_object_list(result, src=0)
     return result[0] or {}
 
