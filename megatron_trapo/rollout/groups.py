@@ -68,7 +68,7 @@ def generate_groups(items: Sequence[PromptItem], engine: RolloutEngine, reward, 
                 continue
             if kind == "free":
                 plans, n = None, arg
-                prefix, train_prefix, guided = [], False, False
+                prefix, guided = [], False
             else:
                 rewards = [t.reward for t in groups[g]]
                 plans = plan_level(sampler, arg, rewards, len(it.traces))
@@ -79,6 +79,9 @@ def generate_groups(items: Sequence[PromptItem], engine: RolloutEngine, reward, 
                     trace = it.traces[p0.trace]
                     cut = cut_prefix(it.trace_texts[p0.trace], p0.prefix_ratio, sampler.snap_window)
                     prefix = trace[:cut] + ([eos_id] if p0.full_solution else [])
+                    # the prefix counts against the response budget (TRAPO.md §4): a longer
+                    # expert trace is cut to it rather than failing the step
+                    prefix = prefix[:sampling.max_new_tokens]
                 n = len(plans)
                 if guided and p0.full_solution:  # the whole solution is the sample: no rollout
                     for p in plans:
