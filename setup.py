@@ -16,6 +16,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_trapo", "megatron_trapo.*"]),
     include_package_data=True,
+    # evaluation benchmarks travel with the package (data, with their licences)
+    package_data={"megatron_trapo.eval": ["benchmarks/*.jsonl", "benchmarks/README.md",
+                                          "benchmarks/LICENSE.*"]},
     install_requires=[
         # Any torch >= 2.6; the CI and Dockerfile pin the build explicitly before this.
         "torch>=2.6",

@@ -1,0 +1,95 @@
+"""Evaluation benchmarks shipped with the package (data files under ``eval/benchmarks/``, see
+the README there for sources and licences) and the field mapping of each to (problem, answer).
+Users register their own JSONL with :func:`register`."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from megatron_trapo.config import ConfigError
+from megatron_trapo.reward.math_reward import last_boxed
+
+DATA = Path(__file__).parent / "benchmarks"
+
+
+@dataclass(frozen=True)
+class Problem:
+    benchmark: str
+    index: int
+    problem: str
+    answer: str
+
+
+def _gsm8k_answer(row: dict) -> str:
+    return row["answer"].split("####")[-1].strip().replace(",", "")
+
+
+def _minerva_answer(row: dict) -> str:
+    boxed = last_boxed(row["solution"])
+    if boxed is None:
+        raise ConfigError("minerva row without a \\boxed{} answer in its solution")
+    return boxed
+
+
+def _olympiad_answer(row: dict) -> str:
+    answers = row["final_answer"]
+    return ", ".join(a.strip("$ ") for a in answers) if isinstance(answers, list) else str(answers)
+
+
+def _number(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    path: Path
+    problem_field: str
+    answer: Callable[[dict], str]
+    default_k: int = 1  # the paper: avg@32 for AIME/AMC, pass@1 elsewhere
+
+    def load(self, limit: Optional[int] = None) -> List[Problem]:
+        if not self.path.is_file():
+            raise ConfigError(f"benchmark {self.name}: file not found: {self.path}")
+        out = []
+        with open(self.path) as f:
+            for i, line in enumerate(f):
+                if limit is not None and len(out) >= limit:
+                    break
+                row = json.loads(line)
+                if self.problem_field not in row:
+                    raise ConfigError(f"{self.path}:{i + 1}: no field {self.problem_field!r}")
+                out.append(Problem(self.name, i, row[self.problem_field], self.answer(row)))
+        return out
+
+
+REGISTRY: Dict[str, Benchmark] = {
+    "aime24": Benchmark("aime24", DATA / "aime24.jsonl", "problem", lambda r: _number(r["answer"]), 32),
+    "aime25": Benchmark("aime25", DATA / "aime25.jsonl", "problem", lambda r: _number(r["answer"]), 32),
+    "amc23": Benchmark("amc23", DATA / "amc23.jsonl", "problem", lambda r: _number(r["answer"]), 32),
+    "math500": Benchmark("math500", DATA / "math500.jsonl", "problem", lambda r: _number(r["answer"])),
+    "minerva": Benchmark("minerva", DATA / "minerva_math.jsonl", "problem", _minerva_answer),
+    "olympiadbench": Benchmark("olympiadbench", DATA / "olympiadbench.jsonl", "question",
+                               _olympiad_answer),
+    "gsm8k": Benchmark("gsm8k", DATA / "gsm8k.jsonl", "question", _gsm8k_answer),
+}
+
+
+def register(name: str, path: str | Path, problem_field: str = "problem",
+             answer_field: str = "answer", default_k: int = 1) -> Benchmark:
+    """Add a user JSONL benchmark with its field names."""
+    if name in REGISTRY:
+        raise ConfigError(f"benchmark {name!r} is already registered")
+    bench = Benchmark(name, Path(path), problem_field, lambda r: _number(r[answer_field]), default_k)
+    REGISTRY[name] = bench
+    return bench
+
+
+def get(name: str) -> Benchmark:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown benchmark {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name]

@@ -1,0 +1,48 @@
+"""Benchmarks shipped in the package, their field mappings, and pass@k against hand values."""
+import itertools
+
+import pytest
+
+from megatron_trapo.config import ConfigError
+from megatron_trapo.eval import registry
+from megatron_trapo.eval.metrics import pass_at_k, summarize
+
+
+@pytest.mark.parametrize("name, rows", [("aime24", 30), ("aime25", 30), ("amc23", 40),
+                                        ("math500", 500), ("minerva", 272),
+                                        ("olympiadbench", 675), ("gsm8k", 1319)])
+def test_every_benchmark_loads_with_answers(name, rows):
+    problems = registry.get(name).load()
+    assert len(problems) == rows
+    assert all(p.problem.strip() and p.answer.strip() for p in problems)
+
+
+def test_field_mappings():
+    gsm = registry.get("gsm8k").load(limit=1)[0]
+    assert gsm.answer == "18"  # the number after '####' (Janet's ducks)
+    assert registry.get("amc23").load(limit=1)[0].answer == "27"  # 27.0 → 27
+    minerva = registry.get("minerva").load(limit=3)
+    assert all("\\boxed" not in p.answer for p in minerva)
+    assert registry.get("aime24").default_k == 32 and registry.get("math500").default_k == 1
+
+
+def test_user_benchmark_and_unknown(tmp_path):
+    (tmp_path / "mine.jsonl").write_text('{"q": "1+1?", "a": 2}\n')
+    bench = registry.register("mine_test", tmp_path / "mine.jsonl", "q", "a")
+    assert bench.load()[0].answer == "2"
+    with pytest.raises(ConfigError, match="unknown benchmark 'nope'"):
+        registry.get("nope")
+
+
+def test_pass_at_k_matches_enumeration():
+    verdicts = [True, False, False, True, False]
+    for k in range(1, 6):
+        subsets = list(itertools.combinations(verdicts, k))
+        brute = sum(any(s) for s in subsets) / len(subsets)
+        assert pass_at_k(5, 2, k) == pytest.approx(brute)
+    s = summarize({0: [True, False, False, False], 1: [True, True, True, True]})
+    assert s["avg@4"] == pytest.approx((0.25 + 1.0) / 2)
+    assert s["pass@1"] == pytest.approx((0.25 + 1.0) / 2)
+    assert s["pass@4"] == 1.0 and "pass@8" not in s
+    with pytest.raises(ValueError, match="pass@3 needs at least 3"):
+        pass_at_k(2, 1, 3)
