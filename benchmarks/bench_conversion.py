@@ -8,7 +8,6 @@ Prints, per TP: HF → Megatron seconds and peak RSS (per worker and summed), th
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile

@@ -1,7 +1,7 @@
 """One sample of a prompt's group, as the sampler made it and the reward scored it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Sequence
 
 from megatron_trapo.algorithms.losses import group_advantages

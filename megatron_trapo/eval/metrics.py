@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from math import comb
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Sequence
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import httpx
 

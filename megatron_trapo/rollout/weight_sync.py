@@ -67,7 +67,6 @@ def hf_named_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.Te
     pp_rank = ps.get_pipeline_model_parallel_rank()
     tp_rank = ps.get_tensor_model_parallel_rank()
     pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
-    me = dist.get_rank()
     if pp_rank == 0:
         yield from _stage_hf_tensors(chunks, model) if tp_rank == 0 else _drain(chunks, model)
         if tp_rank == 0:

@@ -4,7 +4,6 @@ periodic checkpoints and held-out evaluation, exact resume, and the training-cur
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import time

@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from common import MODEL, max_diff, rank, write_results
+from common import MODEL, max_diff, write_results
 from megatron_trapo.algorithms.losses import aggregation_weights
-from megatron_trapo.config import LossConfig, OptimizerConfig, ParallelConfig
+from megatron_trapo.config import LossConfig, ParallelConfig
 from megatron_trapo.models.provider import build_model
 from megatron_trapo.models.sharding import gather_global
 from megatron_trapo.platform.distributed import initialize_distributed

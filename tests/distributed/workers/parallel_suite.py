@@ -4,7 +4,6 @@ writes measured differences to $TRAPO_TEST_OUT; tests/distributed/test_parallel_
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import torch
