@@ -112,7 +112,7 @@ def initialize_distributed(parallel: ParallelConfig, model: Optional[ModelConfig
     device = activate()
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()) if world_size == 1 else "29500")
+        os.environ.setdefault("MASTER_PORT", str(free_port()) if world_size == 1 else "29500")
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(
@@ -142,7 +142,8 @@ def destroy_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for rendezvous, servers, routers)."""
     import socket
 
     with socket.socket() as s:

@@ -8,7 +8,6 @@ gets there fails with its last log lines, not a hang.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,13 +18,8 @@ from typing import Dict, List, Optional
 
 import httpx
 
+from megatron_trapo.platform.distributed import free_port  # noqa: F401 (re-exported)
 from megatron_trapo.rollout.types import RolloutError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -68,7 +68,7 @@ def hf_named_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.Te
     tp_rank = ps.get_tensor_model_parallel_rank()
     pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
     if pp_rank == 0:
-        yield from _stage_hf_tensors(chunks, model) if tp_rank == 0 else _drain(chunks, model)
+        yield from _stage_hf_tensors(chunks, model)  # other TP ranks only join the gathers
         if tp_rank == 0:
             for src in pp_ranks[1:]:  # receive the later stages' tensors, in stage order
                 meta: List = [None]
@@ -84,13 +84,6 @@ def hf_named_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.Te
             dist.send_object_list([[(n, tuple(t.shape), t.dtype) for n, t in tensors]], dst=dst)
             for _, t in tensors:
                 dist.send(t.contiguous(), dst=dst)
-
-
-def _drain(chunks, model):
-    for _ in _stage_hf_tensors(chunks, model):
-        pass
-    return
-    yield  # a generator that yields nothing
 
 
 def _sync_address(server_urls: List[str]) -> str:

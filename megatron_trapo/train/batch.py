@@ -45,6 +45,13 @@ def packed_attention(batch: Dict[str, torch.Tensor]):
     return {"attention_mask": (~(same & causal)).unsqueeze(1)}  # [b, 1, s, s]
 
 
+def model_forward(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Megatron forward of one micro-batch, packed (see :func:`packed_attention`) or padded."""
+    kwargs = packed_attention(batch)
+    return model(batch["tokens"], batch["position_ids"], kwargs.pop("attention_mask", None),
+                 **kwargs)
+
+
 FIELDS = ("tokens", "labels", "position_ids", "expert_mask", "generated_mask", "advantages",
           "old_logprobs", "rollout_logprobs", "agg_weight", "agg_norm", "sample_ids")
 

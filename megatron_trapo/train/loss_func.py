@@ -107,12 +107,9 @@ def make_forward_step(cfg: LossConfig, normaliser: float) -> Callable:
     """A ``forward_step(batch, model)`` for :func:`run_forward_backward` with the TRAPO loss."""
 
     def forward_step(batch, model):
-        from megatron_trapo.train.batch import packed_attention
+        from megatron_trapo.train.batch import model_forward
 
-        kwargs = packed_attention(batch)
-        output = model(batch["tokens"], batch["position_ids"], kwargs.pop("attention_mask", None),
-                       **kwargs)
-        return output, partial(trapo_loss_func, cfg, batch, normaliser)
+        return model_forward(model, batch), partial(trapo_loss_func, cfg, batch, normaliser)
 
     return forward_step
 

@@ -12,8 +12,8 @@ import torch
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
 from megatron_trapo.rollout.groups import generate_groups
 from megatron_trapo.rollout.types import SamplingParams
-from megatron_trapo.train.batch import (build_sequences, make_microbatches, pack_microbatches,
-                                        packed_attention, split_for_rank)
+from megatron_trapo.train.batch import (build_sequences, make_microbatches, model_forward,
+                                        pack_microbatches, split_for_rank)
 from megatron_trapo.train.forward_backward import run_forward_backward, train_step
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
@@ -79,10 +79,7 @@ def _logprob_loss(chunk_size, batch, output):
 def fill_old_logprobs(chunks, mbs, chunk_size: int, seq_len: int, mb_size: int) -> None:
     """Replace ``old_logprobs`` by the current weights' logprobs (last pipeline stage)."""
     def step(batch, model):
-        kwargs = packed_attention(batch)
-        out = model(batch["tokens"], batch["position_ids"], kwargs.pop("attention_mask", None),
-                    **kwargs)
-        return out, partial(_logprob_loss, chunk_size, batch)
+        return model_forward(model, batch), partial(_logprob_loss, chunk_size, batch)
 
     out = run_forward_backward(chunks, mbs, step, seq_len, mb_size, forward_only=True)
     for mb, o in zip(mbs, out):

@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from megatron_trapo.platform.distributed import free_port  # noqa: F401 (used by tests)
+
 WORKERS = Path(__file__).parent / "workers"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(script: str, nproc: int, tmp_path: Path, timeout: int = 600,

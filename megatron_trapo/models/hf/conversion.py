@@ -120,12 +120,12 @@ def _spawn(fn, world: int, args: tuple) -> None:
     needs no GPU and must not claim one)."""
     import torch.multiprocessing as mp
 
-    from megatron_trapo.platform.distributed import _free_port
+    from megatron_trapo.platform.distributed import free_port
 
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=True,
+        mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True,
                            start_method="spawn")
     finally:
         if saved is None:
