@@ -37,6 +37,11 @@ setup(
         "uvicorn",
         "httpx",  # clients of SGLang / vLLM servers and the router
         "math-verify[antlr4_13_2]",  # the reward
+        # The second evaluation grader: PRM800K's (Hendrycks normalisation + sympy); mathruler
+        # packages it but does not declare its imports.
+        "mathruler==0.1.0",
+        "pylatexenc",
+        "sympy",
         "pebble",  # process pool with per-task hard timeouts (math-verify uses signals)
         "pyarrow",  # parquet datasets
         "matplotlib",  # training-curve PNGs

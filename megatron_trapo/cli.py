@@ -1,4 +1,5 @@
-"""``megatron-trapo`` command line: ``smoke`` (the foundation's training job) and ``layout``.
+"""``megatron-trapo`` command line: ``train``, ``eval`` (and its Slurm parts), ``smoke`` (the
+foundation's training job) and ``layout``.
 
 Launch multi-process jobs under torchrun, e.g.
 ``torchrun --nproc-per-node 2 -m megatron_trapo.cli smoke parallel.tensor_model_parallel_size=2``.
@@ -17,7 +18,7 @@ from megatron_trapo.platform import quiet_known_warnings
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-trapo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="megatron-trapo", description="TRAPO post-training on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help="train a tiny GPT on a synthetic task (foundation check)")
     smoke.add_argument("--config", help="YAML file (SmokeConfig fields)")
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in checkpoint.save")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
+    from megatron_trapo.eval.commands import add_parsers
+
+    add_parsers(sub)
     layout = sub.add_parser("layout", help="validate a parallel layout for a world size")
     layout.add_argument("--world-size", type=int, required=True)
     layout.add_argument("--config", help="YAML file (SmokeConfig fields)")
@@ -41,6 +45,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_known_warnings()
     if args.command == "train":
         return _train(args)
+    if args.command.startswith("eval"):
+        from megatron_trapo.eval.commands import run
+
+        return run(args)
     try:
         cfg = load_config(SmokeConfig, args.config, args.overrides)
         if args.command == "layout":

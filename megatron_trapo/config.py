@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Type, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -330,6 +331,97 @@ class TrainConfig:
         _check(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")
 
 
+@dataclass
+class BenchmarkSpec:
+    """A user benchmark: a JSONL file and the names of its problem and answer fields."""
+
+    name: str = ""
+    path: str = ""
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    default_k: int = 1
+
+
+@dataclass
+class SlurmConfig:
+    """How ``megatron-trapo eval --slurm`` submits its job array and aggregation job."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"  # per array task
+    nodes: int = 1
+    cpus_per_task: int = 8
+    gpus_per_task: int = 0  # GPUs for the task's own servers (rollout.engine=sglang, no urls)
+    mem: Optional[str] = None  # e.g. "200G"
+    max_concurrent: int = 32  # the %M of --array=0-N%M
+    job_name: str = "trapo-eval"
+    # Shell lines run first in every task (module load, source a venv, export HF_HOME=…).
+    setup: List[str] = field(default_factory=list)
+    extra_sbatch_args: List[str] = field(default_factory=list)  # e.g. ["--constraint=h100"]
+    python: Optional[str] = None  # interpreter in the tasks; default: the submitting one
+    poll_interval_s: float = 2.0  # --wait: how often squeue is asked
+
+    def __post_init__(self) -> None:
+        _check(self.nodes >= 1, f"slurm.nodes must be >= 1, got {self.nodes}")
+        _check(self.cpus_per_task >= 1, f"slurm.cpus_per_task must be >= 1, got {self.cpus_per_task}")
+        _check(self.gpus_per_task >= 0, f"slurm.gpus_per_task must be >= 0, got {self.gpus_per_task}")
+        _check(self.max_concurrent >= 1,
+               f"slurm.max_concurrent must be >= 1, got {self.max_concurrent}")
+
+
+@dataclass
+class EvalConfig:
+    """Benchmark evaluation (TRAPO.md §5): avg@32 for AIME/AMC, pass@1 otherwise, T=0.6,
+    top_p 1.0, 8192 new tokens; math-verify with a second grader when it says wrong.
+
+    The work is split into shards (benchmark × problem range × sample range); a local run does
+    them one after the other, ``--slurm`` runs one array task per shard. Sample j of problem i
+    always gets the same seed, however the work is sharded."""
+
+    model_path: Optional[str] = None  # HF folder
+    load: Optional[str] = None  # or a Megatron checkpoint, converted to HF under output_dir
+    load_iteration: Optional[int] = None
+    tokenizer_path: Optional[str] = None  # default: model_path
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # the engine (model_path is set)
+    benchmarks: List[str] = field(default_factory=lambda: [
+        "aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"])
+    extra_benchmarks: List[BenchmarkSpec] = field(default_factory=list)
+    k: Optional[int] = None  # samples per problem; None: each benchmark's default (32 AIME/AMC)
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    prompt_template: str = "chat"  # chat (tokenizer's template) | plain | text with {problem}
+    system_prompt: Optional[str] = "You are a helpful assistant."
+    limit: Optional[int] = None  # first N problems of each benchmark (smoke runs)
+    seed: int = 0
+    problems_per_shard: int = 64
+    samples_per_shard: int = 0  # 0: all k samples of a problem in one shard
+    batch_size: int = 64  # requests per engine call; also how often progress is saved
+    grader_workers: int = 2
+    grader_timeout_s: float = 10.0
+    output_dir: str = "runs/eval"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.k is None or 1 <= self.k <= 4096, f"k must be in [1, 4096], got {self.k}")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.problems_per_shard >= 1,
+               f"problems_per_shard must be >= 1, got {self.problems_per_shard}")
+        _check(self.samples_per_shard >= 0,
+               f"samples_per_shard must be >= 0, got {self.samples_per_shard}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+        _check(bool(self.benchmarks), "benchmarks must name at least one benchmark")
+        _check(self.prompt_template in ("chat", "plain") or "{problem}" in self.prompt_template,
+               "prompt_template must be 'chat', 'plain' or a text containing {problem}, got "
+               f"{self.prompt_template!r}")
+        _check(not (self.model_path and self.load),
+               "give either model_path (HF folder) or load (Megatron checkpoint), not both")
+
+
 def _structured(cls: Type[T]):
     return OmegaConf.structured(cls)
 
@@ -371,6 +463,9 @@ def load_config(cls: Type[T], yaml_path: Optional[str | Path] = None,
         for layer in layers:
             base = OmegaConf.merge(base, layer)
         return OmegaConf.to_object(base)
+    except yaml.YAMLError as exc:
+        where = f"{yaml_path}" if yaml_path is not None else "the overrides"
+        raise ConfigError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         msg = str(exc.msg).splitlines()[0]
@@ -382,5 +477,19 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _escape_interpolation(value: Any) -> Any:
+    """Strings holding a literal ``${`` (shell lines such as ``${SLURM_JOB_ID:-}``) are written
+    as ``\\${`` so that loading the YAML again gives the same string, not an interpolation."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, list):
+        return [_escape_interpolation(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _escape_interpolation(v) for k, v in value.items()}
+    return value
+
+
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    """YAML that :func:`load_config` reads back into an equal config."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(
+        _escape_interpolation(dataclasses.asdict(cfg)))))

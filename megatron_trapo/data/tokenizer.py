@@ -37,3 +37,11 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def stop_token_ids(tokenizer) -> List[int]:
+    """Tokens that end a response: EOS, and the chat turn end where the vocabulary has one."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in ("<|im_end|>", "<|eot_id|>") if t in vocab)
+    return sorted(ids)

@@ -79,13 +79,25 @@ REGISTRY: Dict[str, Benchmark] = {
 }
 
 
+_USER_SPECS: Dict[str, tuple] = {}
+
+
 def register(name: str, path: str | Path, problem_field: str = "problem",
              answer_field: str = "answer", default_k: int = 1) -> Benchmark:
     """Add a user JSONL benchmark with its field names."""
+    def answer(row: dict) -> str:
+        if answer_field not in row:
+            raise ConfigError(f"benchmark {name}: a row has no answer field {answer_field!r}")
+        return _number(row[answer_field])
+
+    spec = (Path(path).resolve(), problem_field, answer_field, default_k)
     if name in REGISTRY:
+        if _USER_SPECS.get(name) == spec:  # the same registration again (a resumed run)
+            return REGISTRY[name]
         raise ConfigError(f"benchmark {name!r} is already registered")
-    bench = Benchmark(name, Path(path), problem_field, lambda r: _number(r[answer_field]), default_k)
+    bench = Benchmark(name, Path(path).resolve(), problem_field, answer, default_k)
     REGISTRY[name] = bench
+    _USER_SPECS[name] = spec
     return bench
 
 

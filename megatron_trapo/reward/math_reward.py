@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -39,45 +39,55 @@ def _as_latex(answer: str) -> str:
     return answer if answer.startswith("$") or "\\boxed" in answer else f"${answer}$"
 
 
-def verify_answer(response: str, ground_truth: str, timeout_s: int = 3) -> float:
-    """The reward of one response (runs in a pool worker's main thread)."""
+def math_verify_equal(answer: str, ground_truth: str, timeout_s: int = 3) -> bool:
+    """math-verify's judgement of an extracted answer against the ground truth."""
     from math_verify import parse, verify
 
-    boxed = last_boxed(response)
-    if boxed is None or not boxed.strip():
-        return 0.0
+    if not answer.strip():
+        return False
     gold = parse(_as_latex(ground_truth), parsing_timeout=timeout_s)
-    pred = parse(_as_latex(boxed), parsing_timeout=timeout_s)
+    pred = parse(_as_latex(answer), parsing_timeout=timeout_s)
     if not gold or not pred:
-        return 0.0
-    return 1.0 if verify(gold, pred, timeout_seconds=timeout_s) else 0.0
+        return False
+    return bool(verify(gold, pred, timeout_seconds=timeout_s))
 
 
-class MathReward:
-    """A pool of verifier processes with a hard deadline per answer."""
+def verify_answer(response: str, ground_truth: str, timeout_s: int = 3) -> float:
+    """The reward of one response (runs in a pool worker's main thread)."""
+    boxed = last_boxed(response)
+    return 1.0 if boxed is not None and math_verify_equal(boxed, ground_truth, timeout_s) else 0.0
+
+
+class VerifierPool:
+    """A pool of verifier processes with a hard deadline per task (used by the reward and by
+    the evaluation graders)."""
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0):
         from pebble import ProcessPool
 
         self.timeout_s = timeout_s
         self.pool = ProcessPool(max_workers=num_workers)
-        self.timeouts = 0  # answers killed at the hard deadline (metric)
+        self.timeouts = 0  # tasks killed at the hard deadline (metric)
 
-    def score(self, pairs: Sequence[Tuple[str, str]]) -> List[float]:
-        """Rewards of (response text, ground truth) pairs, in order."""
-        inner = max(1, int(self.timeout_s) - 1)
-        futures = [self.pool.schedule(verify_answer, args=(text, gt, inner), timeout=self.timeout_s)
-                   for text, gt in pairs]
+    @property
+    def inner_timeout(self) -> int:
+        """The timeout handed to math-verify itself, one second inside the hard deadline."""
+        return max(1, int(self.timeout_s) - 1)
+
+    def map(self, fn: Callable, args: Sequence[tuple], on_failure: Callable[[str], Any]) -> list:
+        """``fn(*a)`` for each ``a`` in order; a task past the deadline or crashed gives
+        ``on_failure(reason)`` (and is logged, not hidden)."""
+        futures = [self.pool.schedule(fn, args=a, timeout=self.timeout_s) for a in args]
         out = []
         for fut in futures:
             try:
-                out.append(float(fut.result()))
+                out.append(fut.result())
             except FutureTimeout:
                 self.timeouts += 1
-                out.append(0.0)
-            except Exception as exc:  # a verifier crash scores 0 but is logged, not hidden
-                logger.warning("reward verification failed: %s", exc)
-                out.append(0.0)
+                out.append(on_failure("timeout"))
+            except Exception as exc:
+                logger.warning("verification failed: %s", exc)
+                out.append(on_failure(f"error: {exc}"))
         return out
 
     def close(self) -> None:
@@ -89,3 +99,12 @@ class MathReward:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class MathReward(VerifierPool):
+    """The binary reward of (response, ground truth) pairs."""
+
+    def score(self, pairs: Sequence[Tuple[str, str]]) -> List[float]:
+        """Rewards of (response text, ground truth) pairs, in order (0 on timeout or crash)."""
+        return [float(r) for r in self.map(verify_answer, [(t, gt, self.inner_timeout)
+                                                           for t, gt in pairs], lambda _: 0.0)]

@@ -68,6 +68,7 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
     from transformers import AutoTokenizer
 
     from megatron_trapo.data.records import load_records
+    from megatron_trapo.data.tokenizer import stop_token_ids
     from megatron_trapo.models.hf.mapping import model_to_hf_config
     from megatron_trapo.models.pretrained import model_config_from_checkpoint
     from megatron_trapo.models.provider import build_model
@@ -96,8 +97,7 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
         load_checkpoint(cfg.load, ddp, refresh_optimizer=optimizer, load_rng=False)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(cfg))
     eos_id = tokenizer.eos_token_id
-    stop_ids = sorted({eos_id, *[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>",)
-                                 if t in tokenizer.get_vocab()]})
+    stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     rank0 = torch.distributed.get_rank() == 0
     data = evals = None

@@ -46,3 +46,13 @@ def test_pass_at_k_matches_enumeration():
     assert s["pass@4"] == 1.0 and "pass@8" not in s
     with pytest.raises(ValueError, match="pass@3 needs at least 3"):
         pass_at_k(2, 1, 3)
+
+
+def test_pass_at_k_worked_by_hand():
+    # 4 samples, 1 correct, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    # 5 samples, 2 correct, k=3: 1 - C(3,3)/C(5,3) = 1 - 1/10
+    assert pass_at_k(5, 2, 3) == pytest.approx(0.9)
+    # pass@1 is the fraction correct: 8 of 32
+    assert pass_at_k(32, 8, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 3, 2) == 1.0

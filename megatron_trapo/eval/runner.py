@@ -1,0 +1,257 @@
+"""``megatron-trapo eval``, step by step: plan the shards → (convert a Megatron checkpoint to
+HF) → generate and grade each shard → summarise. A local run does the shards in one process;
+under Slurm each array task runs :func:`run_one_shard` and the aggregation job
+:func:`megatron_trapo.eval.summary.aggregate`.
+
+Everything a task needs is in the output folder: ``eval_config.yaml`` (the resolved config)
+and ``plan.json`` (the shards), so tasks take only the folder and their array index."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from megatron_trapo.config import ConfigError, EvalConfig, load_config, save_yaml
+from megatron_trapo.eval import registry
+from megatron_trapo.eval.shards import (Shard, append_jsonl, partial_path, plan_shards, read_jsonl,
+                                        sample_seed, shard_path, shards_from_json, shards_to_json,
+                                        write_atomic, write_shard)
+
+logger = logging.getLogger(__name__)
+
+# Fields that change the results: a folder evaluated with other values cannot be resumed.
+RESULT_FIELDS = ("model_path", "load", "load_iteration", "tokenizer_path", "benchmarks",
+                 "extra_benchmarks", "k", "temperature", "top_p", "max_new_tokens",
+                 "prompt_template", "system_prompt", "limit", "seed", "problems_per_shard",
+                 "samples_per_shard")
+
+
+@dataclass
+class Plan:
+    out_dir: Path
+    cfg: EvalConfig
+    shards: List[Shard]
+    counts: Dict[str, Tuple[int, int]]  # benchmark -> (problems, k)
+
+
+def register_extra(cfg: EvalConfig) -> None:
+    for spec in cfg.extra_benchmarks:
+        registry.register(spec.name, spec.path, spec.problem_field, spec.answer_field,
+                          spec.default_k)
+
+
+def prepare(cfg: EvalConfig) -> Plan:
+    """Plan the shards and write ``eval_config.yaml`` + ``plan.json``; an existing folder is
+    resumed only if it was evaluated with the same result-changing settings."""
+    out = Path(cfg.output_dir).resolve()
+    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    register_extra(cfg)
+    counts = {}
+    for name in cfg.benchmarks:
+        bench = registry.get(name)
+        counts[name] = (len(bench.load(cfg.limit)), cfg.k or bench.default_k)
+    shards = plan_shards(counts, cfg.problems_per_shard, cfg.samples_per_shard)
+    saved = out / "eval_config.yaml"
+    if saved.is_file():
+        old = load_config(EvalConfig, saved)
+        diff = [f for f in RESULT_FIELDS if getattr(old, f) != getattr(cfg, f)]
+        if diff:
+            raise ConfigError(f"output_dir {out} holds an evaluation with other {diff}; "
+                              "choose a new output_dir (or delete that folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, saved)
+    write_atomic(out / "plan.json", json.dumps({"counts": counts,
+                                                "shards": shards_to_json(shards)}, indent=1))
+    return Plan(out, cfg, shards, counts)
+
+
+def load_plan(out_dir: str | Path) -> Plan:
+    """The plan a task or the aggregator works from."""
+    out = Path(out_dir).resolve()
+    if not (out / "plan.json").is_file() or not (out / "eval_config.yaml").is_file():
+        raise ConfigError(f"{out} is not an evaluation folder (no plan.json / eval_config.yaml); "
+                          "run `megatron-trapo eval` first")
+    cfg = load_config(EvalConfig, out / "eval_config.yaml")
+    register_extra(cfg)
+    plan = json.loads((out / "plan.json").read_text())
+    counts = {k: tuple(v) for k, v in plan["counts"].items()}
+    return Plan(out, cfg, shards_from_json(plan["shards"]), counts)
+
+
+def missing_shards(plan: Plan) -> List[Shard]:
+    return [s for s in plan.shards if not shard_path(plan.out_dir, s).is_file()]
+
+
+# --- the model ------------------------------------------------------------------------------
+
+def hf_model_dir(plan: Plan) -> Path:
+    if plan.cfg.model_path:
+        return Path(plan.cfg.model_path)
+    if plan.cfg.load:
+        return plan.out_dir / "hf_model"
+    raise ConfigError("model_path (an HF folder) or load (a Megatron checkpoint) is required")
+
+
+def ensure_hf_model(plan: Plan) -> Path:
+    """The HF folder to serve; a Megatron checkpoint (``load``) is converted once, into
+    ``output_dir/hf_model`` (built aside, then renamed: a killed conversion leaves nothing)."""
+    path = hf_model_dir(plan)
+    if (path / "config.json").is_file():
+        return path
+    if not plan.cfg.load:
+        raise ConfigError(f"model_path {path}: no config.json (an HF model folder is needed)")
+    from megatron_trapo.models.hf.conversion import convert_mcore_to_hf
+
+    tmp = path.with_name(path.name + ".converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    stats = convert_mcore_to_hf(plan.cfg.load, str(tmp), iteration=plan.cfg.load_iteration)
+    os.replace(tmp, path)
+    logger.info("converted %s to %s in %.1f s", plan.cfg.load, path, stats["seconds"])
+    return path
+
+
+def open_engine(plan: Plan, model_dir: Path):
+    from megatron_trapo.rollout import make_engine
+
+    tok = plan.cfg.tokenizer_path or str(model_dir)
+    return make_engine(dataclasses.replace(plan.cfg.rollout, model_path=str(model_dir),
+                                           tokenizer_path=tok))
+
+
+def load_tokenizer(plan: Plan, model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(plan.cfg.tokenizer_path or str(model_dir))
+
+
+def prompt_ids(cfg: EvalConfig, tokenizer, problem: str) -> List[int]:
+    """The prompt's token ids under ``prompt_template``."""
+    from megatron_trapo.data.prompts import INSTRUCTION, render_prompt
+
+    if cfg.prompt_template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("prompt_template=chat but the tokenizer has no chat template; "
+                              "use prompt_template=plain or a text with {problem}")
+        return tokenizer(render_prompt(tokenizer, problem, cfg.system_prompt),
+                         add_special_tokens=False)["input_ids"]
+    if cfg.prompt_template == "plain":
+        text = f"{problem}\n{INSTRUCTION}\n"
+    else:  # str.replace, not format: templates hold LaTeX braces such as \boxed{}
+        text = cfg.prompt_template.replace("{problem}", problem)
+    return tokenizer(text)["input_ids"]
+
+
+# --- one shard --------------------------------------------------------------------------------
+
+def _requests(cfg: EvalConfig, shard: Shard, problems, prompts, done, stop_ids):
+    """(problem, first sample, request) for every contiguous run of samples not yet done."""
+    from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
+
+    out = []
+    for prob in problems:
+        todo = [s for s in range(shard.sample_start, shard.sample_end)
+                if (prob.index, s) not in done]
+        runs: List[List[int]] = []
+        for s in todo:
+            if runs and runs[-1][-1] == s - 1:
+                runs[-1].append(s)
+            else:
+                runs.append([s])
+        for run in runs:
+            params = SamplingParams(n=len(run), temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_new_tokens=cfg.max_new_tokens, stop_token_ids=stop_ids,
+                                    seed=sample_seed(cfg.seed, shard.benchmark, prob.index) + run[0])
+            out.append((prob, run[0], RolloutRequest(prompts[prob.index], params)))
+    return out
+
+
+def run_shard(plan: Plan, shard: Shard, engine, tokenizer, grader, progress=None) -> Path:
+    """Generate and grade the samples of one shard that are not yet written, saving each
+    batch to the shard's partial file; then write the shard atomically."""
+    from megatron_trapo.data.tokenizer import stop_token_ids
+
+    cfg, out = plan.cfg, plan.out_dir
+    final = shard_path(out, shard)
+    if final.is_file():
+        return final
+    part = partial_path(out, shard)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    rows = read_jsonl(part) if part.is_file() else []
+    owned = set(shard.keys())
+    done = {(r["problem_id"], r["sample_index"]): r for r in rows
+            if (r.get("problem_id"), r.get("sample_index")) in owned}
+    if len(done) < len(rows):
+        logger.warning("%s: ignored %d rows that are not this shard's", part, len(rows) - len(done))
+    if part.is_file():  # drop a line cut off by a crash (or foreign rows) before appending
+        write_atomic(part, "".join(json.dumps(r) + "\n" for r in done.values()))
+    if progress is not None:
+        progress.update(len(done))
+    problems = registry.get(shard.benchmark).load(cfg.limit)[shard.problem_start:shard.problem_end]
+    prompts = {p.index: prompt_ids(cfg, tokenizer, p.problem) for p in problems}
+    reqs = _requests(cfg, shard, problems, prompts, done, stop_token_ids(tokenizer))
+    for b in range(0, len(reqs), cfg.batch_size):
+        batch = reqs[b:b + cfg.batch_size]
+        results = engine.generate([r for _, _, r in batch])
+        new = []
+        for (prob, first, req), samples in zip(batch, results):
+            for j, sample in enumerate(samples):
+                new.append({"benchmark": shard.benchmark, "problem_id": prob.index,
+                            "sample_index": first + j, "seed": req.sampling.seed + j,
+                            "answer": prob.answer, "finish_reason": sample.finish_reason,
+                            "num_tokens": len(sample.token_ids),
+                            "text": tokenizer.decode(sample.token_ids, skip_special_tokens=True)})
+        for row, grade in zip(new, grader.grade([(r["text"], r["answer"]) for r in new])):
+            row.update(grade)
+        append_jsonl(part, new)
+        done.update({(r["problem_id"], r["sample_index"]): r for r in new})
+        if progress is not None:
+            progress.update(len(new))
+    return write_shard(out, shard, list(done.values()))
+
+
+def _run_shards(plan: Plan, shards: List[Shard], desc: str) -> None:
+    from tqdm import tqdm
+
+    from megatron_trapo.eval.grading import Grader
+
+    model_dir = ensure_hf_model(plan)
+    tokenizer = load_tokenizer(plan, model_dir)
+    with open_engine(plan, model_dir) as engine, \
+            Grader(plan.cfg.grader_workers, plan.cfg.grader_timeout_s) as grader, \
+            tqdm(total=sum(s.size for s in shards), desc=desc, unit="sample") as bar:
+        for shard in shards:
+            run_shard(plan, shard, engine, tokenizer, grader, bar)
+
+
+def run_one_shard(out_dir: str | Path, index: int) -> Path:
+    """What array task ``index`` does."""
+    plan = load_plan(out_dir)
+    if not 0 <= index < len(plan.shards):
+        raise ConfigError(f"shard index {index} is outside 0..{len(plan.shards) - 1}")
+    shard = plan.shards[index]
+    if plan.cfg.load and not (hf_model_dir(plan) / "config.json").is_file():
+        raise ConfigError(f"{hf_model_dir(plan)} is missing: the conversion job did not finish")
+    if not shard_path(plan.out_dir, shard).is_file():
+        _run_shards(plan, [shard], f"shard {shard.name}")
+    return shard_path(plan.out_dir, shard)
+
+
+def run_local(cfg: EvalConfig, progress_desc: str = "eval") -> Dict:
+    """All shards in this process (skipping finished ones), then the summary."""
+    from megatron_trapo.eval.summary import aggregate
+
+    plan = prepare(cfg)
+    todo = missing_shards(plan)
+    if todo:
+        _run_shards(plan, todo, progress_desc)
+    return aggregate(plan.out_dir)
+
+
+def convert_only(out_dir: str | Path) -> Optional[Path]:
+    """The Slurm conversion job: make ``output_dir/hf_model`` from ``load``."""
+    return ensure_hf_model(load_plan(out_dir))
