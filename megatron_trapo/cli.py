@@ -41,7 +41,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may come between options (`eval --slurm k=4 --wait`): argparse stops
+    # a nargs="*" positional at the first option, so the rest arrive as unknown arguments.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     quiet_known_warnings()
     if args.command == "train":
         return _train(args)

@@ -209,6 +209,7 @@ class RolloutConfig:
     server_impl: str = "embedded"  # for engine=sglang: launch "sglang" or our "embedded" server
     num_servers: int = 1
     server_urls: List[str] = field(default_factory=list)  # attach instead of launching
+    server_args: List[str] = field(default_factory=list)  # extra flags of launched servers
     use_router: bool = True
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0

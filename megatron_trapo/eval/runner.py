@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -123,6 +124,16 @@ def open_engine(plan: Plan, model_dir: Path):
                                            tokenizer_path=tok))
 
 
+def describe_engine(engine) -> str:
+    """One line for the task log: which engine, which servers, launched here or attached."""
+    pool = getattr(engine, "pool", None)
+    if pool is None:
+        return f"rollout engine {engine.name} (in this process)"
+    where = "launched by this task" if pool.processes else "attached"
+    router = f", router {pool.router.url}" if pool.router is not None else ""
+    return f"rollout engine {engine.name}: servers {pool.urls} {where}{router}"
+
+
 def load_tokenizer(plan: Plan, model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -224,6 +235,7 @@ def _run_shards(plan: Plan, shards: List[Shard], desc: str) -> None:
     with open_engine(plan, model_dir) as engine, \
             Grader(plan.cfg.grader_workers, plan.cfg.grader_timeout_s) as grader, \
             tqdm(total=sum(s.size for s in shards), desc=desc, unit="sample") as bar:
+        bar.write(describe_engine(engine), file=sys.stderr)
         for shard in shards:
             run_shard(plan, shard, engine, tokenizer, grader, bar)
 

@@ -26,7 +26,8 @@ def make_engine(cfg) -> RolloutEngine:
             if not cfg.model_path:
                 raise RolloutError("rollout.model_path is required to launch servers")
             pool = ServerPool.launch(cfg.server_impl, cfg.model_path, cfg.num_servers,
-                                     cfg.use_router, cfg.tokenizer_path, cfg.startup_timeout_s)
+                                     cfg.use_router, cfg.tokenizer_path, cfg.startup_timeout_s,
+                                     extra_args=list(cfg.server_args))
         return SGLangEngine(pool, cfg.request_timeout_s, cfg.max_retries)
     from megatron_trapo.rollout.vllm_engine import VLLMEngine
 

@@ -55,3 +55,20 @@ def test_override_without_equals_and_missing_file(tmp_path):
         load_config(SmokeConfig, None, ["train_iters"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(SmokeConfig, tmp_path / "nope.yaml")
+
+
+def test_eval_defaults_follow_the_paper_and_example_configs_load():
+    from pathlib import Path
+
+    from megatron_trapo.config import EvalConfig, TrainConfig
+
+    cfg = EvalConfig()
+    assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.k) == (0.6, 1.0, 8192, None)
+    assert cfg.benchmarks == ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
+    examples = Path(__file__).resolve().parents[2] / "examples" / "configs"
+    kinds = {"smoke": SmokeConfig, "trapo": TrainConfig, "eval": EvalConfig}
+    for path in sorted(examples.glob("*.yaml")):
+        cls = kinds[path.name.split("_")[0]]
+        assert isinstance(load_config(cls, path), cls), path
+    paper = load_config(EvalConfig, examples / "eval_paper.yaml")
+    assert paper.slurm.gpus_per_task == 8 and paper.rollout.engine == "sglang"

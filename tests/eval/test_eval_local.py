@@ -1,0 +1,83 @@
+"""``megatron-trapo eval`` without Slurm: per-sample output and summary, resume after a killed
+run, a Megatron checkpoint converted on the fly, clear errors."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import EVAL_ARGS, cli, rows
+
+from megatron_trapo.eval.metrics import summarize
+from megatron_trapo.eval.shards import sample_seed
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def test_local_run_writes_samples_and_summary(reference_run):
+    got = rows(reference_run)
+    assert len(got) == 2 * 3 * 2
+    assert {(r["benchmark"], r["problem_id"], r["sample_index"]) for r in got} == \
+        {(b, p, s) for b in ("gsm8k", "math500") for p in range(3) for s in range(2)}
+    for r in got:
+        assert r["seed"] == sample_seed(5, r["benchmark"], r["problem_id"]) + r["sample_index"]
+        assert set(r) >= {"text", "extracted", "correct", "grader", "answer", "finish_reason"}
+        assert 1 <= r["num_tokens"] <= 24
+    assert got[0]["answer"] == "18"  # gsm8k row 0's ground truth
+    # samples of one problem differ (distinct seeds), i.e. sampling at T=0.6 really happened
+    assert len({r["text"] for r in got if r["benchmark"] == "math500"}) > 1
+    summary = json.loads((reference_run / "summary.json").read_text())
+    for bench in ("gsm8k", "math500"):
+        verdicts = {}
+        for r in got:
+            if r["benchmark"] == bench:
+                verdicts.setdefault(r["problem_id"], []).append(r["correct"])
+        assert summary["benchmarks"][bench]["pass@2"] == summarize(verdicts)["pass@2"]
+        assert sum(summary["benchmarks"][bench]["graders"].values()) == 6
+    md = (reference_run / "summary.md").read_text()
+    assert md.startswith("| benchmark | problems | k | score (avg@k) | pass@1 | pass@2 |")
+    assert "| gsm8k | 3 | 2 |" in md and "**average**" in md
+
+
+def test_rerun_skips_what_is_written(reference_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference_run, out)
+    # A killed task: shard 5 has one graded sample in its partial file (its text marked, so
+    # that a regenerated sample would show), plus a line cut off mid-write; shard 6 is gone.
+    shards = sorted((out / "shards").glob("*.jsonl"))
+    five, six = shards[5], shards[6]
+    first, second = five.read_text().splitlines()
+    kept = dict(json.loads(first), text="KEPT FROM THE PARTIAL FILE")
+    five.unlink()
+    five.with_name(five.name.replace(".jsonl", ".partial.jsonl")).write_text(
+        json.dumps(kept) + "\n" + second[:30])
+    six_text = six.read_text()
+    six.unlink()
+    untouched = {p: p.stat().st_mtime_ns for p in shards if p not in (five, six)}
+    (out / "summary.json").unlink()
+    cli("eval", "--config", str(out / "eval_config.yaml"), f"output_dir={out}")
+    assert five.read_text().splitlines() == [json.dumps(kept), second]
+    assert not five.with_name(five.name.replace(".jsonl", ".partial.jsonl")).exists()
+    assert six.read_text() == six_text  # regenerated identically (fixed seeds)
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+    assert (out / "summary.json").is_file()
+
+
+def test_megatron_checkpoint_is_converted_on_the_fly(tiny_model, reference_run, tmp_path):
+    ckpt = tmp_path / "mcore"
+    subprocess.run([sys.executable, str(TOOLS / "convert_hf_to_mcore.py"), "--hf-dir",
+                    str(tiny_model), "--out-dir", str(ckpt)], check=True, capture_output=True)
+    out = tmp_path / "out"
+    cli("eval", f"load={ckpt}", f"output_dir={out}", *EVAL_ARGS)
+    assert (out / "hf_model" / "config.json").is_file()
+    assert rows(out) == rows(reference_run)  # an exact conversion gives the same samples
+
+
+def test_bad_input_is_named(tiny_model, tmp_path):
+    proc = cli("eval", f"output_dir={tmp_path / 'a'}", *EVAL_ARGS, check=False)
+    assert proc.returncode == 2 and "model_path (an HF folder) or load" in proc.stderr
+    proc = cli("eval", f"model_path={tiny_model}", "benchmarks=[aime2099]", check=False)
+    assert proc.returncode == 2 and "unknown benchmark 'aime2099'" in proc.stderr
+    proc = cli("eval", f"model_path={tiny_model}", "temperature=-1", check=False)
+    assert proc.returncode == 2 and "temperature must be >= 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
