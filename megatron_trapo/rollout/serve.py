@@ -128,6 +128,11 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
         return {"model_path": engine.model_path, "weight_version": engine.weight_version,
                 "engine": "megatron_trapo.hf", "max_context": engine.max_context}
 
+    @app.get("/v1/models")
+    async def models():  # vLLM's list of served models (the id is what /v1/completions wants)
+        return {"object": "list", "data": [{"id": engine.model_path, "object": "model",
+                                            "owned_by": "megatron_trapo"}]}
+
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
         return {"success": True}  # no prefix cache to flush

@@ -33,6 +33,21 @@ class VLLMEngine(RolloutEngine):
         self.max_retries = max_retries
         self._version = str(weight_version)
         self._next = 0
+        self.model = self._served_model(model)
+
+    def _served_model(self, wanted: str) -> str:
+        """The ``model`` name to send: ``wanted`` if the server serves it; else the server's
+        only model (an evaluation's local path rarely equals the name vLLM was started with)."""
+        try:
+            r = self.client.get(self.urls[0] + "/v1/models", timeout=30)
+            served = [m["id"] for m in r.json().get("data", [])] if r.status_code == 200 else []
+        except (httpx.HTTPError, ValueError):
+            served = []
+        if not served or wanted in served:
+            return wanted
+        if len(served) == 1:
+            return served[0]
+        raise RolloutError(f"{self.urls[0]} serves {served}, not {wanted!r}; name one of them")
 
     @property
     def weight_version(self) -> str:

@@ -108,6 +108,15 @@ def test_stop_tokens_end_samples(engines):
         assert s.finish_reason == "stop" and s.token_ids == greedy[:greedy.index(stop) + 1]
 
 
+def test_vllm_engine_sends_the_served_model_name(engines, model_dir):
+    # an evaluation names the model by its local path; the server was started under another
+    other = VLLMEngine(list(engines["vllm"].urls), model="/mnt/elsewhere/model")
+    assert other.model == str(model_dir)  # from /v1/models
+    req = [RolloutRequest(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=4))]
+    assert other.generate(req)[0][0].token_ids == engines["hf"].generate(req)[0][0].token_ids
+    other.close()
+
+
 def test_tokenizer_model_mismatch(model_dir, tmp_path):
     from megatron_trapo.data.tokenizer import train_bpe_tokenizer
 
