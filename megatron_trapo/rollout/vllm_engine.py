@@ -69,28 +69,34 @@ class VLLMEngine(RolloutEngine):
         raise RolloutError(f"{where}: failed after {self.max_retries + 1} attempts ({last})")
 
     def generate(self, requests: Sequence[RolloutRequest]) -> List[List[Sample]]:
-        futures = []
-        for i, req in enumerate(requests):  # one HTTP call per request (n samples)
+        """One HTTP call per request, or per sample when the request is seeded: vLLM draws a
+        request's n samples from one generator seeded once, while the interface promises that
+        sample j uses seed + j (so that samples do not depend on how requests were grouped)."""
+        calls = []  # (request index, first sample, future or None)
+        for i, req in enumerate(requests):
             sp = req.sampling
             budget = req.generation_budget()
             if budget == 0:  # the prefix used the whole budget: nothing to generate
-                futures.append((req, None))
+                calls.append((i, 0, sp.n, None))
                 continue
-            call_sp = type(sp)(n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-                               max_new_tokens=budget, stop_token_ids=sp.stop_token_ids,
-                               seed=sp.seed)
-            body = protocol.vllm_payload([req.input_ids()], call_sp, self.model)
-            self._next += 1
-            futures.append((req, self.executor.submit(self._post, body, f"request {i}")))
-        out = []
-        for req, fut in futures:
-            if fut is None:
-                out.append([Sample([], [], "length", self._version, len(req.prefix_ids))
-                            for _ in range(req.sampling.n)])
-                continue
-            out.append(protocol.samples_from_vllm(fut.result(), 1, req.sampling.n,
-                                                  [len(req.prefix_ids)], self._version)[0])
-        return out
+            parts = [(j, 1, sp.seed + j) for j in range(sp.n)] if sp.seed is not None \
+                else [(0, sp.n, None)]
+            for first, n, seed in parts:
+                call_sp = type(sp)(n=n, temperature=sp.temperature, top_p=sp.top_p,
+                                   top_k=sp.top_k, max_new_tokens=budget,
+                                   stop_token_ids=sp.stop_token_ids, seed=seed)
+                body = protocol.vllm_payload([req.input_ids()], call_sp, self.model)
+                self._next += 1
+                calls.append((i, first, n, self.executor.submit(self._post, body,
+                                                                 f"request {i}")))
+        out: List[List[Optional[Sample]]] = [[None] * r.sampling.n for r in requests]
+        for i, first, n, fut in calls:
+            prefix = len(requests[i].prefix_ids)
+            samples = [Sample([], [], "length", self._version, prefix) for _ in range(n)] \
+                if fut is None else \
+                protocol.samples_from_vllm(fut.result(), 1, n, [prefix], self._version)[0]
+            out[i][first:first + n] = samples
+        return out  # type: ignore[return-value]
 
     def update_weights_from_disk(self, path: str, weight_version: str) -> None:
         for url in self.urls:

@@ -81,3 +81,20 @@ def test_bad_input_is_named(tiny_model, tmp_path):
     proc = cli("eval", f"model_path={tiny_model}", "temperature=-1", check=False)
     assert proc.returncode == 2 and "temperature must be >= 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_vllm_engine_against_running_servers_gives_the_local_samples(tiny_model, reference_run,
+                                                                      tmp_path):
+    """engine=vllm attached to a server started beforehand (our server's /v1/completions):
+    same samples as the embedded engine, the seeds being per sample."""
+    from megatron_trapo.rollout.servers import ServerPool
+
+    pool = ServerPool.launch("embedded", str(tiny_model), 1, use_router=False,
+                             startup_timeout_s=120)
+    try:
+        out = tmp_path / "out"
+        cli("eval", f"model_path={tiny_model}", f"output_dir={out}", *EVAL_ARGS,
+            "rollout.engine=vllm", f"rollout.server_urls=['{pool.urls[0]}']")
+    finally:
+        pool.close()
+    assert rows(out) == rows(reference_run)

@@ -65,3 +65,40 @@ def test_rollout_config():
         RolloutConfig(engine="vllm")
     with pytest.raises(ConfigError, match="not available with engine=hf"):
         RolloutConfig(engine="hf", weight_sync="distributed")
+
+
+def test_vllm_engine_sends_one_call_per_seeded_sample(monkeypatch):
+    """vLLM seeds a request's n samples with one generator; the interface promises sample j
+    the seed + j. The engine therefore sends seeded samples one by one, and asks the server
+    which model name it serves."""
+    import json
+
+    import httpx
+
+    from megatron_trapo.rollout.vllm_engine import VLLMEngine
+
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "served-name"}]})
+        body = json.loads(request.content)
+        bodies.append(body)
+        seed = body.get("seed", 0)
+        return httpx.Response(200, json={"choices": [
+            {"index": j, "token_ids": [seed % 1000, j], "finish_reason": "length",
+             "logprobs": {"token_logprobs": [-1.0, -1.0]}} for j in range(body["n"])]})
+
+    real_client = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(
+        transport=httpx.MockTransport(handler), **{k: v for k, v in kw.items() if k != "limits"}))
+    engine = VLLMEngine(["http://vllm:8000"], model="/local/path")
+    assert engine.model == "served-name"
+    seeded = RolloutRequest([1, 2], SamplingParams(n=3, max_new_tokens=4, seed=500))
+    free = RolloutRequest([3], SamplingParams(n=2, max_new_tokens=4))
+    out = engine.generate([seeded, free])
+    assert sorted((b["n"], b.get("seed")) for b in bodies) == [(1, 500), (1, 501), (1, 502),
+                                                                (2, None)]
+    assert [s.token_ids for s in out[0]] == [[500, 0], [501, 0], [502, 0]]
+    assert len(out[1]) == 2 and all(b["model"] == "served-name" for b in bodies)
+    engine.close()
