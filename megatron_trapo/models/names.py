@@ -10,19 +10,14 @@ import re
 from typing import Dict, Iterator, Tuple
 
 import torch
+from megatron.core.utils import unwrap_model
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def global_named_parameters(chunk: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Parameter]]:
     """``named_parameters`` of a GPTModel chunk with layer indices made global (0-based)."""
-    model = _unwrap(chunk)
+    model = unwrap_model(chunk)
     layers = model.decoder.layers if hasattr(model, "decoder") else []
     for name, param in model.named_parameters():
         match = _LAYER.match(name)

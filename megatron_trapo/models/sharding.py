@@ -22,11 +22,11 @@ def local_shards(chunks) -> Dict[str, List[Shard]]:
     """
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from megatron.core.utils import unwrap_model
 
     by_key: Dict[str, List[Shard]] = defaultdict(list)
     for chunk in chunks:
-        module = getattr(chunk, "module", chunk)
-        sd = module.sharded_state_dict()
+        sd = unwrap_model(chunk).sharded_state_dict()
         apply_factories(sd)
         for sh in nested_values(sd):
             if not isinstance(sh, ShardedTensor) or sh.key.endswith("_extra_state"):

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core.utils import unwrap_model
 
 from megatron_trapo.train.optimizer import init_optimizer_state, untie_optimizer_steps
 
@@ -58,14 +59,10 @@ def latest_iteration(root: str | Path) -> Optional[int]:
     return int(text)
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    return getattr(chunk, "module", chunk)
-
-
 def _model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
     if len(chunks) == 1:
-        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _layout() -> Dict[str, int]:
@@ -218,10 +215,10 @@ def load_checkpoint(root: str | Path, chunks: Sequence[torch.nn.Module], optimiz
     loaded = dist_checkpointing.load(sharded, str(ckpt), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
 
     if len(chunks) == 1:
-        _unwrap(chunks[0]).load_state_dict(loaded["model"], strict=True)
+        unwrap_model(chunks[0]).load_state_dict(loaded["model"], strict=True)
     else:
         for i, chunk in enumerate(chunks):
-            _unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+            unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         untie_optimizer_steps(optimizer)
