@@ -351,7 +351,6 @@ class SlurmConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     time: str = "04:00:00"  # per array task
-    nodes: int = 1
     cpus_per_task: int = 8
     gpus_per_task: int = 0  # GPUs for the task's own servers (rollout.engine=sglang, no urls)
     mem: Optional[str] = None  # e.g. "200G"
@@ -364,7 +363,6 @@ class SlurmConfig:
     poll_interval_s: float = 2.0  # --wait: how often squeue is asked
 
     def __post_init__(self) -> None:
-        _check(self.nodes >= 1, f"slurm.nodes must be >= 1, got {self.nodes}")
         _check(self.cpus_per_task >= 1, f"slurm.cpus_per_task must be >= 1, got {self.cpus_per_task}")
         _check(self.gpus_per_task >= 0, f"slurm.gpus_per_task must be >= 0, got {self.gpus_per_task}")
         _check(self.max_concurrent >= 1,

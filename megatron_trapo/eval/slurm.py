@@ -40,7 +40,7 @@ def array_spec(indices: Sequence[int], max_concurrent: int) -> str:
 
 def script(cfg: SlurmConfig, job_name: str, log: Path, command: str, gpus: int) -> str:
     """An sbatch script: the #SBATCH options of ``cfg``, its setup lines, then ``command``."""
-    opts = [f"--job-name={job_name}", f"--output={log}", "--ntasks=1", f"--nodes={cfg.nodes}",
+    opts = [f"--job-name={job_name}", f"--output={log}", "--ntasks=1", "--nodes=1",
             f"--cpus-per-task={cfg.cpus_per_task}", f"--time={cfg.time}", "--export=ALL"]
     opts += [f"--{k}={v}" for k, v in (("partition", cfg.partition), ("account", cfg.account),
                                         ("qos", cfg.qos), ("mem", cfg.mem)) if v]

@@ -38,6 +38,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mcore_checkpoint(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model converted to a Megatron checkpoint (tools/convert_hf_to_mcore.py)."""
+    out = tmp_path_factory.mktemp("eval_mcore") / "ckpt"
+    tool = Path(__file__).resolve().parents[2] / "tools" / "convert_hf_to_mcore.py"
+    subprocess.run([sys.executable, str(tool), "--hf-dir", str(tiny_model), "--out-dir",
+                    str(out)], check=True, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
 def reference_run(tiny_model, tmp_path_factory) -> Path:
     """The same evaluation run locally (no Slurm), all shards in one process."""
     out = tmp_path_factory.mktemp("eval_local") / "out"

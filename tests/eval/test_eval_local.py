@@ -2,16 +2,11 @@
 run, a Megatron checkpoint converted on the fly, clear errors."""
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 from conftest import EVAL_ARGS, cli, rows
 
 from megatron_trapo.eval.metrics import summarize
 from megatron_trapo.eval.shards import sample_seed
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 def test_local_run_writes_samples_and_summary(reference_run):
@@ -63,12 +58,9 @@ def test_rerun_skips_what_is_written(reference_run, tmp_path):
     assert (out / "summary.json").is_file()
 
 
-def test_megatron_checkpoint_is_converted_on_the_fly(tiny_model, reference_run, tmp_path):
-    ckpt = tmp_path / "mcore"
-    subprocess.run([sys.executable, str(TOOLS / "convert_hf_to_mcore.py"), "--hf-dir",
-                    str(tiny_model), "--out-dir", str(ckpt)], check=True, capture_output=True)
+def test_megatron_checkpoint_is_converted_on_the_fly(mcore_checkpoint, reference_run, tmp_path):
     out = tmp_path / "out"
-    cli("eval", f"load={ckpt}", f"output_dir={out}", *EVAL_ARGS)
+    cli("eval", f"load={mcore_checkpoint}", f"output_dir={out}", *EVAL_ARGS)
     assert (out / "hf_model" / "config.json").is_file()
     assert rows(out) == rows(reference_run)  # an exact conversion gives the same samples
 

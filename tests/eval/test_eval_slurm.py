@@ -80,3 +80,16 @@ def test_a_failed_shard_cancels_aggregation_and_resubmitting_it_completes(
     assert "launched by this task, router http://127.0.0.1:" in log
     proc = cli("eval-resubmit", str(out), check=False)
     assert proc.returncode == 2 and "nothing to resubmit" in proc.stderr
+
+
+def test_a_megatron_checkpoint_is_converted_by_a_first_job(mcore_checkpoint, reference_run,
+                                                            tmp_path):
+    out = tmp_path / "out"
+    proc = cli("eval", f"load={mcore_checkpoint}", f"output_dir={out}", *EVAL_ARGS, *SLURM_ARGS)
+    jobs = json.loads(proc.stdout.splitlines()[0])
+    assert set(jobs) == {"out_dir", "convert", "array", "aggregate"}
+    # array tasks refuse to start without output_dir/hf_model: their success shows the order
+    assert job_state(jobs["convert"]).startswith("COMPLETED")
+    assert job_state(jobs["aggregate"]).startswith("COMPLETED")
+    assert (out / "hf_model" / "config.json").is_file()
+    assert rows(out) == rows(reference_run)

@@ -72,3 +72,22 @@ def test_extraction_takes_the_last_complete_box():
     assert cut == {"extracted": None, "correct": False, "grader": "no_answer"}
     assert grade_response("The answer is 18.", "18")["grader"] == "no_answer"
     assert grade_response("\\boxed{ }", "18")["grader"] == "no_answer"
+
+
+def _hang(response, ground_truth, timeout_s):
+    import time
+
+    time.sleep(30)
+
+
+def test_a_grading_past_its_deadline_is_recorded_as_timeout(monkeypatch):
+    import time
+
+    from megatron_trapo.eval import grading
+
+    monkeypatch.setattr(grading, "grade_response", _hang)
+    with Grader(num_workers=1, timeout_s=1.0) as g:  # workers fork after the patch
+        t0 = time.time()
+        out = g.grade([("so \\boxed{18}", "18")])
+        assert time.time() - t0 < 10 and g.timeouts == 1
+    assert out == [{"extracted": "18", "correct": False, "grader": "timeout"}]
