@@ -19,6 +19,12 @@ def test_local_run_writes_samples_and_summary(reference_run):
         assert set(r) >= {"text", "extracted", "correct", "grader", "answer", "finish_reason"}
         assert 1 <= r["num_tokens"] <= 24
     assert got[0]["answer"] == "18"  # gsm8k row 0's ground truth
+    # the taught model answers: verdicts are a mix, graded from the extracted boxed answers
+    assert {r["correct"] for r in got} == {True, False}
+    for r in got:
+        assert r["grader"] in ("math_verify", "prm800k", "both", "no_answer")
+        assert (r["extracted"] is None) == (r["grader"] == "no_answer")
+        assert r["correct"] == (r["grader"] in ("math_verify", "prm800k"))
     # samples of one problem differ (distinct seeds), i.e. sampling at T=0.6 really happened
     assert len({r["text"] for r in got if r["benchmark"] == "math500"}) > 1
     summary = json.loads((reference_run / "summary.json").read_text())
