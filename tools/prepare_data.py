@@ -16,15 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 
-def read_rows(path: Path):
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", required=True, choices=["openr1", "luffy", "jsonl"])
@@ -38,7 +29,7 @@ def main() -> int:
 
     from megatron_trapo.config import ConfigError
     from megatron_trapo.data.convert import convert_rows
-    from megatron_trapo.data.records import save_records
+    from megatron_trapo.data.records import read_rows, save_records
 
     try:
         path = Path(args.input)

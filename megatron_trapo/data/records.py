@@ -33,27 +33,33 @@ def _check(row: dict, where: str) -> Record:
     return Record(row["problem"], row["answer"], list(sols), row.get("id"), row.get("source"))
 
 
+def read_rows(path: str | Path) -> List[dict]:
+    """The rows of a ``.parquet`` file, or of a JSON-lines file (any other suffix); blank lines
+    are skipped and a bad line is an error naming it."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
 def load_records(path: str | Path) -> List[Record]:
     """Records from ``.jsonl`` or ``.parquet`` in this schema (errors name the row)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    elif path.suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ConfigError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-    else:
+    if path.suffix not in (".parquet", ".jsonl", ".json"):
         raise ConfigError(f"{path}: unsupported data format {path.suffix!r} (.jsonl or .parquet)")
-    return [_check(row, f"{path} row {i}") for i, row in enumerate(rows)]
+    return [_check(row, f"{path} row {i}") for i, row in enumerate(read_rows(path))]
 
 
 def save_records(records: Iterable[Record], path: str | Path) -> int:

@@ -3,12 +3,12 @@ the README there for sources and licences) and the field mapping of each to (pro
 Users register their own JSONL with :func:`register`."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from megatron_trapo.config import ConfigError
+from megatron_trapo.data.records import read_rows
 from megatron_trapo.reward.math_reward import last_boxed
 
 DATA = Path(__file__).parent / "benchmarks"
@@ -56,14 +56,10 @@ class Benchmark:
         if not self.path.is_file():
             raise ConfigError(f"benchmark {self.name}: file not found: {self.path}")
         out = []
-        with open(self.path) as f:
-            for i, line in enumerate(f):
-                if limit is not None and len(out) >= limit:
-                    break
-                row = json.loads(line)
-                if self.problem_field not in row:
-                    raise ConfigError(f"{self.path}:{i + 1}: no field {self.problem_field!r}")
-                out.append(Problem(self.name, i, row[self.problem_field], self.answer(row)))
+        for i, row in enumerate(read_rows(self.path)[:limit]):
+            if self.problem_field not in row:
+                raise ConfigError(f"{self.path} row {i + 1}: no field {self.problem_field!r}")
+            out.append(Problem(self.name, i, row[self.problem_field], self.answer(row)))
         return out
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 import torch
 
@@ -119,11 +119,3 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path,
             shutil.copy2(path, Path(dst) / name)
             copied.append(name)
     return copied
-
-
-def write_json(path: str | Path, obj: Dict, tmp_suffix: Optional[str] = ".tmp") -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + (tmp_suffix or ""))
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
