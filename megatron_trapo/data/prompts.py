@@ -21,10 +21,15 @@ def messages(problem: str, system: Optional[str] = SYSTEM) -> List[dict]:
     return out + [{"role": "user", "content": f"{problem}\n{INSTRUCTION}"}]
 
 
+def plain_prompt(problem: str, system: Optional[str] = None) -> str:
+    """The prompt text without a chat template (base models, or a tokenizer without one)."""
+    head = f"{system}\n\n" if system else ""
+    return f"{head}{problem}\n{INSTRUCTION}\n"
+
+
 def render_prompt(tokenizer, problem: str, system: Optional[str] = SYSTEM) -> str:
     """The prompt text through the tokenizer's chat template (generation prompt appended)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages(problem, system), tokenize=False,
                                              add_generation_prompt=True)
-    head = f"{system}\n\n" if system else ""
-    return f"{head}{problem}\n{INSTRUCTION}\n"
+    return plain_prompt(problem, system)

@@ -116,12 +116,15 @@ def ensure_hf_model(plan: Plan) -> Path:
     return path
 
 
+def tokenizer_dir(plan: Plan, model_dir: Path) -> str:
+    return plan.cfg.tokenizer_path or str(model_dir)
+
+
 def open_engine(plan: Plan, model_dir: Path):
     from megatron_trapo.rollout import make_engine
 
-    tok = plan.cfg.tokenizer_path or str(model_dir)
     return make_engine(dataclasses.replace(plan.cfg.rollout, model_path=str(model_dir),
-                                           tokenizer_path=tok))
+                                           tokenizer_path=tokenizer_dir(plan, model_dir)))
 
 
 def describe_engine(engine) -> str:
@@ -137,12 +140,12 @@ def describe_engine(engine) -> str:
 def load_tokenizer(plan: Plan, model_dir: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(plan.cfg.tokenizer_path or str(model_dir))
+    return AutoTokenizer.from_pretrained(tokenizer_dir(plan, model_dir))
 
 
 def prompt_ids(cfg: EvalConfig, tokenizer, problem: str) -> List[int]:
     """The prompt's token ids under ``prompt_template``."""
-    from megatron_trapo.data.prompts import INSTRUCTION, render_prompt
+    from megatron_trapo.data.prompts import plain_prompt, render_prompt
 
     if cfg.prompt_template == "chat":
         if not getattr(tokenizer, "chat_template", None):
@@ -151,7 +154,7 @@ def prompt_ids(cfg: EvalConfig, tokenizer, problem: str) -> List[int]:
         return tokenizer(render_prompt(tokenizer, problem, cfg.system_prompt),
                          add_special_tokens=False)["input_ids"]
     if cfg.prompt_template == "plain":
-        text = f"{problem}\n{INSTRUCTION}\n"
+        text = plain_prompt(problem)
     else:  # str.replace, not format: templates hold LaTeX braces such as \boxed{}
         text = cfg.prompt_template.replace("{problem}", problem)
     return tokenizer(text)["input_ids"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from megatron_trapo.config import ConfigError, SlurmConfig
-from megatron_trapo.eval.shards import write_atomic
+from megatron_trapo.eval.shards import read_jsonl, write_atomic
 
 
 class SlurmError(RuntimeError):
@@ -135,8 +135,7 @@ def submitted_jobs(out_dir: Path) -> List[str]:
     path = Path(out_dir) / "slurm" / "jobs.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [v for r in rows for k, v in r.items() if k in ("convert", "array", "aggregate")]
+    return [v for r in read_jsonl(path) for k, v in r.items() if k in ("convert", "array", "aggregate")]
 
 
 def resubmit(out_dir: str | Path) -> Dict[str, str]:

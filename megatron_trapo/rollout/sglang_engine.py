@@ -56,6 +56,11 @@ class SGLangEngine(RolloutEngine):
     def dead_servers(self) -> List[str]:
         return list(self.pool.dead)
 
+    def _drop_dead_servers(self) -> None:
+        with self._check_lock:
+            for url in self.pool.check():
+                logger.warning("dropped dead server %s", url)
+
     def _one(self, payload: dict, prefix_len: int, where: str) -> Sample:
         last: Optional[str] = None
         for attempt in range(self.max_retries + 1):
@@ -71,9 +76,7 @@ class SGLangEngine(RolloutEngine):
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             self.retries += 1
-            with self._check_lock:
-                for url in self.pool.check():
-                    logger.warning("dropped dead server %s", url)
+            self._drop_dead_servers()
         raise RolloutError(f"{where}: failed after {self.max_retries + 1} attempts ({last})")
 
     def generate(self, requests: Sequence[RolloutRequest]) -> List[List[Sample]]:
@@ -97,9 +100,7 @@ class SGLangEngine(RolloutEngine):
                          Sample([], [], "length", self._version, len(requests[i].prefix_ids)))
         # The router retries on its own, so a dead server may never surface as a failed
         # request here: look for dead servers after every batch too, drop and report them.
-        with self._check_lock:
-            for url in self.pool.check():
-                logger.warning("dropped dead server %s", url)
+        self._drop_dead_servers()
         return out  # type: ignore[return-value]
 
     # --- weights: to every server directly ----------------------------------------------------

@@ -3,7 +3,7 @@ run, a Megatron checkpoint converted on the fly, clear errors."""
 import json
 import shutil
 
-from conftest import EVAL_ARGS, cli, rows
+from eval_helpers import EVAL_ARGS, cli, rows
 
 from megatron_trapo.eval.metrics import summarize
 from megatron_trapo.eval.shards import sample_seed

@@ -5,7 +5,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import EVAL_ARGS, cli, rows
+from eval_helpers import EVAL_ARGS, cli, rows
 
 SLURM_ARGS = ["--slurm", "--wait", "--wait-timeout", "480", "slurm.cpus_per_task=1",
               "slurm.max_concurrent=4", "slurm.poll_interval_s=0.5", "slurm.time=00:10:00"]
