@@ -19,6 +19,7 @@ from megatron_trapo.algorithms.losses import aggregation_weights
 from megatron_trapo.algorithms.trajectory import Trajectory
 from megatron_trapo.config import LossConfig
 
+
 def packed_attention(batch: Dict[str, torch.Tensor]):
     """Megatron forward kwargs that keep packed sequences apart.
 
