@@ -11,14 +11,23 @@ from __future__ import annotations
 import torch
 
 
+def _device(config):
+    """Where megatron puts its own parameters: the current GPU unless ``use_cpu_initialization``."""
+    if torch.cuda.is_available() and not config.use_cpu_initialization:
+        return torch.cuda.current_device()
+    return None
+
+
 class SequenceParallelTorchNorm:
     """Factory with megatron's norm signature; returns ``torch.nn.RMSNorm`` or ``LayerNorm``."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
         if config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype,
+                                    device=_device(config))
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype,
+                                      device=_device(config))
         else:
             raise ValueError(f"normalization={config.normalization!r}: only RMSNorm and "
                              "LayerNorm are supported by the local spec")
@@ -32,6 +41,5 @@ class QKTorchNorm:
     megatron all-reduces ``q_layernorm``/``k_layernorm`` grads over TP by name."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        if config.normalization == "RMSNorm":
-            return torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
-        return torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        kind = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        return kind(hidden_size, eps=eps, dtype=config.params_dtype, device=_device(config))

@@ -12,6 +12,16 @@ def activate() -> str:
     return "cpu"
 
 
+def compute_device():
+    """Where the model and every tensor of a training step live: this process's CUDA device
+    (set from LOCAL_RANK by ``initialize_distributed``), or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def quiet_known_warnings() -> None:
     """Silence megatron-core's import-time notices that only say TE/apex are absent."""
     import warnings
@@ -24,4 +34,4 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-__all__ = ["activate", "activate_cpu_compat", "cpu_compat_active", "quiet_known_warnings"]
+__all__ = ["activate", "compute_device", "activate_cpu_compat", "cpu_compat_active", "quiet_known_warnings"]

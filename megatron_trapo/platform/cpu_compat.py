@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 _LOCK = threading.Lock()
 _ACTIVE = False
 _MODE: "CudaToCpuMode | None" = None
+_SUSPENDED = threading.local()  # see suspended()
 
 _CUDA_TYPE_NAMES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -68,6 +69,8 @@ class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device requests to CPU for every torch call made on this thread."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(_SUSPENDED, "on", False):
+            return func(*args, **(kwargs or {}))
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
@@ -239,6 +242,18 @@ def activate_cpu_compat() -> bool:
         _MODE.__enter__()
         _ACTIVE = True
     return True
+
+
+@contextlib.contextmanager
+def suspended():
+    """Let CUDA device requests through unchanged on this thread (the fake-CUDA dry run of
+    ``platform/fake_cuda.py`` maps them to its fake device instead)."""
+    before = getattr(_SUSPENDED, "on", False)
+    _SUSPENDED.on = True
+    try:
+        yield
+    finally:
+        _SUSPENDED.on = before
 
 
 def cpu_compat_active() -> bool:

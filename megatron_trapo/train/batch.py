@@ -11,7 +11,9 @@ pipeline parallelism needs one shape).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import itertools
+import math
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -20,10 +22,24 @@ from megatron_trapo.algorithms.trajectory import Trajectory
 from megatron_trapo.config import LossConfig
 
 
-def packed_attention(batch: Dict[str, torch.Tensor]):
+def to_device(batch: Dict[str, Any], device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """The one place a micro-batch moves to where the model lives (the current CUDA device, or
+    the CPU); non-tensor entries (``max_seqlen``) travel as they are. Builders make CPU
+    tensors; everything after this call — forward, masks, loss, old logprobs, metrics — runs
+    on the device."""
+    from megatron_trapo.platform import compute_device
+
+    device = device or compute_device()
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def packed_attention(batch: Dict[str, Any]):
     """Megatron forward kwargs that keep packed sequences apart.
 
-    Transformer Engine: ``PackedSeqParams`` (THD, cu_seqlens). Local spec (CPU): a block-
+    Transformer Engine: ``PackedSeqParams`` (THD) from the row's ``cu_seqlens`` (int32, on the
+    batch's device, built by :func:`pack_microbatches` with the padding tail as a segment of
+    its own, so every token of the row belongs to some segment). Local spec (CPU): a block-
     diagonal causal mask (True = masked); RoPE needs no per-sequence reset there, because
     attention between tokens of one sequence depends only on their relative positions.
     """
@@ -35,22 +51,37 @@ def packed_attention(batch: Dict[str, torch.Tensor]):
     if have_transformer_engine():
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        lengths = torch.bincount(seg[0][seg[0] >= 0])
-        cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=seg.device)
-        cu[1:] = torch.cumsum(lengths, 0)
+        cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
         return {"packed_seq_params": PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-            max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))}
+            max_seqlen_q=longest, max_seqlen_kv=longest)}
     same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [b, s, s]
     causal = torch.ones_like(same[0]).tril().bool()
     return {"attention_mask": (~(same & causal)).unsqueeze(1)}  # [b, 1, s, s]
 
 
-def model_forward(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+def model_forward(model, batch: Dict[str, Any]) -> torch.Tensor:
     """Megatron forward of one micro-batch, packed (see :func:`packed_attention`) or padded."""
     kwargs = packed_attention(batch)
     return model(batch["tokens"], batch["position_ids"], kwargs.pop("attention_mask", None),
                  **kwargs)
+
+
+def row_multiple(tp: int = 1, sequence_parallel: bool = False, fp8: bool = False,
+                 cp: int = 1) -> int:
+    """What every row's token count must be a multiple of: TP with sequence parallel (the
+    scatter along the sequence splits it evenly), 2·CP with context parallel (load-balanced
+    chunks), 16 with FP8 GEMMs (TE's alignment)."""
+    m = tp if sequence_parallel else 1
+    if cp > 1:
+        m *= 2 * cp
+    if fp8:
+        m = m * 16 // math.gcd(m, 16)
+    return m
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 FIELDS = ("tokens", "labels", "position_ids", "expert_mask", "generated_mask", "advantages",
@@ -102,20 +133,27 @@ def split_for_rank(seqs: Sequence[dict], dp_rank: int, dp_size: int) -> List[dic
 
 
 def pack_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
-                      fixed_width: bool = False) -> List[Dict[str, torch.Tensor]]:
+                      fixed_width: bool = False, multiple: int = 1) -> List[Dict[str, Any]]:
     """Sequence packing: first-fit of whole sequences (longest first) into rows of at most
     ``max_tokens`` tokens, one [1, W] micro-batch per row, with ``segment_ids`` (−1 on padding)
-    so that attention stays within each sequence. ``fixed_width`` pads every row to
-    ``max_tokens`` (pipeline parallelism needs one shape)."""
+    so that attention stays within each sequence, and ``cu_seqlens`` / ``max_seqlen`` for
+    THD attention. ``W`` is rounded up to ``multiple`` (see :func:`row_multiple`);
+    ``fixed_width`` pads every row to ``max_tokens`` (pipeline parallelism needs one shape).
+    The padding tail is a segment of its own in ``cu_seqlens`` (varlen kernels leave rows
+    outside every segment uninitialised, and 0 · NaN is NaN in the loss)."""
+    if fixed_width and max_tokens % multiple:
+        raise ValueError(f"max_tokens_per_microbatch={max_tokens} must be a multiple of "
+                         f"{multiple} (tensor/context parallel and FP8 alignment)")
     bins: List[List[dict]] = []
     used: List[int] = []
     for s in sorted(seqs, key=lambda x: -x["tokens"].numel()):
         n = s["tokens"].numel()
-        if n > max_tokens:
+        if _round_up(n, multiple) > max_tokens:
             raise ValueError(f"a sequence of {n} tokens exceeds max_tokens_per_microbatch="
-                             f"{max_tokens}")
+                             f"{max_tokens}" + (f" once aligned to {multiple}" if multiple > 1
+                                                else ""))
         for b, u in enumerate(used):
-            if u + n <= max_tokens:
+            if _round_up(u + n, multiple) <= max_tokens:
                 bins[b].append(s)
                 used[b] += n
                 break
@@ -124,30 +162,37 @@ def pack_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
             used.append(n)
     out = []
     for group, total in zip(bins, used):
-        width = max_tokens if fixed_width else total
-        mb = {}
+        width = max_tokens if fixed_width else _round_up(total, multiple)
+        mb: Dict[str, Any] = {}
         for key in FIELDS:
             fill = pad_id if key in ("tokens", "labels") else 0
             row = torch.full((width,), fill, dtype=group[0][key].dtype)
             row[:total] = torch.cat([s[key] for s in group])
             mb[key] = row.unsqueeze(0)
+        lengths = [s["tokens"].numel() for s in group] + ([width - total] if width > total else [])
         seg = torch.full((width,), -1, dtype=torch.long)
-        seg[:total] = torch.cat([torch.full((s["tokens"].numel(),), k) for k, s in enumerate(group)])
+        seg[:total] = torch.cat([torch.full((n,), k) for k, n in enumerate(lengths[:len(group)])])
         mb["segment_ids"] = seg.unsqueeze(0)
-        mb["position_ids"] = torch.cat([torch.arange(s["tokens"].numel()) for s in group] +
-                                       [torch.zeros(width - total, dtype=torch.long)]).unsqueeze(0)
+        mb["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+        mb["cu_seqlens"] = torch.tensor([0] + list(itertools.accumulate(lengths)),
+                                        dtype=torch.int32)
+        mb["max_seqlen"] = max(lengths)
         out.append(mb)
     return out
 
 
 def make_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
-                      fixed_shape: Optional[tuple] = None) -> List[Dict[str, torch.Tensor]]:
-    """Group sequences (longest first) into padded [b, s] micro-batches with b·s ≤ max_tokens.
-    ``fixed_shape=(b, s)`` pads every micro-batch to one shape (pipeline parallelism)."""
+                      fixed_shape: Optional[tuple] = None,
+                      multiple: int = 1) -> List[Dict[str, torch.Tensor]]:
+    """Group sequences (longest first) into padded [b, s] micro-batches with b·s ≤ max_tokens,
+    ``s`` rounded up to ``multiple`` (see :func:`row_multiple`). ``fixed_shape=(b, s)`` pads
+    every micro-batch to one shape (pipeline parallelism)."""
+    if fixed_shape and fixed_shape[1] % multiple:
+        raise ValueError(f"micro-batch width {fixed_shape[1]} is not a multiple of {multiple}")
     order = sorted(seqs, key=lambda s: -s["tokens"].numel())
     groups, current = [], []
     for s in order:
-        width = max([x["tokens"].numel() for x in current + [s]])
+        width = _round_up(max([x["tokens"].numel() for x in current + [s]]), multiple)
         rows = len(current) + 1
         limit_rows = fixed_shape[0] if fixed_shape else None
         if current and (rows * width > max_tokens or (limit_rows and rows > limit_rows)):
@@ -156,12 +201,14 @@ def make_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
         current.append(s)
     if current:
         groups.append(current)
-    return [_pad(g, pad_id, fixed_shape) for g in groups]
+    return [_pad(g, pad_id, fixed_shape, multiple) for g in groups]
 
 
-def _pad(group: Sequence[dict], pad_id: int, fixed_shape: Optional[tuple]) -> Dict[str, torch.Tensor]:
+def _pad(group: Sequence[dict], pad_id: int, fixed_shape: Optional[tuple],
+         multiple: int) -> Dict[str, torch.Tensor]:
     rows = fixed_shape[0] if fixed_shape else len(group)
-    width = fixed_shape[1] if fixed_shape else max(s["tokens"].numel() for s in group)
+    width = fixed_shape[1] if fixed_shape else _round_up(
+        max(s["tokens"].numel() for s in group), multiple)
     out = {}
     for key in FIELDS:
         proto = group[0][key]

@@ -94,8 +94,10 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             del p
             local_t = targets[start:end] - ctx.vocab_start
             owned = (local_t >= 0) & (local_t < local_vocab)
-            rows = owned.nonzero(as_tuple=True)[0]
-            logp[rows, local_t[rows]] += g_lp[rows, 0]
+            # + g_lp at each owned target; a scatter of masked values instead of indexing
+            # with owned.nonzero(), whose data-dependent size syncs the GPU every chunk
+            logp.scatter_add_(-1, local_t.clamp(0, local_vocab - 1).unsqueeze(-1),
+                              g_lp * owned.unsqueeze(-1).to(g_lp.dtype))
             if not fp32:
                 grad[start:end] = logp.to(grad.dtype)
         return grad, None, None, None

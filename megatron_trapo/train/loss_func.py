@@ -78,15 +78,15 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
             zero = torch.zeros_like(n_gen)
             metrics["pg/tokens"] = torch.stack([n_gen, zero])
             metrics["pg/ratio_mean"] = torch.stack([(ratio * generated).sum(), n_gen])
-            metrics["pg/ratio_max"] = torch.stack([(ratio * generated).max() if n_gen > 0
-                                                   else zero, zero])
+            # ratio ≥ 0 and the mask is 0/1: the masked max is 0 when no token is generated
+            # (no data-dependent branch: on a GPU that would be a host synchronisation)
+            metrics["pg/ratio_max"] = torch.stack([(ratio * generated).max(), zero])
             clipped = L.clipped_mask(logprobs.detach(), old, adv, low, high).float()
             metrics["pg/clip_frac"] = torch.stack([(clipped * generated).sum(), n_gen])
             metrics["pg/entropy"] = torch.stack([(entropy.detach() * generated).sum(), n_gen])
             if tis is not None:
                 metrics["pg/tis_weight_mean"] = torch.stack([(tis * generated).sum(), n_gen])
-                metrics["pg/tis_weight_max"] = torch.stack(
-                    [(tis * generated).max() if n_gen > 0 else zero, zero])
+                metrics["pg/tis_weight_max"] = torch.stack([(tis * generated).max(), zero])
                 metrics["pg/tis_capped_frac"] = torch.stack(
                     [((tis >= cfg.tis_cap).float() * generated).sum(), n_gen])
     return loss, metrics
@@ -100,7 +100,7 @@ def trapo_loss_func(cfg: LossConfig, batch: Dict[str, torch.Tensor], normaliser:
     per_token, metrics = token_losses(cfg, logprobs, entropy, batch)
     loss = (per_token * batch["agg_weight"].float()).sum() / normaliser
     metrics["loss"] = torch.stack([loss.detach(), torch.zeros_like(loss.detach())])
-    return loss, torch.tensor(0, dtype=torch.int), metrics
+    return loss, torch.zeros((), dtype=torch.int, device=loss.device), metrics
 
 
 def make_forward_step(cfg: LossConfig, normaliser: float) -> Callable:
@@ -115,15 +115,18 @@ def make_forward_step(cfg: LossConfig, normaliser: float) -> Callable:
 
 
 def global_normaliser(microbatches: Sequence[Dict[str, torch.Tensor]]) -> float:
-    """N = Σ c_t over this step's micro-batches on every data-/context-parallel rank."""
+    """N = Σ c_t over this step's micro-batches on every data-/context-parallel rank.
+
+    Computed from the CPU micro-batches before they move to the GPU, over megatron's gloo
+    twin of the DP×CP group: a Python float is needed before the schedule starts, and this
+    way getting it costs no device synchronisation."""
     from megatron.core import parallel_state as ps
 
     local = torch.zeros((), dtype=torch.float64)
     for mb in microbatches:
-        local += mb["agg_norm"].double().sum()
-    if torch.cuda.is_available():
-        local = local.cuda()
-    torch.distributed.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
+        local += mb["agg_norm"].double().sum().cpu()
+    torch.distributed.all_reduce(local, group=ps.get_data_parallel_group_gloo(
+        with_context_parallel=True))
     value = float(local)
     if value <= 0:
         raise ValueError("the step has no loss tokens (global normaliser is 0)")

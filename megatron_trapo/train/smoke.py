@@ -37,13 +37,13 @@ def _global_loss(losses) -> float:
     """Token-mean loss over the whole step (all data-parallel ranks)."""
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros(2, dtype=torch.float64)
+    from megatron_trapo.platform import compute_device
+
+    total = torch.zeros(2, dtype=torch.float64, device=compute_device())
     owner = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
              and ps.get_context_parallel_rank() == 0)
     if owner and losses:
         total += torch.stack([d["lm loss"] for d in losses]).sum(0).double()
-    if torch.cuda.is_available():
-        total = total.cuda()
     torch.distributed.all_reduce(total)
     return float(total[0] / total[1].clamp(min=1))
 
@@ -56,6 +56,7 @@ def run_smoke(cfg: SmokeConfig, resume: bool = False) -> Dict[str, float]:
     from megatron_trapo.metrics import MetricsLogger
     from megatron_trapo.models.provider import build_model
     from megatron_trapo.platform.distributed import initialize_distributed
+    from megatron_trapo.train.batch import to_device
     from megatron_trapo.train.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
     from megatron_trapo.train.forward_backward import train_step
     from megatron_trapo.train.lm_loss import lm_forward_step
@@ -90,8 +91,9 @@ def run_smoke(cfg: SmokeConfig, resume: bool = False) -> Dict[str, float]:
                initial=start, total=cfg.train_iters)
     for step in bar:
         t0 = time.time()
-        out = train_step(ddp, optimizer, scheduler, progression_batch(step, dp_rank, cfg),
-                         lm_forward_step, cfg.seq_length, cfg.micro_batch_size)
+        mbs = [to_device(mb) for mb in progression_batch(step, dp_rank, cfg)]
+        out = train_step(ddp, optimizer, scheduler, mbs, lm_forward_step, cfg.seq_length,
+                         cfg.micro_batch_size)
         loss = _global_loss(out["losses"])
         elapsed = time.time() - t0
         first = loss if step == start else first

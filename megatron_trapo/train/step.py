@@ -13,7 +13,8 @@ from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
 from megatron_trapo.rollout.groups import generate_groups
 from megatron_trapo.rollout.types import SamplingParams
 from megatron_trapo.train.batch import (build_sequences, make_microbatches, model_forward,
-                                        pack_microbatches, split_for_rank)
+                                        pack_microbatches, row_multiple, split_for_rank,
+                                        to_device)
 from megatron_trapo.train.forward_backward import run_forward_backward, train_step
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
@@ -42,18 +43,9 @@ def trapo_step(run, step: int) -> Dict[str, float]:
     # 5. per-token masks and weights, this rank's share, micro-batches under a token budget
     seqs = build_sequences(trajs, cfg.loss)
     mine = split_for_rank(seqs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    pp = ps.get_pipeline_model_parallel_world_size() > 1  # pipelines need one micro-batch shape
-    pack = cfg.pack_sequences
-    if pack is None:
-        from megatron_trapo.models.provider import have_transformer_engine
-
-        pack = have_transformer_engine()
-    if pack:
-        mbs = pack_microbatches(mine, cfg.max_tokens_per_microbatch, run.pad_id, fixed_width=pp)
-    else:
-        width = max(s["tokens"].numel() for s in seqs)
-        fixed = (max(1, cfg.max_tokens_per_microbatch // width), width) if pp else None
-        mbs = make_microbatches(mine, cfg.max_tokens_per_microbatch, run.pad_id, fixed)
+    mbs = build_microbatches(mine, seqs, cfg, run.pad_id, run.model.fp8 is not None)
+    normaliser = global_normaliser(mbs)  # on the CPU micro-batches, over the gloo DP group
+    mbs = [to_device(mb) for mb in mbs]
     seq_len = max(mb["tokens"].shape[1] for mb in mbs)
     mb_size = max(mb["tokens"].shape[0] for mb in mbs)
     # 6. old logprobs from the trainer itself (rollout logprobs stay for TIS)
@@ -61,7 +53,7 @@ def trapo_step(run, step: int) -> Dict[str, float]:
         fill_old_logprobs(run.ddp, mbs, cfg.loss.logprob_chunk_size, seq_len, mb_size)
     # 7. Megatron forward/backward over the micro-batches, one optimizer step
     out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
-                     make_forward_step(cfg.loss, global_normaliser(mbs)), seq_len, mb_size)
+                     make_forward_step(cfg.loss, normaliser), seq_len, mb_size)
     # 8. the new weights to the engine
     if run.sync is not None:
         run.sync.sync(run.ddp, str(step + 1))
@@ -70,9 +62,32 @@ def trapo_step(run, step: int) -> Dict[str, float]:
             "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"]}
 
 
+def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,
+                       fp8: bool = False) -> List[dict]:
+    """This rank's sequences as packed rows or padded micro-batches (CPU tensors), every row
+    a multiple of what TP + sequence parallel, CP and FP8 need; one shape with pipelines."""
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size() > 1  # pipelines need one micro-batch shape
+    multiple = row_multiple(ps.get_tensor_model_parallel_world_size(), cfg.parallel.sequence_parallel,
+                            fp8, ps.get_context_parallel_world_size())
+    pack = cfg.pack_sequences
+    if pack is None:
+        from megatron_trapo.models.provider import have_transformer_engine
+
+        pack = have_transformer_engine()
+    if pack:
+        return pack_microbatches(mine, cfg.max_tokens_per_microbatch, pad_id, fixed_width=pp,
+                                 multiple=multiple)
+    width = -(-max(s["tokens"].numel() for s in seqs) // multiple) * multiple
+    fixed = (max(1, cfg.max_tokens_per_microbatch // width), width) if pp else None
+    return make_microbatches(mine, cfg.max_tokens_per_microbatch, pad_id, fixed, multiple)
+
+
 def _logprob_loss(chunk_size, batch, output):
     lp, _ = vocab_parallel_logprobs_entropy(output, batch["labels"], chunk_size)
-    return output.sum() * 0, torch.tensor(0, dtype=torch.int), {"lp": lp.detach()}
+    return (output.sum() * 0, torch.zeros((), dtype=torch.int, device=output.device),
+            {"lp": lp.detach()})
 
 
 @torch.no_grad()

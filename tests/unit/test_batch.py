@@ -72,3 +72,43 @@ def test_packing_keeps_sequences_whole_and_apart():
     assert mask[i, j]  # a later sequence cannot see an earlier one
     assert not mask[j, j] and mask[j, j + 1]  # causal within a sequence
     assert mb["position_ids"][0, i] == 0  # positions restart per sequence
+
+
+def test_packed_rows_are_aligned_and_padding_is_a_segment(monkeypatch):
+    from megatron_trapo.train import batch as B
+
+    _, trajs = group_from_plan([0] * 8)
+    seqs = build_sequences(trajs, LossConfig())
+    for multiple in (1, 2, 16):
+        for fixed in (False, True):
+            mbs = B.pack_microbatches(seqs, max_tokens=32, multiple=multiple, fixed_width=fixed)
+            for mb in mbs:
+                width = mb["tokens"].shape[1]
+                assert width % multiple == 0 and width <= 32
+                assert width == 32 if fixed else True
+                cu = mb["cu_seqlens"]
+                assert cu.dtype == torch.int32 and int(cu[0]) == 0
+                assert int(cu[-1]) == width  # every token, padding included, is in a segment
+                real = int((mb["segment_ids"][0] >= 0).sum())
+                lengths = (cu[1:] - cu[:-1]).tolist()
+                assert sum(lengths[:int(mb["segment_ids"].max()) + 1]) == real
+                assert mb["max_seqlen"] == max(lengths)
+    # the THD path hands exactly these (device-resident) cu_seqlens to PackedSeqParams
+    monkeypatch.setattr("megatron_trapo.models.provider.have_transformer_engine", lambda: True)
+    mb = B.pack_microbatches(seqs, max_tokens=32, multiple=16)[0]
+    params = B.packed_attention(B.to_device(mb))["packed_seq_params"]
+    assert params.cu_seqlens_q is not None and params.cu_seqlens_q.dtype == torch.int32
+    assert int(params.cu_seqlens_q[-1]) == mb["tokens"].shape[1]
+    assert params.max_seqlen_q == mb["max_seqlen"]
+
+
+def test_padded_microbatches_are_aligned():
+    from megatron_trapo.train.batch import row_multiple
+
+    _, trajs = group_from_plan([0] * 8)
+    seqs = build_sequences(trajs, LossConfig())
+    assert row_multiple(4, True) == 4 and row_multiple(4, False) == 1
+    assert row_multiple(2, True, fp8=True) == 16 and row_multiple(2, True, cp=2) == 8
+    assert row_multiple(4, True, fp8=True, cp=3) == 48
+    for mb in make_microbatches(seqs, max_tokens=64, multiple=8):
+        assert mb["tokens"].shape[1] % 8 == 0

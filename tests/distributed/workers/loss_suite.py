@@ -102,7 +102,13 @@ def run_layout(name, tp, pp, sp, mbs_per_rank, root, batch_by_mode, r):
             from megatron_trapo.train.batch import FIELDS, pack_microbatches
 
             seqs = [{k: batch[k][row] for k in FIELDS} for row in mine]
-            mbs = pack_microbatches(seqs, 3 * S)
+            if sp:  # rows a multiple of TP (SP scatters the sequence); 5·TP forces a pad tail
+                mbs = pack_microbatches(seqs, 3 * S + 8, multiple=5 * tp)
+                assert all(mb["tokens"].shape[1] % tp == 0 and int(mb["cu_seqlens"][-1]) ==
+                           mb["tokens"].shape[1] > int((mb["segment_ids"] >= 0).sum())
+                           for mb in mbs)
+            else:
+                mbs = pack_microbatches(seqs, 3 * S)
             per_mb = 1
         else:
             mbs = [split(batch, mine[i * per_mb:(i + 1) * per_mb]) for i in range(mbs_per_rank)]
@@ -136,7 +142,8 @@ def main():
     layouts = [("tp2_mb1", 2, 1, False, 1), ("tp2_mb4", 2, 1, False, 4),
                ("tp2sp_mb2", 2, 1, True, 2), ("dp2_mb1", 1, 1, False, 1),
                ("dp2_mb2", 1, 1, False, 2), ("pp2_mb4", 1, 2, False, 4),
-               ("tp2_packed", 2, 1, False, 1), ("dp2_packed", 1, 1, False, 1)]
+               ("tp2_packed", 2, 1, False, 1), ("dp2_packed", 1, 1, False, 1),
+               ("tp2sp_packed", 2, 1, True, 1)]
     for name, tp, pp, sp, mbs in layouts:
         run_layout(name, tp, pp, sp, mbs, root, batch_by_mode, r)
     summary = {k: v for k, v in r.items() if k.startswith("vp_")}

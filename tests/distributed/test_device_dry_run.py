@@ -1,0 +1,25 @@
+"""The fake-CUDA dry run in CI: a TRAPO step's tensors (micro-batches, masks, advantages,
+old/rollout logprobs, cu_seqlens, metrics, gradients) and the smoke job's must all live on
+the model's device; the same run without the micro-batch move — the trainer before it had
+one — must raise a device mismatch, so this test can fail on the bug it guards."""
+from launch import run_worker
+
+
+def test_every_tensor_of_a_step_lives_on_the_device(tmp_path):
+    r = run_worker("device_check.py", 1, tmp_path, timeout=600)
+    for mode in ("trapo", "luffy", "grpo", "sft"):
+        for layout in ("padded", "packed"):
+            rep = r[f"{mode}:{layout}"]
+            for field in ("batch_fields", "old_logprobs", "metrics", "params", "main_grads"):
+                assert rep[field] == ["fakegpu"], (mode, layout, field, rep[field])
+            assert rep["microbatches"] > 1
+            if layout == "packed":
+                assert rep["cu_seqlens"] == ["fakegpu:torch.int32"]
+        if mode != "sft":  # the policy-gradient metrics were computed on the device too
+            assert "pg/ratio_max" in r[f"{mode}:padded"]["loss_metric_names"]
+    assert "expert/outside_trust_region" in r["trapo:packed"]["loss_metric_names"]
+    assert r["smoke"]["metrics"] == ["fakegpu"]
+    for case in ("padded", "packed", "smoke"):
+        verdict = r[f"unmoved:{case}"]
+        assert verdict.startswith("FakeTensorDeviceMismatchError"), (case, verdict)
+        assert "fakegpu:0 and cpu" in verdict

@@ -1,0 +1,71 @@
+"""The fake-CUDA dry run (one process): a TRAPO forward/backward, packed and padded, and the
+smoke job's step, with every tensor on a fake GPU; then the same with the micro-batch move
+switched off (what the trainer did before it had one), which must raise a device mismatch."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from megatron_trapo.config import ParallelConfig, SmokeConfig
+from megatron_trapo.platform import quiet_known_warnings
+from megatron_trapo.platform.distributed import initialize_distributed
+from megatron_trapo.platform.fake_cuda import fake_cuda
+from megatron_trapo.train import batch as batch_module
+from megatron_trapo.train import device_check, smoke
+
+
+def smoke_step(move: bool) -> dict:
+    """The smoke job's micro-batches and loss through megatron's schedule on the device."""
+    from megatron_trapo.models.provider import build_model
+    from megatron_trapo.train.forward_backward import run_forward_backward
+    from megatron_trapo.train.lm_loss import lm_forward_step
+    from megatron_trapo.train.optimizer import wrap_ddp
+
+    cfg = SmokeConfig(seq_length=16, micro_batch_size=2, num_microbatches=2)
+    cpu_mbs = smoke.progression_batch(0, 0, cfg)
+    with fake_cuda():
+        chunks = wrap_ddp(build_model(cfg.model, cfg.parallel, perform_initialization=False),
+                          use_distributed_optimizer=False)
+        mbs = [batch_module.to_device(mb) if move else mb for mb in cpu_mbs]
+        out = run_forward_backward(chunks, mbs, lm_forward_step, cfg.seq_length,
+                                   cfg.micro_batch_size)
+        return {"metrics": sorted({v.device.type for o in out for v in o.values()})}
+
+
+def expect_mismatch(fn) -> str:
+    try:
+        fn()
+    except Exception as exc:  # the dry run's verdict: which error, raised where
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return "no error"
+
+
+def main():
+    quiet_known_warnings()
+    initialize_distributed(ParallelConfig(), device_check.MODEL)
+    r = {}
+    for packed in (False, True):
+        for mode in ("trapo", "luffy", "grpo", "sft"):
+            r[f"{mode}:{'packed' if packed else 'padded'}"] = device_check.run_device_check(
+                packed, mode, on_device=fake_cuda)
+    r["smoke"] = smoke_step(move=True)
+    # before the fix nothing moved a micro-batch: the same run must fail
+    identity = lambda mb, device=None: mb  # noqa: E731
+    device_check_to_device = batch_module.to_device
+    batch_module.to_device = identity
+    try:
+        r["unmoved:padded"] = expect_mismatch(
+            lambda: device_check.run_device_check(False, "trapo", on_device=fake_cuda))
+        r["unmoved:packed"] = expect_mismatch(
+            lambda: device_check.run_device_check(True, "trapo", on_device=fake_cuda))
+        r["unmoved:smoke"] = expect_mismatch(lambda: smoke_step(move=False))
+    finally:
+        batch_module.to_device = device_check_to_device
+    with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
+        json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
