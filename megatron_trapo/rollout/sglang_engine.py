@@ -28,7 +28,11 @@ class SGLangEngine(RolloutEngine):
     name = "sglang"
 
     def __init__(self, pool: ServerPool, request_timeout_s: float = 600, max_retries: int = 3,
-                 concurrency: int = 64, seed: int = 0):
+                 concurrency: Optional[int] = None, seed: int = 0,
+                 concurrency_per_server: int = 256):
+        # in-flight requests: one HTTP connection (and thread) each; by default enough to fill
+        # every server's batch (SGLang schedules hundreds of sequences per server)
+        concurrency = concurrency or concurrency_per_server * max(len(pool.urls), 1)
         self.pool = pool
         self.timeout = request_timeout_s
         self.max_retries = max_retries
@@ -123,14 +127,39 @@ class SGLangEngine(RolloutEngine):
                                                      "weight_version": str(weight_version)})
         self._version = str(weight_version)
 
-    def init_weights_update_group(self, master_address: str, master_port: int,
-                                  backend: str, ranks_per_server: int = 1) -> int:
-        """Ask every server to join the broadcast group; returns the group's world size."""
-        world = 1 + ranks_per_server * len(self.pool.urls)
+    def weight_group_ranks(self) -> List[int]:
+        """Ranks each live server puts into the weight group: its ``tp_size × pp_size``
+        (SGLang joins every TP worker as ``rank_offset + tp_rank``). A server with
+        ``dp_size > 1`` is refused: its replicas would all take the same ranks."""
+        ranks = []
+        for url in self.pool.urls:
+            info = self._server_info(url)
+            dp = int(info.get("dp_size", 1) or 1)
+            if dp > 1:
+                raise RolloutError(
+                    f"{url}: dp_size={dp}; distributed weight sync needs one SGLang server per "
+                    "TP group (its DP replicas would take the same ranks in the weight group): "
+                    "launch --dp-size 1 servers behind the router instead")
+            ranks.append(int(info.get("tp_size", 1) or 1) * int(info.get("pp_size", 1) or 1))
+        return ranks
+
+    def _server_info(self, url: str) -> dict:
+        for path in ("/server_info", "/get_server_info"):  # newer SGLang; older ones
+            r = self.client.get(url + path)
+            if r.status_code == 200:
+                return r.json()
+        raise RolloutError(f"{url}: neither /server_info nor /get_server_info answers "
+                           f"(HTTP {r.status_code})")
+
+    def init_weights_update_group(self, master_address: str, master_port: int, backend: str,
+                                  ranks: Sequence[int], group_name: str) -> int:
+        """Ask every server to join the group (the replies come once the trainer has joined
+        too: :meth:`finish_init_group`); returns the group's world size."""
+        world = 1 + sum(ranks)
+        offsets = [1 + sum(ranks[:k]) for k in range(len(ranks))]
         bodies = [{"master_address": master_address, "master_port": master_port,
-                   "rank_offset": 1 + k * ranks_per_server, "world_size": world,
-                   "group_name": "weight_update_group", "backend": backend}
-                  for k in range(len(self.pool.urls))]
+                   "rank_offset": off, "world_size": world, "group_name": group_name,
+                   "backend": backend} for off in offsets]
         self._pending = [self.executor.submit(self.client.post, url + "/init_weights_update_group",
                                               json=body)
                          for url, body in zip(self.pool.urls, bodies)]
@@ -142,9 +171,19 @@ class SGLangEngine(RolloutEngine):
             if r.status_code != 200 or not r.json().get("success", False):
                 raise RolloutError(f"init_weights_update_group failed: {r.text[:300]}")
 
-    def start_distributed_update(self, names, dtypes, shapes, weight_version: str):
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        """Leave the group on every live server (a dead one is gone anyway)."""
+        for url in self.pool.urls:
+            try:
+                self.client.post(url + "/destroy_weights_update_group",
+                                 json={"group_name": group_name}, timeout=60)
+            except httpx.HTTPError as exc:
+                logger.warning("%s: destroy_weights_update_group failed: %s", url, exc)
+
+    def start_distributed_update(self, names, dtypes, shapes, weight_version: str,
+                                 group_name: str):
         body = {"names": names, "dtypes": dtypes, "shapes": shapes,
-                "group_name": "weight_update_group", "flush_cache": True,
+                "group_name": group_name, "flush_cache": True,
                 "weight_version": str(weight_version)}
         return [self.executor.submit(self.client.post, url + "/update_weights_from_distributed",
                                      json=body) for url in self.pool.urls]

@@ -11,6 +11,7 @@ update and the servers flush their caches.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from megatron_trapo.config import ModelConfig
 from megatron_trapo.models.hf.mapping import rule_for_key, expand, to_hf
 from megatron_trapo.models.sharding import local_shards
 from megatron_trapo.rollout.types import RolloutEngine, RolloutError
+
+logger = logging.getLogger(__name__)
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
@@ -55,12 +58,19 @@ def _stage_hf_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.T
             rule, layer = rule_for_key(model, key)
             _, names = expand(rule, layer)
             for name, tensor in zip(names, to_hf(rule.kind, full, model)):
-                yield name, tensor.detach().cpu()
+                yield name, tensor.detach()  # stays on the device (only disk mode copies out)
 
 
 def hf_named_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Every HF tensor of the model, yielded on global rank 0 (PP stages send theirs to it)."""
+    """Every HF tensor of the model, yielded on global rank 0 (PP stages send theirs to it).
+
+    Tensors stay where the model lives: later stages send device tensors and stage 0
+    receives into device buffers, so the p2p works on NCCL (which carries no CPU tensors);
+    each tensor is preceded by its name/shape/dtype and sent as soon as it is gathered, so no
+    stage buffers its whole share anywhere."""
     from megatron.core import parallel_state as ps
+
+    from megatron_trapo.platform import compute_device
 
     if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
         return  # replicas hold the same weights
@@ -71,34 +81,57 @@ def hf_named_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.Te
         yield from _stage_hf_tensors(chunks, model)  # other TP ranks only join the gathers
         if tp_rank == 0:
             for src in pp_ranks[1:]:  # receive the later stages' tensors, in stage order
-                meta: List = [None]
-                dist.recv_object_list(meta, src=src)
-                for name, shape, dtype in meta[0]:
-                    t = torch.empty(shape, dtype=dtype)
+                while True:
+                    meta: List = [None]
+                    dist.recv_object_list(meta, src=src)
+                    if meta[0] is None:  # this stage is done
+                        break
+                    name, shape, dtype = meta[0]
+                    t = torch.empty(shape, dtype=dtype, device=compute_device())
                     dist.recv(t, src=src)
                     yield name, t
     else:
-        tensors = list(_stage_hf_tensors(chunks, model))
-        if tp_rank == 0:
-            dst = pp_ranks[0]
-            dist.send_object_list([[(n, tuple(t.shape), t.dtype) for n, t in tensors]], dst=dst)
-            for _, t in tensors:
+        dst = pp_ranks[0]
+        for name, t in _stage_hf_tensors(chunks, model):  # streamed: one tensor in flight
+            if tp_rank == 0:
+                dist.send_object_list([(name, tuple(t.shape), t.dtype)], dst=dst)
                 dist.send(t.contiguous(), dst=dst)
+        if tp_rank == 0:
+            dist.send_object_list([None], dst=dst)
 
 
-def _sync_address(server_urls: List[str]) -> str:
-    """Where servers reach the sync rank: loopback when they all run on this machine, else
-    this host's address (override with TRAPO_WEIGHT_SYNC_ADDR on multi-homed nodes)."""
+def sync_address(server_urls: List[str], configured: Optional[str] = None) -> str:
+    """Where servers reach the sync rank's store and group: ``rollout.weight_sync_address``
+    (or ``TRAPO_WEIGHT_SYNC_ADDR``) when set; loopback when every server is on this machine;
+    else the IPv4 address of the interface ``NCCL_SOCKET_IFNAME`` names (the one NCCL will use
+    too); else the address of the interface that routes to the first server (a UDP "connect"
+    sends nothing). ``gethostname()`` is not used: it often resolves to 127.0.1.1 or to a
+    management network."""
     import os
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("TRAPO_WEIGHT_SYNC_ADDR"):
-        return os.environ["TRAPO_WEIGHT_SYNC_ADDR"]
-    hosts = {urlparse(u).hostname for u in server_urls}
-    if hosts <= {"127.0.0.1", "localhost", "::1"}:
+    if configured or os.environ.get("TRAPO_WEIGHT_SYNC_ADDR"):
+        return configured or os.environ["TRAPO_WEIGHT_SYNC_ADDR"]
+    hosts = [urlparse(u).hostname for u in server_urls]
+    if set(hosts) <= {"127.0.0.1", "localhost", "::1"}:
         return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+    ifname = os.environ.get("NCCL_SOCKET_IFNAME", "")
+    if ifname and not ifname.startswith("^"):
+        import psutil
+
+        wanted = [n.lstrip("=") for n in ifname.split(",")]
+        for name, addrs in psutil.net_if_addrs().items():
+            if any(name == w or (not ifname.startswith("=") and name.startswith(w))
+                   for w in wanted):
+                for a in addrs:
+                    if a.family == socket.AF_INET:
+                        return a.address
+        raise RolloutError(f"NCCL_SOCKET_IFNAME={ifname}: no interface with an IPv4 address "
+                           "matches; set rollout.weight_sync_address")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((hosts[0], 9))
+        return s.getsockname()[0]
 
 
 def buckets(named: Iterator[Tuple[str, torch.Tensor]], bucket_bytes: int
@@ -115,13 +148,25 @@ def buckets(named: Iterator[Tuple[str, torch.Tensor]], bucket_bytes: int
         yield bucket
 
 
+GROUP_NAME = "weight_update_group"
+
+
+def _wait_for_sync_rank() -> None:
+    """Every rank waits for rank 0's HTTP updates on the gloo host group (long timeout), not
+    in an NCCL barrier under the watchdog."""
+    from megatron_trapo.platform import distributed as pd
+
+    dist.barrier(group=pd._HOST_GROUP)
+
+
 class WeightSync:
     """Pushes the trainer's weights to a rollout engine (see module docstring)."""
 
     def __init__(self, engine: Optional[RolloutEngine], model: ModelConfig, mode: str,
                  bucket_bytes: int = 512 * 1024**2, disk_dir: Optional[str] = None,
                  backend: Optional[str] = None, master_port: Optional[int] = None,
-                 hf_config: Optional[dict] = None):
+                 hf_config: Optional[dict] = None, address: Optional[str] = None,
+                 group_timeout_s: float = 600.0, keep_versions: int = 2):
         if mode not in ("inprocess", "disk", "distributed"):
             raise RolloutError(f"weight sync mode must be inprocess, disk or distributed, got {mode!r}")
         self.engine, self.model, self.mode = engine, model, mode
@@ -130,22 +175,44 @@ class WeightSync:
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.master_port = master_port
         self.hf_config = hf_config  # base config.json written beside disk weights
+        self.address = address
+        self.group_timeout_s = group_timeout_s
+        self.keep_versions = keep_versions
         self._group = None
+        self._members: Tuple[str, ...] = ()
+        self.rebuilds = 0  # groups formed again after the set of servers changed (metric)
 
     def _is_sync_rank(self) -> bool:
         return dist.get_rank() == 0
 
     def _ensure_group(self) -> None:
-        from megatron_trapo.rollout.process_group import stateless_group
-        from megatron_trapo.rollout.servers import free_port
+        """Form the group with the live servers; when the set changed since the last sync (a
+        server died), destroy the old group on both sides first — its ranks include the dead
+        server's, and a broadcast would wait for them until the NCCL timeout."""
+        from megatron_trapo.platform.distributed import free_port
+        from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
+                                                          init_weight_update_group)
 
-        if self._group is not None:
+        pool = self.engine.pool
+        members = tuple(pool.urls)
+        if not members:
+            raise RolloutError(f"weight sync: no live server left (dead: {pool.dead})")
+        if self._group is not None and members == self._members:
             return
-        port = self.master_port or free_port()
-        address = _sync_address(getattr(getattr(self.engine, "pool", None), "urls", []))
-        world = self.engine.init_weights_update_group(address, port, self.backend)
-        self._group = stateless_group(address, port, 0, world, self.backend)
+        if self._group is not None:
+            self.engine.destroy_weights_update_group(GROUP_NAME)
+            destroy_weight_update_group(self._group)
+            self._group = None
+            self.rebuilds += 1
+        ranks = self.engine.weight_group_ranks()
+        world = 1 + sum(ranks)
+        port = self.master_port if (self.master_port and not self.rebuilds) else free_port()
+        address = sync_address(list(members), self.address)
+        self.engine.init_weights_update_group(address, port, self.backend, ranks, GROUP_NAME)
+        self._group = init_weight_update_group(address, port, 0, world, GROUP_NAME, self.backend,
+                                               timeout_s=self.group_timeout_s)
         self.engine.finish_init_group()
+        self._members = members
 
     def sync(self, chunks, weight_version: str) -> Dict[str, float]:
         """Collective over all trainer ranks; returns timing/size stats (on rank 0)."""
@@ -155,8 +222,12 @@ class WeightSync:
         if not self._is_sync_rank():
             for _ in named:  # non-sync ranks only take part in the gathers and sends
                 pass
-            dist.barrier()
+            _wait_for_sync_rank()
             return stats
+        pool = getattr(self.engine, "pool", None)
+        if pool is not None:  # servers that died since the last call: no pause, no update
+            for url in pool.check():
+                logger.warning("weight sync: server %s is dead; dropped", url)
         pause = getattr(self.engine, "pause", None)
         if pause is not None:
             pause()
@@ -178,18 +249,20 @@ class WeightSync:
             resume = getattr(self.engine, "resume", None)
             if resume is not None:
                 resume()
-        dist.barrier()
+        _wait_for_sync_rank()
         stats["seconds"] = time.time() - t0
         return stats
 
     def _broadcast_bucket(self, bucket, weight_version: str) -> None:
+        from megatron_trapo.platform import compute_device
+
         names = [n for n, _ in bucket]
         dtypes = [_DTYPE_NAMES[t.dtype] for _, t in bucket]
         shapes = [list(t.shape) for _, t in bucket]
-        futures = self.engine.start_distributed_update(names, dtypes, shapes, weight_version)
-        device = "cuda" if self.backend == "nccl" else "cpu"
-        for _, t in bucket:
-            self._group.broadcast(t.to(device).contiguous(), 0).wait()
+        futures = self.engine.start_distributed_update(names, dtypes, shapes, weight_version,
+                                                       GROUP_NAME)
+        for _, t in bucket:  # one broadcast per tensor, in the order of ``names``
+            dist.broadcast(t.to(compute_device()).contiguous(), src=0, group=self._group)
         self.engine.finish_distributed_update(futures, weight_version)
 
     def _sync_disk(self, named, weight_version: str, stats) -> None:
@@ -198,7 +271,9 @@ class WeightSync:
         from megatron_trapo.models.hf.files import HFCheckpointWriter
         from megatron_trapo.models.hf.mapping import model_to_hf_config
 
-        root = Path(self.disk_dir or tempfile.mkdtemp(prefix="trapo_weights_"))
+        if self.disk_dir is None:  # servers on this machine only (config refuses others)
+            self.disk_dir = tempfile.mkdtemp(prefix="trapo_weights_")
+        root = Path(self.disk_dir)
         out = root / f"v{weight_version}"
         writer = HFCheckpointWriter(out, self.bucket_bytes)
         for name, t in named:
@@ -209,3 +284,14 @@ class WeightSync:
         (out / "config.json").write_text(json.dumps(model_to_hf_config(self.model, self.hf_config),
                                                     indent=2))
         self.engine.update_weights_from_disk(str(out), weight_version)
+        self._prune_versions(root, keep=out)
+
+    def _prune_versions(self, root: Path, keep: Path) -> None:
+        """Delete all but the newest ``keep_versions`` weight folders (a 32B model is 61 GiB a
+        version); the one the engines just loaded is always kept."""
+        import shutil
+
+        versions = sorted((p for p in root.glob("v*") if p.is_dir() and p != keep),
+                          key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in versions[max(self.keep_versions - 1, 0):]:
+            shutil.rmtree(old, ignore_errors=True)

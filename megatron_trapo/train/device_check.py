@@ -108,3 +108,31 @@ def _forward_backward_on_device(cfg: TrainConfig, cpu_mbs: List[dict], normalise
         report["cu_seqlens"] = sorted({f"{_device_of(mb['cu_seqlens'])}:{mb['cu_seqlens'].dtype}"
                                        for mb in mbs})
     return report
+
+
+def main() -> int:
+    """``python -m megatron_trapo.train.device_check``: the real-device twin of the CI dry run
+    (``scripts/gpu_smoke.sh`` runs it on a GPU); prints one JSON line per case and fails when
+    any tensor is not on the model's device."""
+    import json
+
+    from megatron_trapo.platform import compute_device, quiet_known_warnings
+    from megatron_trapo.platform.distributed import initialize_distributed
+
+    quiet_known_warnings()
+    initialize_distributed(ParallelConfig(), MODEL)
+    want = compute_device().type
+    bad = []
+    for packed in (False, True):
+        for mode in ("trapo", "grpo", "sft", "luffy"):
+            rep = run_device_check(packed, mode)
+            print(json.dumps({"case": f"{mode}:{'packed' if packed else 'padded'}", **{
+                k: v for k, v in rep.items() if k != "loss_metric_names"}}), flush=True)
+            fields = ("batch_fields", "old_logprobs", "metrics", "params", "main_grads")
+            bad += [f"{mode}/{packed}/{f}={rep[f]}" for f in fields if rep[f] != [want]]
+    print("device check:", "OK, every tensor on " + want if not bad else f"FAILED {bad}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

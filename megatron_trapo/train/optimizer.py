@@ -14,7 +14,7 @@ optimizer used when neither TE nor apex is installed, i.e. always on CPU):
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -22,15 +22,22 @@ from megatron_trapo.config import OptimizerConfig
 
 
 def wrap_ddp(chunks: List[torch.nn.Module], use_distributed_optimizer: bool,
-             overlap_grad_reduce: bool = False) -> List[torch.nn.Module]:
-    """Wrap each model chunk in megatron's DDP (contiguous fp32 grad buffers)."""
+             overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
+             bucket_size: Optional[int] = None,
+             check_for_nan_in_grad: Optional[bool] = None) -> List[torch.nn.Module]:
+    """Wrap each model chunk in megatron's DDP (contiguous fp32 grad buffers). NaN checks of
+    the reduced gradients default to on with CUDA (bf16 has no loss scaler to catch them)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    if check_for_nan_in_grad is None:
+        check_for_nan_in_grad = torch.cuda.is_available()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer,
-        check_for_nan_in_grad=False,
+        check_for_nan_in_grad=check_for_nan_in_grad,
+        bucket_size=bucket_size,
     )
     wrapped = []
     for i, chunk in enumerate(chunks):
@@ -89,6 +96,8 @@ def build_optimizer(ddp_chunks: List[torch.nn.Module], cfg: OptimizerConfig):
         fp16=model_config.fp16,
         params_dtype=model_config.params_dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
+        optimizer_cpu_offload=cfg.optimizer_cpu_offload,
+        use_precision_aware_optimizer=cfg.use_precision_aware_optimizer,
     )
     return get_megatron_optimizer(mcfg, ddp_chunks)
 
@@ -155,7 +164,9 @@ def optimizer_steps(optimizer) -> List[float]:
 def build_training_state(chunks, optim_cfg: OptimizerConfig, train_iters: int
                          ) -> Tuple[List[torch.nn.Module], object, object]:
     """DDP-wrapped chunks, optimizer (state initialised) and scheduler, ready to train."""
-    ddp = wrap_ddp(chunks, optim_cfg.use_distributed_optimizer)
+    ddp = wrap_ddp(chunks, optim_cfg.use_distributed_optimizer, optim_cfg.overlap_grad_reduce,
+                   optim_cfg.overlap_param_gather, optim_cfg.ddp_bucket_size,
+                   optim_cfg.check_for_nan_in_grad)
     optimizer = build_optimizer(ddp, optim_cfg)
     init_optimizer_state(optimizer)
     scheduler = build_scheduler(optimizer, optim_cfg, train_iters)

@@ -10,6 +10,7 @@ from typing import Dict, List
 import torch
 
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
+from megatron_trapo.platform.distributed import host_group
 from megatron_trapo.rollout.groups import generate_groups
 from megatron_trapo.rollout.types import SamplingParams
 from megatron_trapo.train.batch import (build_sequences, make_microbatches, model_forward,
@@ -35,7 +36,7 @@ def trapo_step(run, step: int) -> Dict[str, float]:
                                 cfg.loss.loss_mode, cfg.sampler, sampling, run.eos_id,
                                 seed=cfg.seed * 7919 + step, luffy_off_policy=cfg.luffy_off_policy)
     holder: List = [trajs]
-    torch.distributed.broadcast_object_list(holder, src=0)
+    torch.distributed.broadcast_object_list(holder, src=0, group=host_group())
     trajs = holder[0]
     # 4. group-relative advantages over each prompt's samples
     group = 1 if cfg.loss.loss_mode == "sft" else cfg.sampler.group_size
@@ -59,7 +60,8 @@ def trapo_step(run, step: int) -> Dict[str, float]:
         run.sync.sync(run.ddp, str(step + 1))
     # 9. metrics
     return {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs),
-            "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"]}
+            "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
+            "train/tokens": float(sum(s["tokens"].numel() for s in seqs))}
 
 
 def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_trapo.config import ConfigError, TrainConfig, to_dict
+from megatron_trapo.config import ConfigError, TrainConfig, runtime_model, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
     from megatron_trapo.train.checkpoint import latest_iteration, load_checkpoint
     from megatron_trapo.train.optimizer import build_training_state
 
-    model = model_config_from_checkpoint(cfg.load) if cfg.load else cfg.model
+    model = runtime_model(model_config_from_checkpoint(cfg.load), cfg.model) if cfg.load \
+        else cfg.model
     if cfg.loss.loss_mode != "sft" and not cfg.train_data:
         raise ConfigError("train_data is required")
     initialize_distributed(cfg.parallel, model, seed=cfg.seed)
@@ -117,7 +118,9 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
         reward = MathReward(num_workers=2)
     sync = WeightSync(engine, model, cfg.rollout.resolved_weight_sync,
                       bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 1024**2,
-                      disk_dir=cfg.rollout.weight_sync_dir)
+                      disk_dir=cfg.rollout.weight_sync_dir, address=cfg.rollout.weight_sync_address,
+                      group_timeout_s=cfg.rollout.weight_sync_timeout_s,
+                      keep_versions=cfg.rollout.weight_sync_keep_versions)
     sync.sync(ddp, str(start))  # the engine starts from exactly the trainer's weights
     run = Run(cfg, ddp, optimizer, scheduler, model, tokenizer, data, evals or [], engine, reward,
               sync, eos_id, pad_id, stop_ids)
@@ -145,8 +148,19 @@ def evaluate(run: Run) -> Dict[str, float]:
         if len(by_source) > 1:
             metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in by_source.items()})
         result = [metrics]
-    torch.distributed.broadcast_object_list(result, src=0)
+    from megatron_trapo.platform.distributed import host_group
+
+    torch.distributed.broadcast_object_list(result, src=0, group=host_group())
     return result[0] or {}
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by this process (CUDA), else its resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
 
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> Dict[str, float]:
@@ -194,6 +208,8 @@ def _run_stage(cfg: TrainConfig, resume: bool) -> Dict[str, float]:
         t0 = time.time()
         m = trapo_step(run, step)
         m["step_time_s"] = time.time() - t0
+        m["train/tokens_per_s"] = m.get("train/tokens", 0.0) / max(m["step_time_s"], 1e-9)
+        m["memory/peak_gb"] = peak_memory_gb()
         last = step + 1 == cfg.train_iters
         if has_eval and (last or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0)):
             m.update(evaluate(run))
@@ -207,7 +223,11 @@ def _run_stage(cfg: TrainConfig, resume: bool) -> Dict[str, float]:
                             trainer_state={"iteration": step + 1}, config={"model": dataclasses.asdict(run.model)},
                             keep_last=cfg.checkpoint.keep_last)
     metrics.close()
-    if rank0 and cfg.log_dir and (Path(cfg.log_dir) / "metrics.jsonl").is_file():
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # e.g. a bare GPU image: JSONL only
+        logger.warning("matplotlib is not installed: no curves.png")
+    elif rank0 and cfg.log_dir and (Path(cfg.log_dir) / "metrics.jsonl").is_file():
         plot_curves(Path(cfg.log_dir) / "metrics.jsonl", Path(cfg.log_dir) / "curves.png",
                     title=cfg.loss.loss_mode)
     if run.reward is not None:

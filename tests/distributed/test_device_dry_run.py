@@ -19,6 +19,8 @@ def test_every_tensor_of_a_step_lives_on_the_device(tmp_path):
             assert "pg/ratio_max" in r[f"{mode}:padded"]["loss_metric_names"]
     assert "expert/outside_trust_region" in r["trapo:packed"]["loss_metric_names"]
     assert r["smoke"]["metrics"] == ["fakegpu"]
+    assert r["knobs"]["ddp"] == [True, True, 4096, True, True]  # optimizer.* reach megatron's DDP
+    assert r["knobs"]["host_group_backend"] == "gloo"  # rank 0's long waits: not under NCCL
     for case in ("padded", "packed", "smoke"):
         verdict = r[f"unmoved:{case}"]
         assert verdict.startswith("FakeTensorDeviceMismatchError"), (case, verdict)

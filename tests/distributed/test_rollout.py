@@ -158,15 +158,24 @@ def test_server_killed_mid_batch_every_sample_exactly_once(model_dir):
 
 
 def test_weight_sync_tp2_pp2_three_modes(model_dir, tmp_path):
+    """TP=2 and PP=2 trainers sync to the embedded engine, to a server from disk, and by
+    broadcast to two protocol servers of TP size 2 each (ranks 1-2 and 3-4 of a group of 5);
+    one of those then dies and the next sync completes on the survivor. PP=2 syncs run with
+    host copies and CPU-tensor p2p refused."""
     mc = tmp_path / "mc"
     run_tool("convert_hf_to_mcore.py", "--hf-dir", str(model_dir), "--out-dir", str(mc), "--tp", "2")
-    pool = ServerPool.launch("embedded", str(model_dir), 2, use_router=False, startup_timeout_s=120)
+    disk = ServerPool.launch("embedded", str(model_dir), 1, use_router=False, startup_timeout_s=120)
+    tp2 = ServerPool.launch("embedded", str(model_dir), 2, use_router=False, startup_timeout_s=120,
+                            extra_args=["--tp-size", "2"])
     try:
         r = run_worker("weight_sync.py", 2, tmp_path, env={
-            "MC_DIR": str(mc), "HF_DIR": str(model_dir), "SERVER_URLS": ",".join(pool.urls)})
+            "MC_DIR": str(mc), "HF_DIR": str(model_dir), "DISK_URL": disk.urls[0],
+            "TP2_URLS": ",".join(tp2.urls), "VICTIM_PGID": str(tp2.processes[1].proc.pid)})
     finally:
-        pool.close()
-    for key in ("tp2:inprocess", "tp2:disk", "tp2:distributed", "pp2:inprocess"):
+        disk.close()
+        tp2.close()
+    keys = ["tp2:inprocess", "tp2:disk", "tp2:distributed", "pp2:inprocess", "pp2:distributed"]
+    for key in keys:
         after = r[f"{key}:after"]
         assert after["tokens"] == 10
         assert after["diff"] <= 1e-4, key
@@ -174,3 +183,10 @@ def test_weight_sync_tp2_pp2_three_modes(model_dir, tmp_path):
         assert after["buckets"] > 1  # streamed in several size-bounded buckets
         if key.startswith("tp2"):
             assert r[f"{key}:before"]["diff"] > 1e-2  # the engine had other weights before
+    for server in ("server0", "server1"):
+        assert r[f"tp2:distributed:{server}"]["diff"] <= 1e-4
+    # PP=2: stage 1's tensors reached stage 0 by device-resident p2p, no host copy
+    assert r["pp2:inprocess:device_p2p_calls"] > 0 and r["pp2:distributed:device_p2p_calls"] > 0
+    killed = r["tp2:after_kill"]
+    assert killed["diff"] <= 1e-4 and killed["rebuilds"] == 1 and len(killed["live"]) == 1
+    assert killed["sample_version"] == "tp2-after-kill"

@@ -34,6 +34,23 @@ def smoke_step(move: bool) -> dict:
         return {"metrics": sorted({v.device.type for o in out for v in o.values()})}
 
 
+def knobs() -> dict:
+    """Megatron's memory/overlap flags reach DDP; rank 0's waits use the gloo host group."""
+    from megatron_trapo.config import OptimizerConfig
+    from megatron_trapo.models.provider import build_model
+    from megatron_trapo.platform.distributed import host_group
+    from megatron_trapo.train.optimizer import build_training_state
+
+    cfg = OptimizerConfig(use_distributed_optimizer=True, overlap_grad_reduce=True,
+                          overlap_param_gather=True, ddp_bucket_size=4096,
+                          check_for_nan_in_grad=True)
+    ddp, _, _ = build_training_state(build_model(device_check.MODEL, ParallelConfig()), cfg, 10)
+    dc = ddp[0].ddp_config
+    return {"ddp": [dc.overlap_grad_reduce, dc.overlap_param_gather, dc.bucket_size,
+                    dc.check_for_nan_in_grad, dc.use_distributed_optimizer],
+            "host_group_backend": torch.distributed.get_backend(host_group())}
+
+
 def expect_mismatch(fn) -> str:
     try:
         fn()
@@ -51,6 +68,7 @@ def main():
             r[f"{mode}:{'packed' if packed else 'padded'}"] = device_check.run_device_check(
                 packed, mode, on_device=fake_cuda)
     r["smoke"] = smoke_step(move=True)
+    r["knobs"] = knobs()
     # before the fix nothing moved a micro-batch: the same run must fail
     identity = lambda mb, device=None: mb  # noqa: E731
     device_check_to_device = batch_module.to_device

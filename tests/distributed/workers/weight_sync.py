@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -61,43 +62,112 @@ def check(engine, chunks, version, key, r):
               "expected_version": version}
 
 
+class NoHostCopies:
+    """A default group that refuses CPU tensors, as NCCL's does, for the weight path: while
+    active, ``Tensor.cpu()`` raises (the old code staged every PP tensor through the host) and
+    p2p sends/receives of tensors that are not on ``compute_device()`` raise."""
+
+    def __enter__(self):
+        from megatron_trapo.platform import compute_device
+
+        self.saved = (torch.Tensor.cpu, torch.distributed.send, torch.distributed.recv)
+        self.calls = 0
+
+        original_cpu = self.saved[0]
+
+        def no_cpu(t, *a, **k):  # torch's own object p2p stages through the host: allowed
+            frame = sys._getframe(1)  # the first caller past the CPU layer's function mode
+            while frame.f_globals.get("__name__", "") in ("__main__", "torch.overrides",
+                                                          "megatron_trapo.platform.cpu_compat"):
+                frame = frame.f_back
+            if frame.f_globals.get("__name__", "").startswith("megatron_trapo"):
+                raise RuntimeError("weight sync copied a tensor to the host on the device path")
+            return original_cpu(t, *a, **k)
+
+        def guard(fn):
+            def p2p(tensor, *a, **k):
+                if tensor.device != compute_device():
+                    raise RuntimeError(f"p2p of a tensor on {tensor.device}")
+                self.calls += 1
+                return fn(tensor, *a, **k)
+            return p2p
+
+        torch.Tensor.cpu = no_cpu
+        torch.distributed.send, torch.distributed.recv = guard(self.saved[1]), guard(self.saved[2])
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.cpu, torch.distributed.send, torch.distributed.recv = self.saved
+
+
+def perturb(chunks, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for c in chunks for p in c.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+
+
 def main():
+    import faulthandler
+
+    faulthandler.dump_traceback_later(int(os.environ.get("TRAPO_TEST_HANG_S", "420")), exit=True)  # a hang shows where, not just a timeout
     quiet_known_warnings()
     from megatron_trapo.rollout.hf_engine import HFEngine
     from megatron_trapo.rollout.servers import ServerPool
     from megatron_trapo.rollout.sglang_engine import SGLangEngine
 
     mc, hf = os.environ["MC_DIR"], os.environ["HF_DIR"]
-    urls = os.environ["SERVER_URLS"].split(",")
+    disk_url = os.environ["DISK_URL"]
+    tp2_urls = os.environ["TP2_URLS"].split(",")  # two protocol servers of TP size 2
     model = model_config_from_checkpoint(mc)
     rank0 = int(os.environ["RANK"]) == 0
     r = {}
-    engines = {}
+    engines, single = {}, {}
     if rank0:
         engines["inprocess"] = HFEngine(hf)
-        engines["disk"] = SGLangEngine(ServerPool.attach([urls[0]], use_router=False))
-        engines["distributed"] = SGLangEngine(ServerPool.attach([urls[1]], use_router=False))
+        engines["disk"] = SGLangEngine(ServerPool.attach([disk_url], use_router=False))
+        engines["distributed"] = SGLangEngine(ServerPool.attach(tp2_urls, use_router=False))
+        single = {u: SGLangEngine(ServerPool.attach([u], use_router=False)) for u in tp2_urls}
+    syncs = {}
     for layout, par in (("tp2", ParallelConfig(tensor_model_parallel_size=2)),
                         ("pp2", ParallelConfig(pipeline_model_parallel_size=2))):
         initialize_distributed(par, model)
         chunks, _ = load_pretrained(mc, par)
-        g = torch.Generator().manual_seed(7 + (layout == "pp2"))
-        with torch.no_grad():
-            for p in (p for c in chunks for p in c.parameters()):
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        modes = ("inprocess", "disk", "distributed") if layout == "tp2" else ("inprocess",)
+        perturb(chunks, 7 + (layout == "pp2"))
+        modes = ("inprocess", "disk", "distributed") if layout == "tp2" else ("inprocess",
+                                                                              "distributed")
         for k, mode in enumerate(modes):
             version = f"{layout}-{k + 1}"
             if layout == "tp2":
                 check(engines.get(mode), chunks, version, f"{layout}:{mode}:before", r)
-            sync = WeightSync(engines.get(mode), model, mode, bucket_bytes=20_000,
-                              disk_dir=os.environ["TRAPO_TEST_CKPT"])
-            stats = sync.sync(chunks, version)
+            sync = syncs.get(mode) or WeightSync(engines.get(mode), model, mode, bucket_bytes=20_000,
+                                                 disk_dir=os.environ["TRAPO_TEST_CKPT"])
+            syncs[mode] = sync
+            if layout == "pp2":
+                with NoHostCopies() as guard:
+                    stats = sync.sync(chunks, version)
+                r[f"{layout}:{mode}:device_p2p_calls"] = guard.calls
+            else:
+                stats = sync.sync(chunks, version)
             check(engines.get(mode), chunks, version, f"{layout}:{mode}:after", r)
             r[f"{layout}:{mode}:after"]["buckets"] = stats["buckets"]
+            if mode == "distributed" and layout == "tp2":
+                for i, url in enumerate(tp2_urls):  # both servers (2 ranks each) got them
+                    check(single.get(url), chunks, version, f"{layout}:distributed:server{i}", r)
+        if layout == "tp2":
+            # one of the two servers dies: the next sync rebuilds the group on the survivor
+            if rank0:
+                os.killpg(int(os.environ["VICTIM_PGID"]), 9)
+            torch.distributed.barrier()
+            perturb(chunks, 11)
+            syncs["distributed"].sync(chunks, "tp2-after-kill")
+            check(engines.get("distributed"), chunks, "tp2-after-kill", "tp2:after_kill", r)
+            if rank0:
+                r["tp2:after_kill"]["rebuilds"] = syncs["distributed"].rebuilds
+                r["tp2:after_kill"]["live"] = list(engines["distributed"].pool.urls)
     if rank0:
-        for name in ("disk", "distributed"):
-            engines[name].client.close()
+        for e in [engines["disk"], engines["distributed"], *single.values()]:
+            e.client.close()
         with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
             json.dump(r, f, indent=2)
     torch.distributed.barrier()
