@@ -33,7 +33,7 @@ def run_group(roles, tmp_path, timeout_s=60.0):
     results = []
     for proc, out in zip(procs, outs):
         try:
-            log = proc.communicate(timeout=timeout_s + 30)[0]
+            log = proc.communicate(timeout=timeout_s + 5)[0]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
