@@ -30,6 +30,9 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})  # servers on this machine
+
+
 def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     _check(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
 
@@ -317,8 +320,7 @@ class RolloutConfig:
                    "weight-transfer engine needs its own trainer-side helper, not built yet")
         _check(self.concurrency_per_server >= 1, "rollout.concurrency_per_server must be >= 1")
         _check(self.weight_sync_keep_versions >= 1, "rollout.weight_sync_keep_versions must be >= 1")
-        remote = [u for u in self.server_urls if urlparse(u).hostname not in
-                  ("127.0.0.1", "localhost", "::1")]
+        remote = [u for u in self.server_urls if urlparse(u).hostname not in LOOPBACK_HOSTS]
         if remote and self.resolved_weight_sync == "disk":
             _check(self.weight_sync_dir is not None,
                    f"rollout.weight_sync=disk with servers on other hosts ({remote[0]}) needs "

@@ -190,7 +190,3 @@ def fake_cuda() -> Iterator[Any]:
         torch.nn.Module.cuda = saved_module_cuda
         mcore_distributed.finalize_model_grads = saved_finalize
 
-
-def is_fake_gpu_tensor(t: torch.Tensor) -> bool:
-    """True for a tensor on the fake device (what ``cuda`` means inside :func:`fake_cuda`)."""
-    return t.device.type == FAKE_DEVICE_TYPE

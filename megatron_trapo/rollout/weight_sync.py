@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_trapo.config import ModelConfig
+from megatron_trapo.config import LOOPBACK_HOSTS, ModelConfig
 from megatron_trapo.models.hf.mapping import rule_for_key, expand, to_hf
 from megatron_trapo.models.sharding import local_shards
 from megatron_trapo.rollout.types import RolloutEngine, RolloutError
@@ -114,7 +114,7 @@ def sync_address(server_urls: List[str], configured: Optional[str] = None) -> st
     if configured or os.environ.get("TRAPO_WEIGHT_SYNC_ADDR"):
         return configured or os.environ["TRAPO_WEIGHT_SYNC_ADDR"]
     hosts = [urlparse(u).hostname for u in server_urls]
-    if set(hosts) <= {"127.0.0.1", "localhost", "::1"}:
+    if set(hosts) <= LOOPBACK_HOSTS:
         return "127.0.0.1"
     ifname = os.environ.get("NCCL_SOCKET_IFNAME", "")
     if ifname and not ifname.startswith("^"):
@@ -154,9 +154,9 @@ GROUP_NAME = "weight_update_group"
 def _wait_for_sync_rank() -> None:
     """Every rank waits for rank 0's HTTP updates on the gloo host group (long timeout), not
     in an NCCL barrier under the watchdog."""
-    from megatron_trapo.platform import distributed as pd
+    from megatron_trapo.platform.distributed import host_group
 
-    dist.barrier(group=pd._HOST_GROUP)
+    dist.barrier(group=host_group())
 
 
 class WeightSync:
