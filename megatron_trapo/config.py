@@ -316,8 +316,9 @@ class RolloutConfig:
         if self.engine == "vllm":
             _check(self.weight_sync in ("auto", "disk"),
                    f"rollout.weight_sync={self.weight_sync} is not available with engine=vllm: "
-                   "use disk (safetensors + reload, prefix cache reset); vLLM's NCCL "
-                   "weight-transfer engine needs its own trainer-side helper, not built yet")
+                   "use disk (HF folder + pause / reload_weights / prefix-cache reset / "
+                   "resume). vLLM's NCCL weight transfer forms its group with vLLM's own "
+                   "stateless group and PyNccl, which a torch process group cannot join")
         _check(self.concurrency_per_server >= 1, "rollout.concurrency_per_server must be >= 1")
         _check(self.weight_sync_keep_versions >= 1, "rollout.weight_sync_keep_versions must be >= 1")
         remote = [u for u in self.server_urls if urlparse(u).hostname not in LOOPBACK_HOSTS]
@@ -341,12 +342,23 @@ class CheckpointConfig:
     load: Optional[str] = None
     save_interval: int = 0  # 0 = only at the end
     keep_last: Optional[int] = None  # None keeps every checkpoint
-    async_save: bool = False
+    async_save: bool = False  # not built: saves are synchronous (refused when true)
+    # distributed-optimizer state (saved fully reshardable, in model space) is gathered to DP
+    # rank 0 over gloo in host memory; false: all-gathered over NCCL on every GPU
+    distrib_optim_fully_reshardable_mem_efficient: bool = True
 
     def __post_init__(self) -> None:
+        _check(not self.async_save,
+               "checkpoint.async_save=true is not available: megatron_trapo saves synchronously "
+               "(atomic rename after every rank finished); set it to false")
         _check(self.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
         _check(self.keep_last is None or self.keep_last >= 1,
                f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+    def optimizer_metadata(self) -> dict:
+        from megatron_trapo.train.checkpoint import optimizer_metadata
+
+        return optimizer_metadata(self.distrib_optim_fully_reshardable_mem_efficient)
 
 
 @dataclass

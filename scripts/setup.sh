@@ -19,4 +19,9 @@ fi
 # SGLang's wheel, without its dependencies (CUDA torch, kernels): the weight-group test forms a
 # group with SGLang's own init_custom_process_group, read from this wheel's source file.
 .venv/bin/pip install --quiet --no-deps "sglang==0.5.23"
+# vLLM's own HTTP routers and worker code, from its pinned wheel (330 MB, mostly CUDA kernels,
+# not installed): the vLLM contract test checks every request of our client against them.
+.venv/bin/python scripts/extract_wheel_sources.py "vllm==0.33.0" .cache/vllm-0.33.0 \
+  'vllm/entrypoints/*' 'vllm/v1/worker/gpu_worker.py' 'vllm/v1/worker/gpu_model_runner.py' \
+  'vllm/v1/engine/__init__.py' 'vllm/distributed/weight_transfer/base.py'
 .venv/bin/python -c "import megatron.core, megatron_trapo, torch; print('megatron_trapo ready:', 'torch', torch.__version__, '| megatron-core', megatron.core.__version__)"

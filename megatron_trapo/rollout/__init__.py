@@ -7,8 +7,9 @@ __all__ = ["RolloutEngine", "RolloutError", "RolloutRequest", "Sample", "Samplin
            "make_engine"]
 
 
-def make_engine(cfg) -> RolloutEngine:
-    """The engine a :class:`megatron_trapo.config.RolloutConfig` asks for."""
+def make_engine(cfg, weight_updates: bool = False) -> RolloutEngine:
+    """The engine a :class:`megatron_trapo.config.RolloutConfig` asks for. ``weight_updates``:
+    the trainer will push weights to it, so check now that the servers can take them."""
     if cfg.engine == "hf":
         from megatron_trapo.rollout.hf_engine import HFEngine
 
@@ -33,4 +34,5 @@ def make_engine(cfg) -> RolloutEngine:
     from megatron_trapo.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(list(cfg.server_urls), model=cfg.model_path or "",
-                      request_timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries)
+                      request_timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
+                      weight_updates=weight_updates)

@@ -6,7 +6,9 @@ It lets the SGLang client, the real sglang-router, server launch, health checks,
 weight updates (from disk, and by broadcast over a gloo/NCCL group) run for real on a CPU
 machine, and gives laptop users the server workflow of a cluster. Concurrent /generate calls
 are gathered for a few milliseconds and run as one batch. It also answers vLLM's
-``/v1/completions`` (token-id prompts) so the vLLM client is tested against it too.
+``/v1/completions`` (token-id prompts) and vLLM's dev/RL weight endpoints (``/pause``,
+``/collective_rpc reload_weights``, ``/reset_prefix_cache``, ``/resume``), so the vLLM client and
+its weight path are tested against it too.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from megatron_trapo.rollout.hf_engine import HFEngine
 from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
                                                   init_weight_update_group)
 from megatron_trapo.rollout.types import RolloutError, RolloutRequest, SamplingParams
+from megatron_trapo.rollout.vllm_engine import TESTED_VLLM
 
 logger = logging.getLogger("megatron_trapo.serve")
 
@@ -289,6 +292,47 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
             m.close()
         destroy_weight_update_group(group)
         return {"success": True, "message": "ok"}
+
+    # vLLM's dev/RL endpoints (a server started with VLLM_SERVER_DEV_MODE=1), so that the vLLM
+    # client's weight path runs against this server too; their shapes follow vLLM 0.33.0.
+    @app.get("/version")
+    async def vllm_version():
+        return {"version": TESTED_VLLM}
+
+    @app.get("/is_paused")
+    async def is_paused():
+        return {"is_paused": not batcher.resume.is_set()}
+
+    @app.post("/pause")
+    async def vllm_pause(mode: str = "abort"):
+        if mode not in ("abort", "wait", "keep"):
+            return JSONResponse({"error": f"mode must be abort, wait or keep, got {mode!r}"},
+                                status_code=400)
+        batcher.resume.clear()  # queued and new requests wait; the running batch finishes
+        return {"status": "paused"}
+
+    @app.post("/resume")
+    async def vllm_resume():
+        batcher.resume.set()
+        return {"status": "resumed"}
+
+    @app.post("/collective_rpc")
+    async def collective_rpc(request: Request):
+        body = await body_of(request)
+        kwargs = body.get("kwargs") or {}
+        if body.get("method") != "reload_weights" or set(kwargs) - {"weights_path"}:
+            return JSONResponse({"error": "this server runs only reload_weights(weights_path=…)"},
+                                status_code=400)
+        try:
+            await asyncio.to_thread(engine.update_weights_from_disk, kwargs["weights_path"],
+                                    engine.weight_version)
+        except Exception as exc:  # vLLM answers a failed RPC with HTTP 500
+            return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
+        return {"results": [None] * tp_size}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        return {"success": True}  # no prefix cache here
 
     @app.post("/v1/completions")
     async def completions(request: Request):

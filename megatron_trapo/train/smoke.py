@@ -109,6 +109,7 @@ def run_smoke(cfg: SmokeConfig, resume: bool = False) -> Dict[str, float]:
         if cfg.checkpoint.save and ((interval and (step + 1) % interval == 0) or is_last):
             save_checkpoint(cfg.checkpoint.save, step + 1, ddp, optimizer, scheduler,
                             trainer_state={"iteration": step + 1}, config=to_dict(cfg),
-                            keep_last=cfg.checkpoint.keep_last)
+                            keep_last=cfg.checkpoint.keep_last,
+                            optim_metadata=cfg.checkpoint.optimizer_metadata())
     metrics.close()
     return {"first_loss": first, "last_loss": last, "start_iteration": start}

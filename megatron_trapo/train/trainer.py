@@ -114,7 +114,8 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
                                              max_batch_size=cfg.rollout.max_batch_size)
         else:
             engine = make_engine(dataclasses.replace(cfg.rollout,
-                                                     tokenizer_path=_tokenizer_path(cfg)))
+                                                     tokenizer_path=_tokenizer_path(cfg)),
+                                 weight_updates=True)
         reward = MathReward(num_workers=2)
     sync = WeightSync(engine, model, cfg.rollout.resolved_weight_sync,
                       bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 1024**2,
@@ -221,7 +222,8 @@ def _run_stage(cfg: TrainConfig, resume: bool) -> Dict[str, float]:
         if cfg.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
             save_checkpoint(cfg.checkpoint.save, step + 1, run.ddp, run.optimizer, run.scheduler,
                             trainer_state={"iteration": step + 1}, config={"model": dataclasses.asdict(run.model)},
-                            keep_last=cfg.checkpoint.keep_last)
+                            keep_last=cfg.checkpoint.keep_last,
+                            optim_metadata=cfg.checkpoint.optimizer_metadata())
     metrics.close()
     import importlib.util
 

@@ -64,6 +64,15 @@ def test_resume_is_exact(suite, tag):
     assert suite[f"resume_{tag}_rng_restored"] is True
 
 
+def test_distributed_optimizer_state_is_gathered_over_gloo_to_rank_0(suite):
+    """At DP=2 the save gathers optimizer state to DP rank 0 over gloo (host memory), not by an
+    all-gather on every rank over the default (NCCL on GPU) group — megatron's memory-efficient
+    fully reshardable format; the resume above stays exact with it."""
+    gathers = suite["distopt_save_gathers"]
+    assert gathers and all(g == {"gloo": True, "all_ranks": False, "loading": False}
+                           for g in gathers)
+
+
 def test_killed_save_keeps_previous_latest(suite):
     assert suite["atomic_save_raised"]
     assert suite["atomic_latest_after_crash"] == 2

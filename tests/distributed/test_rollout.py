@@ -158,7 +158,8 @@ def test_server_killed_mid_batch_every_sample_exactly_once(model_dir):
 
 
 def test_weight_sync_tp2_pp2_three_modes(model_dir, tmp_path):
-    """TP=2 and PP=2 trainers sync to the embedded engine, to a server from disk, and by
+    """TP=2 and PP=2 trainers sync to the embedded engine, to a server from disk (through
+    SGLang's endpoints, then vLLM's pause / reload / cache reset / resume), and by
     broadcast to two protocol servers of TP size 2 each (ranks 1-2 and 3-4 of a group of 5);
     one of those then dies and the next sync completes on the survivor. PP=2 syncs run with
     host copies and CPU-tensor p2p refused."""
@@ -174,7 +175,8 @@ def test_weight_sync_tp2_pp2_three_modes(model_dir, tmp_path):
     finally:
         disk.close()
         tp2.close()
-    keys = ["tp2:inprocess", "tp2:disk", "tp2:distributed", "pp2:inprocess", "pp2:distributed"]
+    keys = ["tp2:inprocess", "tp2:disk", "tp2:vllm-disk", "tp2:distributed", "pp2:inprocess",
+            "pp2:distributed"]
     for key in keys:
         after = r[f"{key}:after"]
         assert after["tokens"] == 10

@@ -44,6 +44,7 @@ def test_bad_values_name_the_key(override, field):
     ("optimizer.lr_decay_style=weird", "optimizer.lr_decay_style"),
     ("seq_length=4096", "max_position_embeddings"),
     ("model_preset=gpt5", "unknown model preset 'gpt5'"),
+    ("checkpoint.async_save=true", "checkpoint.async_save=true is not available"),
 ])
 def test_validation_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -72,3 +73,12 @@ def test_eval_defaults_follow_the_paper_and_example_configs_load():
         assert isinstance(load_config(cls, path), cls), path
     paper = load_config(EvalConfig, examples / "eval_paper.yaml")
     assert paper.slurm.gpus_per_task == 8 and paper.rollout.engine == "sglang"
+
+
+def test_optimizer_checkpoint_format_follows_megatron_flags():
+    default = load_config(SmokeConfig, None, []).checkpoint.optimizer_metadata()
+    assert default == {"distrib_optim_sharding_type": "fully_reshardable",
+                       "distrib_optim_fully_reshardable_mem_efficient": True}
+    allgather = load_config(SmokeConfig, None, [
+        "checkpoint.distrib_optim_fully_reshardable_mem_efficient=false"]).checkpoint
+    assert allgather.optimizer_metadata()["distrib_optim_fully_reshardable_mem_efficient"] is False

@@ -65,9 +65,19 @@ def test_rollout_config():
         RolloutConfig(engine="vllm")
     with pytest.raises(ConfigError, match="not available with engine=hf"):
         RolloutConfig(engine="hf", weight_sync="distributed")
+    # vLLM: the disk path by default; broadcast refused at config time, not an AttributeError
+    # at the first sync
+    assert RolloutConfig(engine="vllm", server_urls=["http://127.0.0.1:8000"]) \
+        .resolved_weight_sync == "disk"
+    with pytest.raises(ConfigError, match="weight_sync=distributed is not available with "
+                                          "engine=vllm"):
+        RolloutConfig(engine="vllm", server_urls=["http://127.0.0.1:8000"],
+                      weight_sync="distributed")
+    with pytest.raises(ConfigError, match="needs rollout.weight_sync_dir"):
+        RolloutConfig(engine="vllm", server_urls=["http://node7:8000"])
 
 
-def test_vllm_engine_sends_one_call_per_seeded_sample(monkeypatch):
+def test_vllm_engine_sends_one_call_per_seeded_sample():
     """vLLM seeds a request's n samples with one generator; the interface promises sample j
     the seed + j. The engine therefore sends seeded samples one by one, and asks the server
     which model name it serves."""
@@ -89,10 +99,8 @@ def test_vllm_engine_sends_one_call_per_seeded_sample(monkeypatch):
             {"index": j, "token_ids": [seed % 1000, j], "finish_reason": "length",
              "logprobs": {"token_logprobs": [-1.0, -1.0]}} for j in range(body["n"])]})
 
-    real_client = httpx.Client
-    monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(
-        transport=httpx.MockTransport(handler), **{k: v for k, v in kw.items() if k != "limits"}))
-    engine = VLLMEngine(["http://vllm:8000"], model="/local/path")
+    engine = VLLMEngine(["http://vllm:8000"], model="/local/path",
+                        transport=httpx.MockTransport(handler))
     assert engine.model == "served-name"
     seeded = RolloutRequest([1, 2], SamplingParams(n=3, max_new_tokens=4, seed=500))
     free = RolloutRequest([3], SamplingParams(n=2, max_new_tokens=4))

@@ -68,11 +68,27 @@ def main():
     r["pp2_ckpt_at_pp1_logits"] = max_diff(full_logits(st[0], mbs), logits_pp2)
 
     # Resume: continuous 4 steps == 2 steps, save, fresh process state, load, 2 steps.
+    # The distributed optimizer's state is gathered for the save; how (gloo to DP rank 0,
+    # or all-gathered on every rank over the default group) is recorded.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    gathers = []
+    real_gather = DistributedOptimizer.get_parameter_state_dp_zero
+
+    def recorded_gather(self, use_gloo_comm=True, empty_data=False, return_on_all_ranks=False):
+        gathers.append({"gloo": use_gloo_comm, "all_ranks": return_on_all_ranks,
+                        "loading": empty_data})
+        return real_gather(self, use_gloo_comm=use_gloo_comm, empty_data=empty_data,
+                           return_on_all_ranks=return_on_all_ranks)
+
+    DistributedOptimizer.get_parameter_state_dp_zero = recorded_gather
     for distopt in (False, True):
         tag = "distopt" if distopt else "plain"
         st = setup(distopt=distopt)
         first = train(st, mbs, 2)
         save_checkpoint(f"{root}/resume_{tag}", 2, *st, trainer_state={"consumed": 2})
+        if tag == "distopt":
+            r["distopt_save_gathers"] = [g for g in gathers if not g["loading"]]
         cont = train(st, mbs, 2)
         weights_cont = full_logits(st[0], mbs)
         st = setup(distopt=distopt, seed=99)  # different init: the load must overwrite it
@@ -85,6 +101,7 @@ def main():
         r[f"resume_{tag}_steps"] = sorted(set(optimizer_steps(st[1])))
         r[f"resume_{tag}_trainer_state"] = info["trainer_state"]
         r[f"resume_{tag}_rng_restored"] = info["rng_restored"]
+    DistributedOptimizer.get_parameter_state_dp_zero = real_gather
 
     # Atomic save: a save that dies mid-way leaves "latest" on the previous checkpoint.
     import megatron.core.dist_checkpointing as mdc

@@ -115,6 +115,7 @@ def main():
     from megatron_trapo.rollout.hf_engine import HFEngine
     from megatron_trapo.rollout.servers import ServerPool
     from megatron_trapo.rollout.sglang_engine import SGLangEngine
+    from megatron_trapo.rollout.vllm_engine import VLLMEngine
 
     mc, hf = os.environ["MC_DIR"], os.environ["HF_DIR"]
     disk_url = os.environ["DISK_URL"]
@@ -126,6 +127,8 @@ def main():
     if rank0:
         engines["inprocess"] = HFEngine(hf)
         engines["disk"] = SGLangEngine(ServerPool.attach([disk_url], use_router=False))
+        # the same server through vLLM's protocol: pause, collective_rpc reload, cache reset
+        engines["vllm-disk"] = VLLMEngine([disk_url], model=hf, weight_updates=True)
         engines["distributed"] = SGLangEngine(ServerPool.attach(tp2_urls, use_router=False))
         single = {u: SGLangEngine(ServerPool.attach([u], use_router=False)) for u in tp2_urls}
     syncs = {}
@@ -134,13 +137,16 @@ def main():
         initialize_distributed(par, model)
         chunks, _ = load_pretrained(mc, par)
         perturb(chunks, 7 + (layout == "pp2"))
-        modes = ("inprocess", "disk", "distributed") if layout == "tp2" else ("inprocess",
-                                                                              "distributed")
+        modes = ("inprocess", "disk", "vllm-disk", "distributed") if layout == "tp2" \
+            else ("inprocess", "distributed")
         for k, mode in enumerate(modes):
             version = f"{layout}-{k + 1}"
+            if mode == "vllm-disk":  # same server as "disk": new weights, so the sync shows
+                perturb(chunks, 9)
             if layout == "tp2":
                 check(engines.get(mode), chunks, version, f"{layout}:{mode}:before", r)
-            sync = syncs.get(mode) or WeightSync(engines.get(mode), model, mode, bucket_bytes=20_000,
+            sync = syncs.get(mode) or WeightSync(engines.get(mode), model, mode.split("-")[-1],
+                                                 bucket_bytes=20_000,
                                                  disk_dir=os.environ["TRAPO_TEST_CKPT"])
             syncs[mode] = sync
             if layout == "pp2":
@@ -168,6 +174,7 @@ def main():
     if rank0:
         for e in [engines["disk"], engines["distributed"], *single.values()]:
             e.client.close()
+        engines["vllm-disk"].close()
         with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
             json.dump(r, f, indent=2)
     torch.distributed.barrier()
