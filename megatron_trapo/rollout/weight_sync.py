@@ -129,9 +129,13 @@ def sync_address(server_urls: List[str], configured: Optional[str] = None) -> st
                         return a.address
         raise RolloutError(f"NCCL_SOCKET_IFNAME={ifname}: no interface with an IPv4 address "
                            "matches; set rollout.weight_sync_address")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((hosts[0], 9))
-        return s.getsockname()[0]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((hosts[0], 9))
+            return s.getsockname()[0]
+    except OSError as exc:  # unresolvable host, no route
+        raise RolloutError(f"weight sync: no interface routes to {hosts[0]} ({exc}); set "
+                           "rollout.weight_sync_address or NCCL_SOCKET_IFNAME") from exc
 
 
 def buckets(named: Iterator[Tuple[str, torch.Tensor]], bucket_bytes: int

@@ -21,6 +21,9 @@ def test_every_tensor_of_a_step_lives_on_the_device(tmp_path):
     assert r["smoke"]["metrics"] == ["fakegpu"]
     assert r["knobs"]["ddp"] == [True, True, 4096, True, True]  # optimizer.* reach megatron's DDP
     assert r["knobs"]["host_group_backend"] == "gloo"  # rank 0's long waits: not under NCCL
+    # ... and not under the default group's 30-minute timeout either
+    assert r["knobs"]["host_group_timeout_s"] == 123 * 60
+    assert r["knobs"]["default_group_timeout_s"] == 30 * 60
     for case in ("padded", "packed", "smoke"):
         verdict = r[f"unmoved:{case}"]
         assert verdict.startswith("FakeTensorDeviceMismatchError"), (case, verdict)

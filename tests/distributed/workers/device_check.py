@@ -49,7 +49,14 @@ def knobs() -> dict:
     dc = ddp[0].ddp_config
     return {"ddp": [dc.overlap_grad_reduce, dc.overlap_param_gather, dc.bucket_size,
                     dc.check_for_nan_in_grad, dc.use_distributed_optimizer],
-            "host_group_backend": torch.distributed.get_backend(host_group())}
+            "host_group_backend": torch.distributed.get_backend(host_group()),
+            "host_group_timeout_s": _timeout_s(host_group()),
+            "default_group_timeout_s": _timeout_s(None)}
+
+
+def _timeout_s(group) -> float:
+    pg = group or torch.distributed.distributed_c10d._get_default_group()
+    return pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 
 
 def expect_mismatch(fn) -> str:
@@ -62,7 +69,7 @@ def expect_mismatch(fn) -> str:
 
 def main():
     quiet_known_warnings()
-    initialize_distributed(ParallelConfig(), device_check.MODEL)
+    initialize_distributed(ParallelConfig(rollout_wait_timeout_minutes=123), device_check.MODEL)
     r = {}
     for packed in (False, True):
         for mode in ("trapo", "luffy", "grpo", "sft"):
