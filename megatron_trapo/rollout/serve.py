@@ -196,7 +196,8 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
     async def server_info():
         return {"model_path": engine.model_path, "weight_version": engine.weight_version,
                 "engine": "megatron_trapo.hf", "max_context": engine.max_context,
-                "tp_size": tp_size, "pp_size": 1, "dp_size": 1}
+                "tp_size": tp_size, "pp_size": 1, "dp_size": 1,
+                "enable_deterministic_inference": True}  # sampling seeds are honoured
 
     @app.get("/v1/models")
     async def models():  # vLLM's list of served models (the id is what /v1/completions wants)

@@ -44,6 +44,7 @@ class SGLangEngine(RolloutEngine):
         self._check_lock = threading.Lock()
         self._version = self._server_version()
         self.retries = 0  # failed attempts retried (metric)
+        self._warned_seeds = False
 
     def _server_version(self) -> str:
         try:
@@ -83,7 +84,33 @@ class SGLangEngine(RolloutEngine):
             self._drop_dead_servers()
         raise RolloutError(f"{where}: failed after {self.max_retries + 1} attempts ({last})")
 
+    def servers_ignoring_seeds(self) -> List[str]:
+        """Live servers that ignore ``sampling_seed``: SGLang reads it only when started with
+        ``--enable-deterministic-inference`` (else seeded samples are random, silently)."""
+        ignoring = []
+        for url in self.pool.urls:
+            try:
+                info = self._server_info(url)
+            except (RolloutError, httpx.HTTPError, ValueError):
+                continue  # a dead server is the failover's business
+            if not info.get("enable_deterministic_inference", False):
+                ignoring.append(url)
+        return ignoring
+
+    def _warn_if_seeds_ignored(self, requests: Sequence[RolloutRequest]) -> None:
+        if self._warned_seeds or not any(r.sampling.seed is not None for r in requests):
+            return
+        self._warned_seeds = True
+        ignoring = self.servers_ignoring_seeds()
+        if ignoring:
+            logger.warning(
+                "SGLang server(s) %s run without --enable-deterministic-inference: they ignore "
+                "sampling_seed, so seeded rollouts are not reproducible (add the flag to "
+                "rollout.server_args or the server command; it costs some throughput)",
+                ", ".join(ignoring))
+
     def generate(self, requests: Sequence[RolloutRequest]) -> List[List[Sample]]:
+        self._warn_if_seeds_ignored(requests)
         futures = []
         for i, req in enumerate(requests):
             sp = req.sampling

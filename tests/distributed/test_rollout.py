@@ -117,6 +117,27 @@ def test_vllm_engine_sends_the_served_model_name(engines, model_dir):
     other.close()
 
 
+def test_sglang_warns_once_when_servers_ignore_seeds(engines, monkeypatch, caplog):
+    """SGLang reads sampling_seed only with --enable-deterministic-inference (its /server_info
+    reports the flag); without it seeded rollouts are silently not reproducible."""
+    import logging
+
+    sg = engines["sglang"]
+    assert sg.servers_ignoring_seeds() == []  # the protocol server honours seeds
+    monkeypatch.setattr(sg, "_server_info", lambda url: {"tp_size": 1, "pp_size": 1,
+                                                         "enable_deterministic_inference": False})
+    monkeypatch.setattr(sg, "_warned_seeds", False)
+    seeded = [RolloutRequest(PROMPTS[0], SamplingParams(n=2, max_new_tokens=2, seed=5))]
+    with caplog.at_level(logging.WARNING, logger="megatron_trapo.rollout.sglang_engine"):
+        sg.generate([RolloutRequest(PROMPTS[0], SamplingParams(max_new_tokens=2))])  # unseeded
+        assert not caplog.records
+        sg.generate(seeded)
+        sg.generate(seeded)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "--enable-deterministic-inference" in warnings[0]
+    assert all(u in warnings[0] for u in sg.pool.urls)
+
+
 def test_tokenizer_model_mismatch(model_dir, tmp_path):
     from megatron_trapo.data.tokenizer import train_bpe_tokenizer
 
