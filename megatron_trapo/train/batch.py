@@ -138,12 +138,10 @@ def pack_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
     ``max_tokens`` tokens, one [1, W] micro-batch per row, with ``segment_ids`` (−1 on padding)
     so that attention stays within each sequence, and ``cu_seqlens`` / ``max_seqlen`` for
     THD attention. ``W`` is rounded up to ``multiple`` (see :func:`row_multiple`);
-    ``fixed_width`` pads every row to ``max_tokens`` (pipeline parallelism needs one shape).
+    ``fixed_width`` pads every row to the widest row (pipeline parallelism needs one shape;
+    padding to ``max_tokens`` would cost a full 16k-token row for a step of short answers).
     The padding tail is a segment of its own in ``cu_seqlens`` (varlen kernels leave rows
     outside every segment uninitialised, and 0 · NaN is NaN in the loss)."""
-    if fixed_width and max_tokens % multiple:
-        raise ValueError(f"max_tokens_per_microbatch={max_tokens} must be a multiple of "
-                         f"{multiple} (tensor/context parallel and FP8 alignment)")
     bins: List[List[dict]] = []
     used: List[int] = []
     for s in sorted(seqs, key=lambda x: -x["tokens"].numel()):
@@ -161,8 +159,9 @@ def pack_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
             bins.append([s])
             used.append(n)
     out = []
+    widest = _round_up(max(used, default=0), multiple)
     for group, total in zip(bins, used):
-        width = max_tokens if fixed_width else _round_up(total, multiple)
+        width = widest if fixed_width else _round_up(total, multiple)
         mb: Dict[str, Any] = {}
         for key in FIELDS:
             fill = pad_id if key in ("tokens", "labels") else 0

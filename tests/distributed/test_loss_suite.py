@@ -10,7 +10,7 @@ AGGS = ["constant", "token_mean", "seq_mean_token_mean"]
 # each vs TP=2 / 1 micro-batch; tp2sp = TP=2 with sequence parallel
 # *_packed: sequences packed into rows with block-diagonal attention
 LAYOUTS = ["tp2_mb4", "tp2sp_mb2", "dp2_mb1", "dp2_mb2", "pp2_mb4", "tp2_packed", "dp2_packed",
-           "tp2sp_packed"]
+           "tp2sp_packed", "pp2_packed"]
 
 
 @pytest.fixture(scope="module")

@@ -82,10 +82,17 @@ def test_packed_rows_are_aligned_and_padding_is_a_segment(monkeypatch):
     for multiple in (1, 2, 16):
         for fixed in (False, True):
             mbs = B.pack_microbatches(seqs, max_tokens=32, multiple=multiple, fixed_width=fixed)
+            widths = {mb["tokens"].shape[1] for mb in mbs}
+            longest = max(int((mb["segment_ids"][0] >= 0).sum()) for mb in mbs)
+            assert len(mbs) > 1
+            if fixed:  # one shape for pipelines: the widest row's, not max_tokens
+                assert widths == {-(-longest // multiple) * multiple}
+                assert multiple > 1 or widths == {30}  # rows of 30 real tokens, not 32
+            else:
+                assert len(widths) > 1
             for mb in mbs:
                 width = mb["tokens"].shape[1]
                 assert width % multiple == 0 and width <= 32
-                assert width == 32 if fixed else True
                 cu = mb["cu_seqlens"]
                 assert cu.dtype == torch.int32 and int(cu[0]) == 0
                 assert int(cu[-1]) == width  # every token, padding included, is in a segment

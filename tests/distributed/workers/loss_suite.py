@@ -107,8 +107,11 @@ def run_layout(name, tp, pp, sp, mbs_per_rank, root, batch_by_mode, r):
                 assert all(mb["tokens"].shape[1] % tp == 0 and int(mb["cu_seqlens"][-1]) ==
                            mb["tokens"].shape[1] > int((mb["segment_ids"] >= 0).sum())
                            for mb in mbs)
-            else:
-                mbs = pack_microbatches(seqs, 3 * S)
+            else:  # pipelines: every row padded to the widest row (one p2p shape)
+                mbs = pack_microbatches(seqs, 3 * S + 8, fixed_width=pp > 1)
+                if pp > 1:
+                    assert len({mb["tokens"].shape[1] for mb in mbs}) == 1 < len(mbs)
+                    assert mbs[0]["tokens"].shape[1] < 3 * S + 8
             per_mb = 1
         else:
             mbs = [split(batch, mine[i * per_mb:(i + 1) * per_mb]) for i in range(mbs_per_rank)]
@@ -143,7 +146,7 @@ def main():
                ("tp2sp_mb2", 2, 1, True, 2), ("dp2_mb1", 1, 1, False, 1),
                ("dp2_mb2", 1, 1, False, 2), ("pp2_mb4", 1, 2, False, 4),
                ("tp2_packed", 2, 1, False, 1), ("dp2_packed", 1, 1, False, 1),
-               ("tp2sp_packed", 2, 1, True, 1)]
+               ("tp2sp_packed", 2, 1, True, 1), ("pp2_packed", 1, 2, False, 1)]
     for name, tp, pp, sp, mbs in layouts:
         run_layout(name, tp, pp, sp, mbs, root, batch_by_mode, r)
     summary = {k: v for k, v in r.items() if k.startswith("vp_")}
