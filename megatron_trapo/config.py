@@ -60,7 +60,9 @@ class ModelConfig:
     hf_architecture: Optional[str] = None  # e.g. Qwen2ForCausalLM, for conversion/sync
     # --- run-time fields (RUNTIME_MODEL_FIELDS): how to run the architecture; with ``load=``
     # they come from this config, the architecture from the checkpoint
-    params_dtype: str = "fp32"  # fp32 | bf16 | fp16 (with load: the checkpoint's unless set)
+    # auto | fp32 | bf16 | fp16; auto: the checkpoint's with load=, else fp32 (an explicit
+    # value wins over the checkpoint's, fp32 included)
+    params_dtype: str = "auto"
     fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine, GPU only)
     # tensorwise (current scaling) | blockwise | delayed | mxfp8 (Blackwell only)
     fp8_recipe: str = "tensorwise"
@@ -86,7 +88,7 @@ class ModelConfig:
                    f"model.hidden_size={self.hidden_size} is not divisible by "
                    f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels")
         _choice("model.normalization", self.normalization, ["RMSNorm", "LayerNorm"])
-        _choice("model.params_dtype", self.params_dtype, ["fp32", "bf16", "fp16"])
+        _choice("model.params_dtype", self.params_dtype, ["auto", "fp32", "bf16", "fp16"])
         _choice("model.fp8", self.fp8, [None, "hybrid", "e4m3"])
         _choice("model.fp8_recipe", self.fp8_recipe, ["delayed", "tensorwise", "mxfp8", "blockwise"])
         _choice("model.transformer_impl", self.transformer_impl, ["auto", "transformer_engine", "local"])
@@ -107,6 +109,11 @@ class ModelConfig:
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
+    @property
+    def dtype(self) -> str:
+        """The parameter dtype a model built from this config has (``auto`` → fp32)."""
+        return "fp32" if self.params_dtype == "auto" else self.params_dtype
+
 
 RUNTIME_MODEL_FIELDS = ("params_dtype", "fp8", "fp8_recipe", "first_last_layers_bf16",
                         "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
@@ -119,7 +126,7 @@ def runtime_model(checkpoint: ModelConfig, requested: ModelConfig) -> ModelConfi
     run-time fields (FP8, recompute, transformer impl, dtype) from the run's config. An
     architecture field the config sets to something else than both the default and the
     checkpoint is an error naming it (it cannot be honoured by loading those weights);
-    ``params_dtype`` left at its default keeps the checkpoint's."""
+    ``params_dtype=auto`` keeps the checkpoint's."""
     defaults = ModelConfig()
     for f in dataclasses.fields(ModelConfig):
         if f.name in RUNTIME_MODEL_FIELDS or f.name == "hf_architecture":
@@ -129,7 +136,7 @@ def runtime_model(checkpoint: ModelConfig, requested: ModelConfig) -> ModelConfi
             raise ConfigError(f"model.{f.name}={want!r} conflicts with the checkpoint being "
                               f"loaded ({have!r}); the architecture comes from the checkpoint")
     runtime = {name: getattr(requested, name) for name in RUNTIME_MODEL_FIELDS}
-    if requested.params_dtype == defaults.params_dtype:
+    if requested.params_dtype == "auto":
         runtime["params_dtype"] = checkpoint.params_dtype
     return dataclasses.replace(checkpoint, **runtime)
 

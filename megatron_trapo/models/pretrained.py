@@ -33,7 +33,7 @@ def load_pretrained(mcore_dir: str, parallel: ParallelConfig, iteration: Optiona
     from megatron_trapo.train.checkpoint import load_checkpoint
 
     model = model_config_from_checkpoint(mcore_dir, iteration)
-    if params_dtype is not None:
+    if params_dtype not in (None, "auto"):
         model = dataclasses.replace(model, params_dtype=params_dtype)
     chunks = build_model(model, parallel, perform_initialization=False)
     load_checkpoint(mcore_dir, chunks, iteration=iteration, load_rng=False)

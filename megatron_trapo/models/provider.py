@@ -60,7 +60,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
     impl = resolve_transformer_impl(model)
     on_gpu = torch.cuda.is_available()
     fused = impl == "transformer_engine"
-    dtype = _DTYPES[model.params_dtype]
+    dtype = _DTYPES[model.dtype]
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -85,8 +85,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
-        bf16=model.params_dtype == "bf16",
-        fp16=model.params_dtype == "fp16",
+        bf16=model.dtype == "bf16",
+        fp16=model.dtype == "fp16",
         use_cpu_initialization=(not on_gpu) if use_cpu_initialization is None
         else use_cpu_initialization,
         calculate_per_token_loss=calculate_per_token_loss,

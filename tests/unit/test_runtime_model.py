@@ -3,6 +3,7 @@ recompute, transformer impl, dtype) from the run's config — and reach the Tran
 import json
 
 import pytest
+import torch
 
 from megatron_trapo.config import (ConfigError, ModelConfig, ParallelConfig, TrainConfig,
                                    load_config, runtime_model)
@@ -63,6 +64,14 @@ def test_recompute_flags_reach_the_transformer_config(tmp_path, monkeypatch):
     assert tc.fp16 and not tc.bf16  # an explicit params_dtype wins over the checkpoint's
     _, sel = built_config(tmp_path / "b", monkeypatch, "model.recompute_granularity=selective")
     assert sel.recompute_granularity == "selective" and sel.recompute_method is None
+
+
+def test_explicit_fp32_wins_over_a_bf16_checkpoint(tmp_path, monkeypatch):
+    # fp32 used to be the default, so asking for it could not be told from not asking
+    model, tc = built_config(tmp_path, monkeypatch, "model.params_dtype=fp32")
+    assert model.params_dtype == "fp32" and not tc.bf16 and tc.params_dtype == torch.float32
+    fresh = ModelConfig()  # no checkpoint: auto builds fp32
+    assert fresh.params_dtype == "auto" and fresh.dtype == "fp32"
 
 
 def test_conflicting_architecture_field_is_an_error_naming_it():

@@ -280,7 +280,7 @@ def model_to_hf_config(model: ModelConfig, base: Optional[Dict] = None) -> Dict:
         rms_norm_eps=model.norm_epsilon,
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         hidden_act="silu",
-        torch_dtype=_HF_DTYPE[model.params_dtype],
+        torch_dtype=_HF_DTYPE[model.dtype],
     )
     # transformers >= 5 reads rope_parameters, older readers (and SGLang/vLLM) rope_theta.
     hf["rope_parameters"] = {"rope_theta": model.rotary_base, "rope_type": "default"}
