@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# TRAPO on Qwen2.5-32B, multi-node H100 (inside the Dockerfile's image). Run it on every
-# trainer node (e.g. `srun --nodes=2 --ntasks-per-node=1 bash examples/run_trapo_32b.sh`):
-# torchrun rendezvous comes from Slurm's environment. Rollouts go to SGLang servers started
-# beforehand on the rollout nodes; pass their URLs comma-separated in SGLANG_URLS.
-# Extra arguments are config overrides (e.g. train_iters=10) or --resume.
+# TRAPO on Qwen2.5-32B, one command on a Slurm cluster of 8-GPU H100 nodes:
+#   sbatch examples/run_trapo_32b.sh [key=value ...] [--resume]
+# or `bash examples/run_trapo_32b.sh` inside an allocation (salloc), or `--dry-run` anywhere to
+# print the placement and every command line. Default split of the 6 nodes: 4 trainer nodes
+# (TP 8 × PP 2 × DP 2) and 2 rollout nodes with one TP-8 SGLang server each; the launcher
+# starts the servers, waits for them, runs torchrun on the trainer nodes and stops everything
+# on exit, failure or scancel (megatron_trapo/launch/job.py). Check the memory first:
+#   megatron-trapo plan --config examples/configs/trapo_qwen2.5_32b.yaml --nodes 6
+# Paths in the config (checkpoints, data, runs/) must be on a filesystem every node shares.
+#SBATCH --job-name=trapo-32b
+#SBATCH --nodes=6
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --output=trapo-32b-%j.out
 set -euo pipefail
-cd "$(dirname "$0")/.."
-: "${SGLANG_URLS:?set SGLANG_URLS=http://node3:30000,http://node4:30000,...}"
-NNODES=${SLURM_NNODES:-${NNODES:-2}}
-NODE_RANK=${SLURM_NODEID:-${NODE_RANK:-0}}
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n1 || echo localhost)}
-MASTER_PORT=${MASTER_PORT:-29500}
-GPUS=${GPUS_PER_NODE:-8}
-URLS="[$(echo "$SGLANG_URLS" | sed 's/,/","/g; s/^/"/; s/$/"/')]"
-export CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-exec python -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
-  --nproc-per-node "$GPUS" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m megatron_trapo.cli train --config examples/configs/trapo_qwen2.5_32b.yaml \
-  "rollout.server_urls=$URLS" "$@"
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+exec "${PYTHON:-python}" -m megatron_trapo.cli launch \
+  --config "${TRAPO_CONFIG:-examples/configs/trapo_qwen2.5_32b.yaml}" "$@"

@@ -1,5 +1,5 @@
-"""``megatron-trapo`` command line: ``train``, ``eval`` (and its Slurm parts), ``smoke`` (the
-foundation's training job) and ``layout``.
+"""``megatron-trapo`` command line: ``train``, ``launch`` (servers + trainer as one job),
+``eval`` (and its Slurm parts), ``smoke`` (the foundation's training job) and ``layout``.
 
 Launch multi-process jobs under torchrun, e.g.
 ``torchrun --nproc-per-node 2 -m megatron_trapo.cli smoke parallel.tensor_model_parallel_size=2``.
@@ -33,6 +33,26 @@ def _parser() -> argparse.ArgumentParser:
     from megatron_trapo.eval.commands import add_parsers
 
     add_parsers(sub)
+    launch = sub.add_parser("launch", help="run a whole job: inference servers on their nodes, "
+                            "then the trainer (inside a Slurm allocation, or on this machine)")
+    launch.add_argument("--config", help="YAML file (TrainConfig fields, launch.* for placement)")
+    launch.add_argument("--resume", action="store_true", help="passed to the trainer")
+    launch.add_argument("--dry-run", action="store_true",
+                        help="print the placement and every command line; start nothing")
+    launch.add_argument("--hosts", help="comma-separated hosts (default: the Slurm allocation's, "
+                        "or this machine)")
+    launch.add_argument("overrides", nargs="*", help="key=value overrides")
+    plan = sub.add_parser("plan", help="resolve a job without a GPU: placement, ranks, "
+                          "micro-batching, per-GPU memory per pipeline stage; exit 1 if it "
+                          "does not fit")
+    plan.add_argument("--config", help="YAML file (TrainConfig fields)")
+    plan.add_argument("--nodes", type=int, help="nodes of the job (default: trainer nodes + 1)")
+    plan.add_argument("--gpus-per-node", type=int, help="overrides launch.gpus_per_node")
+    plan.add_argument("--gpu", help="overrides launch.gpu (h100-80gb, h200, a100-80gb, …)")
+    plan.add_argument("--prompt-tokens", type=int, default=1024,
+                      help="longest prompt (the paper filters prompts to 1024 tokens)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     layout = sub.add_parser("layout", help="validate a parallel layout for a world size")
     layout.add_argument("--world-size", type=int, required=True)
     layout.add_argument("--config", help="YAML file (SmokeConfig fields)")
@@ -53,6 +73,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_known_warnings()
     if args.command == "train":
         return _train(args)
+    if args.command == "launch":
+        return _launch(args)
+    if args.command == "plan":
+        return _plan(args)
     if args.command.startswith("eval"):
         from megatron_trapo.eval.commands import run
 
@@ -85,6 +109,39 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     destroy_distributed()
     return 0
+
+
+def _plan(args) -> int:
+    from megatron_trapo.launch.plan import build_plan, render
+
+    overrides = list(args.overrides)
+    if args.gpus_per_node:
+        overrides.append(f"launch.gpus_per_node={args.gpus_per_node}")
+    if args.gpu:
+        overrides.append(f"launch.gpu={args.gpu}")
+    try:
+        cfg = load_config(TrainConfig, args.config, overrides)
+        plan = build_plan(cfg, args.nodes, args.prompt_tokens)
+    except ConfigError as exc:
+        print(f"megatron-trapo: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if args.json else render(plan))
+    return 0 if plan["fits"] else 1
+
+
+def _launch(args) -> int:
+    from megatron_trapo.launch.job import build_job, run_job
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        job = build_job(cfg, args.config, args.overrides, hosts=args.hosts, resume=args.resume)
+        print(job.describe(), flush=True)
+        if args.dry_run:
+            return 0
+        return run_job(job)
+    except ConfigError as exc:
+        print(f"megatron-trapo: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _train(args) -> int:

@@ -399,6 +399,48 @@ class SmokeConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How ``megatron-trapo launch`` (and the example Slurm scripts) place one job: trainer
+    nodes, rollout nodes with one inference server per ``server_tp_size`` GPUs, ports.
+
+    With two or more nodes the first ``trainer_nodes`` train and the rest serve rollouts
+    (disaggregated). On one node the first ``trainer_gpus_per_node`` GPUs train and the others
+    serve (the paper's 7B setting: 4 + 4 on one 8-GPU node)."""
+
+    trainer_nodes: int = 1
+    gpus_per_node: int = 8
+    trainer_gpus_per_node: Optional[int] = None  # None: all of a trainer node's GPUs
+    server_tp_size: int = 1  # GPUs per inference server (its --tp-size)
+    server_port: int = 30000  # first server port on a node; the next servers count up
+    server_mem_fraction: float = 0.85  # SGLang --mem-fraction-static
+    server_context_length: Optional[int] = None  # SGLang --context-length (a 16k base model)
+    master_port: int = 29500  # the trainer's torchrun rendezvous on its first node
+    gpu: str = "h100-80gb"  # what `plan` estimates memory against
+    model_preset: Optional[str] = None  # `plan`'s architecture when load= is not readable here
+    colocate: bool = False  # trainer and engines on the same GPUs: not built (refused)
+    slurm_gres: bool = True  # steps ask for the node's GPUs (--gres=gpu:N); false on CPU clusters
+    srun_args: List[str] = field(default_factory=list)  # extra flags of every srun step
+    container_image: Optional[str] = None  # run steps in a container (enroot/pyxis)
+    container_mounts: Optional[str] = None  # pyxis --container-mounts (the shared filesystem)
+
+    def __post_init__(self) -> None:
+        for name in ("trainer_nodes", "gpus_per_node", "server_tp_size"):
+            _check(getattr(self, name) >= 1, f"launch.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.gpus_per_node % self.server_tp_size == 0,
+               f"launch.server_tp_size={self.server_tp_size} must divide "
+               f"launch.gpus_per_node={self.gpus_per_node} (one server per TP group)")
+        if self.trainer_gpus_per_node is not None:
+            _check(1 <= self.trainer_gpus_per_node <= self.gpus_per_node,
+                   f"launch.trainer_gpus_per_node={self.trainer_gpus_per_node} must be in "
+                   f"1..{self.gpus_per_node}")
+        _check(0 < self.server_mem_fraction < 1,
+               f"launch.server_mem_fraction must be in (0, 1), got {self.server_mem_fraction}")
+        _check(not self.colocate,
+               "launch.colocate=true is not available: trainer and inference servers get "
+               "separate GPUs (disaggregated nodes, or launch.trainer_gpus_per_node on one node)")
+
+
+@dataclass
 class TrainConfig:
     """A TRAPO (or baseline) run: model, layout, optimizer, loss, sampler, rollout, data.
 
@@ -416,6 +458,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     sampler: MicroGroupConfig = field(default_factory=MicroGroupConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)  # megatron-trapo launch / plan
     train_data: Optional[str] = None  # .jsonl / .parquet records
     eval_data: Optional[str] = None
     prompts_per_step: int = 128
@@ -478,6 +521,10 @@ class SlurmConfig:
     extra_sbatch_args: List[str] = field(default_factory=list)  # e.g. ["--constraint=h100"]
     python: Optional[str] = None  # interpreter in the tasks; default: the submitting one
     poll_interval_s: float = 2.0  # --wait: how often squeue is asked
+    # run each task's command in a container through enroot/pyxis (srun --container-image);
+    # the mounts must include the output folder and the model (a shared filesystem)
+    container_image: Optional[str] = None
+    container_mounts: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.cpus_per_task >= 1, f"slurm.cpus_per_task must be >= 1, got {self.cpus_per_task}")

@@ -3,7 +3,7 @@
 Megatron-Core ``torch_dist`` checkpoint that ``megatron-trapo`` loads at any TP/PP layout.
 
     python tools/convert_hf_to_mcore.py --hf-dir Qwen2.5-Math-7B --out-dir ckpt/qwen-math-7b \
-        --tp 2 --pp 1 [--dtype bf16]
+        --tp 2 --pp 1 [--dtype bf16] [--max-position-embeddings 16384 --rope-theta 40000]
 
 Runs tp×pp CPU worker processes (no GPU needed); peak memory is about one model copy.
 """
@@ -23,7 +23,13 @@ def main() -> int:
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert at")
     ap.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                     help="parameter dtype (default: the HF config's torch_dtype)")
+    ap.add_argument("--max-position-embeddings", type=int, default=None,
+                    help="context length to record instead of the HF config's (e.g. 16384)")
+    ap.add_argument("--rope-theta", type=float, default=None,
+                    help="RoPE base instead of the HF config's (e.g. 40000 with 16384 positions)")
     args = ap.parse_args()
+    context = {k: v for k, v in (("max_position_embeddings", args.max_position_embeddings),
+                                 ("rope_theta", args.rope_theta)) if v is not None}
 
     from megatron_trapo.platform import quiet_known_warnings
     from megatron_trapo.config import ConfigError
@@ -31,7 +37,8 @@ def main() -> int:
 
     quiet_known_warnings()
     try:
-        stats = convert_hf_to_mcore(args.hf_dir, args.out_dir, args.tp, args.pp, args.dtype)
+        stats = convert_hf_to_mcore(args.hf_dir, args.out_dir, args.tp, args.pp, args.dtype,
+                                    context)
     except ConfigError as exc:
         print(f"convert_hf_to_mcore: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ be resubmitted alone (:func:`resubmit`)."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -47,6 +48,13 @@ def script(cfg: SlurmConfig, job_name: str, log: Path, command: str, gpus: int) 
     if gpus:
         opts.append(f"--gres=gpu:{gpus}")
     opts += list(cfg.extra_sbatch_args)
+    if cfg.container_image:  # pyxis: the command runs as a step inside the image
+        flags = [f"--container-image={shlex.quote(cfg.container_image)}",
+                 f"--container-workdir={shlex.quote(os.getcwd())}"]
+        if cfg.container_mounts:
+            flags.append(f"--container-mounts={shlex.quote(cfg.container_mounts)}")
+        inner = command[len("exec "):] if command.startswith("exec ") else command
+        command = f"exec srun --ntasks=1 {' '.join(flags)} {inner}"
     lines = ["#!/bin/bash", *[f"#SBATCH {o}" for o in opts], "set -euo pipefail",
              'echo "host $(hostname) job ${SLURM_JOB_ID:-} task ${SLURM_ARRAY_TASK_ID:-}"',
              *cfg.setup, command]
@@ -88,7 +96,8 @@ def wait(job_ids: Sequence[str], poll_s: float, timeout_s: Optional[float] = Non
 
 
 def _python(cfg: SlurmConfig) -> str:
-    return cfg.python or sys.executable
+    # in a container, its own interpreter (this machine's path need not exist there)
+    return cfg.python or ("python" if cfg.container_image else sys.executable)
 
 
 def submit(plan, indices: Optional[Sequence[int]] = None) -> Dict[str, str]:

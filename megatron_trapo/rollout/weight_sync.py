@@ -255,6 +255,9 @@ class WeightSync:
                 resume()
         _wait_for_sync_rank()
         stats["seconds"] = time.time() - t0
+        if pool is not None:  # servers that took this version; groups formed again so far
+            stats["servers"] = float(len(pool.urls))
+            stats["rebuilds"] = float(self.rebuilds)
         return stats
 
     def _broadcast_bucket(self, bucket, weight_version: str) -> None:

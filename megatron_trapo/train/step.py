@@ -56,10 +56,10 @@ def trapo_step(run, step: int) -> Dict[str, float]:
     out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
                      make_forward_step(cfg.loss, normaliser), seq_len, mb_size)
     # 8. the new weights to the engine
-    if run.sync is not None:
-        run.sync.sync(run.ddp, str(step + 1))
+    synced = run.sync.sync(run.ddp, str(step + 1)) if run.sync is not None else {}
     # 9. metrics
     return {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs),
+            **{f"sync/{k}": float(v) for k, v in synced.items()},
             "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
             "train/tokens": float(sum(s["tokens"].numel() for s in seqs))}
 

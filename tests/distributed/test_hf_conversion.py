@@ -116,3 +116,17 @@ def test_smollm2_round_trip_and_tokenizer(conv):
 
     tok = AutoTokenizer.from_pretrained(conv["tmp"] / "hf_back_smol")
     assert tok(PROMPT, return_tensors="pt").input_ids.tolist() == conv["prompt"].tolist()
+
+
+def test_context_is_extended_at_conversion(conv, tmp_path):
+    """The 7B example's 16k base: positions and RoPE base replaced when converting (review D1),
+    in the checkpoint's model config and in the hf/config.json kept beside it."""
+    src = json.loads((conv["hf"]["llama"] / "config.json").read_text())
+    assert src["max_position_embeddings"] != 1024 and src.get("rope_theta") != 40000.0
+    out = tmp_path / "mc_long"
+    run_tool("convert_hf_to_mcore.py", "--hf-dir", str(conv["hf"]["llama"]), "--out-dir",
+             str(out), "--max-position-embeddings", "1024", "--rope-theta", "40000")
+    model = json.loads((out / "iter_0000000" / "trapo_meta.json").read_text())["config"]["model"]
+    assert model["max_position_embeddings"] == 1024 and model["rotary_base"] == 40000.0
+    kept = json.loads((out / "hf" / "config.json").read_text())
+    assert kept["max_position_embeddings"] == 1024 and kept["rope_theta"] == 40000.0

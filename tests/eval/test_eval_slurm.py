@@ -1,11 +1,11 @@
 """``megatron-trapo eval --slurm`` on a real Slurm cluster (scripts/ci/start_local_slurm.sh;
 CI starts it and sets MEGATRON_TRAPO_REQUIRE_SLURM=1, so that these tests cannot skip there)."""
 import json
-import os
 import subprocess
 
 import pytest
 from eval_helpers import EVAL_ARGS, cli, rows
+from slurm_cluster import require_slurm
 
 SLURM_ARGS = ["--slurm", "--wait", "--wait-timeout", "480", "slurm.cpus_per_task=1",
               "slurm.max_concurrent=4", "slurm.poll_interval_s=0.5", "slurm.time=00:10:00"]
@@ -13,17 +13,7 @@ SLURM_ARGS = ["--slurm", "--wait", "--wait-timeout", "480", "slurm.cpus_per_task
 
 @pytest.fixture(scope="module", autouse=True)
 def slurm_cluster():
-    try:
-        up = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                            timeout=30)
-        ok = up.returncode == 0 and any(s in up.stdout for s in ("idle", "mix", "alloc"))
-    except FileNotFoundError:
-        ok = False
-    if not ok:
-        msg = "no Slurm cluster (start one: source <(bash scripts/ci/start_local_slurm.sh))"
-        if os.environ.get("MEGATRON_TRAPO_REQUIRE_SLURM") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_slurm()
 
 
 def job_state(job_id: str) -> str:

@@ -131,3 +131,7 @@ def test_array_spec_and_sbatch_script(tmp_path):
     assert not any("qos" in line or "--mem" in line for line in lines)
     with pytest.raises(ConfigError, match="slurm.max_concurrent"):
         SlurmConfig(max_concurrent=0)
+    boxed = SlurmConfig(container_image="nvcr.io#trapo:rollout", container_mounts="/lustre:/lustre")
+    last = script(boxed, "e", tmp_path / "l.out", "exec python -m x", 0).splitlines()[-1]
+    assert last.startswith("exec srun --ntasks=1 --container-image='nvcr.io#trapo:rollout' ")
+    assert "--container-mounts=/lustre:/lustre" in last and last.endswith(" python -m x")

@@ -141,8 +141,13 @@ def _results(result_dir: Path) -> List[dict]:
 # --- the two conversions --------------------------------------------------------------------------
 
 def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
-                        dtype: Optional[str] = None) -> Dict:
-    """HF model folder → ``out_dir`` (torch_dist checkpoint + ``hf/`` config and tokenizer)."""
+                        dtype: Optional[str] = None,
+                        context_overrides: Optional[Dict] = None) -> Dict:
+    """HF model folder → ``out_dir`` (torch_dist checkpoint + ``hf/`` config and tokenizer).
+    ``context_overrides``: ``max_position_embeddings`` / ``rope_theta`` replacing the HF
+    config's, to extend the context (the reference's 16k Qwen2.5-Math-7B base is the 4k model
+    with 16384 positions and θ = 40000); recorded in ``hf/config.json`` too, so that exports and
+    servers started from it agree."""
     import tempfile
 
     from megatron_trapo.models.provider import padded_vocab_size
@@ -150,6 +155,13 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
 
     t0 = time.time()
     hf_cfg = load_hf_config(hf_dir)
+    unknown = set(context_overrides or {}) - {"max_position_embeddings", "rope_theta"}
+    if unknown:
+        raise ConfigError(f"context overrides {sorted(unknown)}: only max_position_embeddings "
+                          "and rope_theta can be changed at conversion")
+    hf_cfg.update(context_overrides or {})
+    if "rope_theta" in (context_overrides or {}) and isinstance(hf_cfg.get("rope_parameters"), dict):
+        hf_cfg["rope_parameters"]["rope_theta"] = context_overrides["rope_theta"]
     model, family = hf_to_model_config(hf_cfg, dtype)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     validate_layout(parallel, tp * pp, model)  # before any tensor is read
