@@ -132,10 +132,17 @@ def _plan(args) -> int:
 def _launch(args) -> int:
     from megatron_trapo.launch.job import build_job, run_job
 
+    from megatron_trapo.launch.plan import build_plan, render
+
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         job = build_job(cfg, args.config, args.overrides, hosts=args.hosts, resume=args.resume)
         print(job.describe(), flush=True)
+        try:  # the memory plan of this very placement (an estimate: it warns, never blocks)
+            plan = build_plan(cfg, hosts=job.hosts)
+            print(render(plan), flush=True)
+        except ConfigError as exc:
+            print(f"plan: not estimated ({exc})", flush=True)
         if args.dry_run:
             return 0
         return run_job(job)

@@ -45,6 +45,10 @@ class Job:
     run_id: str
 
     @property
+    def hosts(self) -> List[str]:
+        return list(dict.fromkeys([*self.placement.trainer.hosts, *self.placement.server_hosts]))
+
+    @property
     def plan_path(self) -> Path:
         return self.log_dir / "plan.json"
 
@@ -192,6 +196,8 @@ def run_job(job: Job) -> int:
         job.status(state="training")
         trainer = _start(job.commands["trainer"], None)
         code = trainer.wait()
+        if code < 0:  # killed by a signal (e.g. the OOM killer's SIGKILL): report it as a shell does
+            code = 128 - code
     except KeyboardInterrupt:
         code = 128 + (received[0] if received else signal.SIGINT)
     except RuntimeError as exc:

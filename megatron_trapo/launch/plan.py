@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from megatron_trapo.config import ConfigError, ModelConfig, TrainConfig, runtime_model
 from megatron_trapo.launch import memory as M
@@ -33,7 +33,9 @@ def resolve_model(cfg: TrainConfig) -> tuple[ModelConfig, str]:
     return cfg.model, "config"
 
 
-def build_plan(cfg: TrainConfig, nodes: Optional[int] = None, prompt_tokens: int = 1024) -> Dict:
+def build_plan(cfg: TrainConfig, nodes: Optional[int] = None, prompt_tokens: int = 1024,
+               hosts: Optional[List[str]] = None) -> Dict:
+    """The plan for ``nodes`` nodes (named node0…), or for the real ``hosts`` of a job."""
     from megatron_trapo.platform.distributed import validate_layout
 
     launch = cfg.launch
@@ -44,7 +46,10 @@ def build_plan(cfg: TrainConfig, nodes: Optional[int] = None, prompt_tokens: int
     if launch.gpu not in M.GPU_MIB:
         raise ConfigError(f"launch.gpu={launch.gpu!r} is not one of {sorted(M.GPU_MIB)}")
     capacity = M.GPU_MIB[launch.gpu] / 1024
-    hosts = [f"node{i}" for i in range(nodes or launch.trainer_nodes + 1)]
+    if not nodes:  # a one-node split when the config asks for one, else one rollout node
+        split = launch.trainer_gpus_per_node not in (None, launch.gpus_per_node)
+        nodes = 1 if split and launch.trainer_nodes == 1 else launch.trainer_nodes + 1
+    hosts = hosts or [f"node{i}" for i in range(nodes)]
     placement = place(hosts, launch)
     world = placement.trainer.world_size
     lay = validate_layout(cfg.parallel, world, model)

@@ -126,17 +126,51 @@ def test_container_option_wraps_every_step(tmp_path):
         assert "python" in cmd.argv  # the container's interpreter, not this machine's path
 
 
-def test_dry_run_of_the_example_script_prints_every_command(tmp_path):
-    env = dict(os.environ, PYTHON=PY, **slurm_env("gpu[01-06]", 6, "99"))
-    proc = subprocess.run(["bash", str(ROOT / "examples/run_trapo_32b.sh"), "--dry-run",
-                           f"log_dir={tmp_path}"], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+def dry_run(script, nodelist, nnodes, tmp_path, *overrides, job_id="99"):
+    env = dict(os.environ, PYTHON=PY, **slurm_env(nodelist, nnodes, job_id))
+    proc = subprocess.run(["bash", str(ROOT / "examples" / script), "--dry-run",
+                           f"log_dir={tmp_path}", *overrides], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    assert out.splitlines()[0].startswith("placement: disaggregated; trainer 4 node(s) × 8 "
-                                          "GPU(s) = world 32 (tp=8 pp=2 cp=1); 2 server(s)")
-    assert out.count("[servers on gpu0") == 2 and out.count("sglang.launch_server") == 2
-    assert "--rdzv-id 99" in out and not (tmp_path / "launch" / "plan.json").exists()
+    assert not (tmp_path / "launch" / "plan.json").exists()  # nothing written, nothing started
+    return proc.stdout.splitlines()
+
+
+def test_dry_run_of_the_32b_script_prints_every_command_and_the_plan(tmp_path):
+    out = dry_run("run_trapo_32b.sh", "gpu[01-06]", 6, tmp_path)
+    assert out[0] == ("placement: disaggregated; trainer 4 node(s) × 8 GPU(s) = world 32 "
+                      "(tp=8 pp=2 cp=1); 2 server(s) of TP 8")
+    agents = [line for line in out if line.startswith("  [servers on ")]
+    assert [a.split("]")[0] for a in agents] == ["  [servers on gpu05", "  [servers on gpu06"]
+    trainer = next(line for line in out if line.startswith("  [trainer] "))
+    assert "--nodelist=gpu01,gpu02,gpu03,gpu04" in trainer and "--rdzv-id 99" in trainer
+    assert "servers: 2 × TP 8 on gpu05, gpu06" in "\n".join(out)
+    assert "per-GPU memory on h100-80gb" in "\n".join(out) and out[-1] == "fits with headroom"
+
+
+def test_dry_run_of_the_32b_script_on_four_nodes(tmp_path):
+    out = dry_run("run_trapo_32b.sh", "n[1-4]", 4, tmp_path, "launch.trainer_nodes=2")
+    assert out[0].startswith("placement: disaggregated; trainer 2 node(s) × 8 GPU(s) = world 16")
+    assert "  server0: n3 GPUs 0,1,2,3,4,5,6,7 → http://n3:30000" in out
+    assert "  server1: n4 GPUs 0,1,2,3,4,5,6,7 → http://n4:30000" in out
+
+
+def test_dry_run_of_the_7b_script_one_node_and_two(tmp_path):
+    out = dry_run("run_trapo_qwen2.5_math_7b.sh", "gpu07", 1, tmp_path)
+    assert out[0] == ("placement: split-node; trainer 1 node(s) × 4 GPU(s) = world 4 "
+                      "(tp=4 pp=1 cp=1); 4 server(s) of TP 1")
+    assert [line for line in out if line.startswith("  server")] == [
+        f"  server{i}: gpu07 GPUs {4 + i} → http://gpu07:{30000 + i}" for i in range(4)]
+    servers = [line for line in out if line.startswith("    [server")]
+    assert servers[2].startswith("    [server2] CUDA_VISIBLE_DEVICES=6 "
+                                 "SGLANG_RETURN_ORIGINAL_LOGPROB=1 ")
+    assert servers[2].endswith(" -m sglang.launch_server --model-path models/Qwen2.5-Math-7B-16k "
+                               "--host 0.0.0.0 --port 30002 --skip-server-warmup --tp-size 1 "
+                               "--mem-fraction-static 0.85 --context-length 16384")
+    out = dry_run("run_trapo_qwen2.5_math_7b.sh", "gpu[07-08]", 2, tmp_path,
+                  "launch.trainer_gpus_per_node=8")
+    assert out[0].startswith("placement: disaggregated; trainer 1 node(s) × 8 GPU(s) = world 8")
+    assert sum(line.startswith("    [server") for line in out) == 8
 
 
 @pytest.mark.parametrize("spec, hosts", [
