@@ -157,8 +157,15 @@ _ADVICE = {
 }
 
 
+def _advice(term: str, cfg: Optional[TrainConfig], dp: int) -> str:
+    if term == "optimizer" and cfg is not None and cfg.optimizer.use_distributed_optimizer:
+        return (f"the distributed optimizer shards it over DP={dp}: add data-parallel ranks "
+                "(more trainer nodes), or set optimizer.optimizer_cpu_offload=true")
+    return _ADVICE[term]
+
+
 def verdict(stages: List[StagePlan], server: Optional[ServerPlan], capacity_gib: float,
-            seq_tokens: int) -> List[str]:
+            seq_tokens: int, cfg: Optional[TrainConfig] = None, dp: int = 1) -> List[str]:
     """Why the plan does not fit (empty when it does)."""
     usable = capacity_gib - RESERVED_GIB
     problems = []
@@ -169,7 +176,7 @@ def verdict(stages: List[StagePlan], server: Optional[ServerPlan], capacity_gib:
             problems.append(
                 f"pipeline stage {st.pp_rank} needs {st.memory_gib['total']:.1f} GiB of "
                 f"{usable:.1f} usable; the largest term is {big} ({terms[big]:.1f} GiB): "
-                f"{_ADVICE[big]}")
+                f"{_advice(big, cfg, dp)}")
     if server is not None and server.concurrent_sequences < 1:
         problems.append(
             f"an inference server of TP {server.tp} holds {server.weights_gib:.1f} GiB of "

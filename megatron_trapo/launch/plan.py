@@ -62,7 +62,7 @@ def build_plan(cfg: TrainConfig, nodes: Optional[int] = None, prompt_tokens: int
     total = num_parameters(model)
     server = M.plan_server(model, total, launch.server_tp_size, capacity,
                            launch.server_mem_fraction, seq) if placement.servers else None
-    problems = M.verdict(stages, server, capacity, seq)
+    problems = M.verdict(stages, server, capacity, seq, cfg, lay.dp)
     usable = capacity - M.RESERVED_GIB
     worst = max(st.memory_gib["total"] for st in stages)
     return {

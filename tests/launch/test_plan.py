@@ -114,7 +114,7 @@ def test_a_layout_that_cannot_fit_is_refused_with_the_term_to_change():
     # DP = 1: the whole fp32 master + Adam state, 12 bytes × 4.1 B parameters per GPU
     assert stage["optimizer"] == max(v for k, v in stage.items() if k != "total")
     assert "the largest term is optimizer" in p["problems"][0]
-    assert "use_distributed_optimizer" in p["problems"][0]
+    assert "shards it over DP=1: add data-parallel ranks" in p["problems"][0]
 
 
 def test_unknown_gpu_and_missing_architecture_are_clear_errors(tmp_path):
