@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file (TrainConfig fields)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in checkpoint.save")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over even though checkpoint.save holds a run (it is removed)")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
     from megatron_trapo.eval.commands import add_parsers
 
@@ -37,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                             "then the trainer (inside a Slurm allocation, or on this machine)")
     launch.add_argument("--config", help="YAML file (TrainConfig fields, launch.* for placement)")
     launch.add_argument("--resume", action="store_true", help="passed to the trainer")
+    launch.add_argument("--overwrite", action="store_true", help="passed to the trainer")
     launch.add_argument("--dry-run", action="store_true",
                         help="print the placement and every command line; start nothing")
     launch.add_argument("--hosts", help="comma-separated hosts (default: the Slurm allocation's, "
@@ -71,6 +74,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     quiet_known_warnings()
+    if args.command in ("train", "smoke"):  # under torchrun: exit when torchrun dies
+        from megatron_trapo.platform import parent_guard
+
+        parent_guard.start()
     if args.command == "train":
         return _train(args)
     if args.command == "launch":
@@ -136,7 +143,8 @@ def _launch(args) -> int:
 
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
-        job = build_job(cfg, args.config, args.overrides, hosts=args.hosts, resume=args.resume)
+        job = build_job(cfg, args.config, args.overrides, hosts=args.hosts, resume=args.resume,
+                        overwrite=args.overwrite)
         print(job.describe(), flush=True)
         try:  # the memory plan of this very placement (an estimate: it warns, never blocks)
             plan = build_plan(cfg, hosts=job.hosts)
@@ -162,7 +170,7 @@ def _train(args) -> int:
             validate_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), cfg.model)
         from megatron_trapo.train.trainer import run_training
 
-        final = run_training(cfg, resume=args.resume)
+        final = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"megatron-trapo: error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Sequence, Type, TypeVar
 from urllib.parse import urlparse
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -399,6 +399,20 @@ class SmokeConfig:
 
 
 @dataclass
+class DataConfig:
+    """What the preflight does with data rows a run cannot use (megatron_trapo/train/preflight.py):
+    skipped and reported, or (``strict``) the run refused."""
+
+    strict: bool = False
+    # the paper's filter: prompts of at most 1024 tokens (None: only the model's positions)
+    max_prompt_tokens: Optional[int] = 1024
+
+    def __post_init__(self) -> None:
+        _check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+               f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+
+
+@dataclass
 class LaunchConfig:
     """How ``megatron-trapo launch`` (and the example Slurm scripts) place one job: trainer
     nodes, rollout nodes with one inference server per ``server_tp_size`` GPUs, ports.
@@ -459,6 +473,7 @@ class TrainConfig:
     sampler: MicroGroupConfig = field(default_factory=MicroGroupConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)  # megatron-trapo launch / plan
+    data: DataConfig = field(default_factory=DataConfig)  # bad rows: skipped or refused
     train_data: Optional[str] = None  # .jsonl / .parquet records
     eval_data: Optional[str] = None
     prompts_per_step: int = 128
@@ -602,6 +617,18 @@ def _with_preset(base, cls, raw):
     return base
 
 
+def _sections_are_mappings(base, layers, yaml_path) -> None:
+    """``optimizer=3`` (a value where a section belongs) named plainly; OmegaConf's own error
+    for it names neither the key nor the problem."""
+    for layer in layers:
+        for key in layer:
+            if key in base and isinstance(base[key], DictConfig) \
+                    and not isinstance(layer[key], DictConfig) and layer[key] is not None:
+                where = f" in {yaml_path}" if yaml_path is not None and layer is layers[0] else ""
+                raise ConfigError(f"{key}{where} is a section (key: value fields, e.g. "
+                                  f"{key}.{next(iter(base[key]))}=…), got {layer[key]!r}")
+
+
 def load_config(cls: Type[T], yaml_path: Optional[str | Path] = None,
                 overrides: Sequence[str] = ()) -> T:
     """Build ``cls`` from its defaults, then a YAML file, then ``key=value`` overrides.
@@ -615,12 +642,20 @@ def load_config(cls: Type[T], yaml_path: Optional[str | Path] = None,
             path = Path(yaml_path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: the top level must be a mapping of keys (a YAML "
+                                  f"dict), not a {type(loaded).__name__}")
+            layers.append(loaded)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+        _sections_are_mappings(base, layers, yaml_path)
         raw = OmegaConf.merge(*layers) if layers else OmegaConf.create({})
         base = _with_preset(base, cls, raw)
         for layer in layers:

@@ -68,3 +68,28 @@ def read_metrics(path: str | Path) -> list:
     """All records of a metrics.jsonl file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def continue_log(path: Path, start: int) -> None:
+    """Make ``path`` (a metrics.jsonl) end at step ``start``: a resumed run drops the rows a
+    crashed run wrote past its last checkpoint (they are logged again, identically, by the
+    resumed run); a fresh run (``start`` 0) moves an older log aside to ``metrics.N.jsonl``."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    if start == 0:
+        n = 1
+        while path.with_name(f"metrics.{n}.jsonl").exists():
+            n += 1
+        path.rename(path.with_name(f"metrics.{n}.jsonl"))
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= start:
+                kept.append(line)
+        except json.JSONDecodeError:  # a row cut off by the crash
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)

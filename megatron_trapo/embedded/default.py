@@ -68,7 +68,8 @@ def train(out: Path, name: str, overrides: Dict[str, object], nproc: int = 2) ->
     args = [f"{k}={v}" for k, v in {**MODEL, **overrides, "log_dir": run / "logs",
                                      "checkpoint.save": run / "ckpt"}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "megatron_trapo.cli", "train", *args]
+           f"--nproc-per-node={nproc}", "-m", "megatron_trapo.cli", "train",
+           "--resume", *args]  # a stage cut off earlier continues from its last checkpoint
     print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
     log = open(out / "runs" / f"{name}.log", "w")
     proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,

@@ -68,7 +68,8 @@ def node_agent(plan_path: str, host: str, python: str = sys.executable) -> Comma
 
 def trainer(part: TrainerPart, config_path: Optional[str], overrides: Sequence[str],
             server_urls: Sequence[str], run_id: str, resume: bool = False,
-            split_node: bool = False, python: str = sys.executable) -> Command:
+            split_node: bool = False, python: str = sys.executable,
+            overwrite: bool = False) -> Command:
     """torchrun over the trainer's hosts with c10d rendezvous on its first host: node ranks
     come from the rendezvous, not from job-wide Slurm variables."""
     argv = [python, "-m", "torch.distributed.run", "--nnodes", str(len(part.hosts)),
@@ -79,6 +80,8 @@ def trainer(part: TrainerPart, config_path: Optional[str], overrides: Sequence[s
         argv += ["--config", config_path]
     if resume:
         argv.append("--resume")
+    if overwrite:
+        argv.append("--overwrite")
     argv += list(overrides)
     argv += ["rollout.engine=sglang", f"rollout.server_urls={json.dumps(list(server_urls))}",
              "rollout.use_router=true"]
@@ -111,7 +114,7 @@ def srun(hosts: Sequence[str], inner: Command, launch: LaunchConfig, name: str) 
 
 def job_commands(placement: Placement, rollout: RolloutConfig, launch: LaunchConfig,
                  plan_path: str, config_path: Optional[str], overrides: Sequence[str],
-                 run_id: str, slurm: bool, resume: bool = False,
+                 run_id: str, slurm: bool, resume: bool = False, overwrite: bool = False,
                  python: Optional[str] = None) -> Dict[str, object]:
     """Everything the job runs: one server-agent step per server node, the servers each agent
     starts, then the trainer step. ``python``: the interpreter on the nodes (default: this one,
@@ -123,7 +126,7 @@ def job_commands(placement: Placement, rollout: RolloutConfig, launch: LaunchCon
         agents[host] = srun([host], inner, launch, f"trapo-servers-{host}") if slurm else inner
     servers = {s.name: server(s, rollout, launch, python) for s in placement.servers}
     train = trainer(placement.trainer, config_path, overrides, placement.server_urls, run_id,
-                    resume, placement.mode == "split-node", python)
+                    resume, placement.mode == "split-node", python, overwrite)
     if slurm:
         train = srun(list(placement.trainer.hosts), train, launch, "trapo-train")
     return {"agents": agents, "servers": servers, "trainer": train}

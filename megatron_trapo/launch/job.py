@@ -92,7 +92,7 @@ class Job:
 
 def build_job(cfg: TrainConfig, config_path: Optional[str], overrides: Sequence[str],
               hosts: Optional[str] = None, env: Mapping[str, str] = os.environ,
-              resume: bool = False) -> Job:
+              resume: bool = False, overwrite: bool = False) -> Job:
     """Resolve hosts, roles and command lines; every error names what to change."""
     from megatron_trapo.platform.distributed import validate_layout
 
@@ -110,7 +110,7 @@ def build_job(cfg: TrainConfig, config_path: Optional[str], overrides: Sequence[
     run_id = env.get("SLURM_JOB_ID") or uuid.uuid4().hex[:8]
     log_dir = Path(cfg.log_dir or "runs/train").resolve() / "launch"
     cmds = C.job_commands(placement, cfg.rollout, cfg.launch, str(log_dir / "plan.json"),
-                          config_path, overrides, run_id, slurm, resume)
+                          config_path, overrides, run_id, slurm, resume, overwrite)
     return Job(cfg, placement, cmds, log_dir, slurm, run_id)
 
 

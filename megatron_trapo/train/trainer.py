@@ -53,21 +53,10 @@ class Run:
     eos_id: int
     pad_id: int
     stop_ids: List[int]
+    data_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)  # rows kept/skipped
 
 
-def _tokenizer_path(cfg: TrainConfig) -> str:
-    if cfg.rollout.tokenizer_path:
-        return cfg.rollout.tokenizer_path
-    if cfg.load and (Path(cfg.load) / "hf" / "tokenizer_config.json").is_file():
-        return str(Path(cfg.load) / "hf")
-    raise ConfigError("no tokenizer: set rollout.tokenizer_path (or load a converted checkpoint "
-                      "with an hf/ folder)")
-
-
-def setup(cfg: TrainConfig, resume: bool) -> tuple:
-    from transformers import AutoTokenizer
-
-    from megatron_trapo.data.records import load_records
+def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
     from megatron_trapo.data.tokenizer import stop_token_ids
     from megatron_trapo.models.hf.mapping import model_to_hf_config
     from megatron_trapo.models.pretrained import model_config_from_checkpoint
@@ -75,16 +64,19 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
     from megatron_trapo.platform.distributed import initialize_distributed
     from megatron_trapo.reward.math_reward import MathReward
     from megatron_trapo.rollout import make_engine
-    from megatron_trapo.rollout.groups import encode
     from megatron_trapo.rollout.hf_engine import HFEngine
     from megatron_trapo.rollout.weight_sync import WeightSync
     from megatron_trapo.train.checkpoint import latest_iteration, load_checkpoint
     from megatron_trapo.train.optimizer import build_training_state
+    from megatron_trapo.train.preflight import (check_all_data, check_paths, load_tokenizer,
+                                                tokenizer_folder)
 
+    # preflight, on every rank and before any model is built: paths, tokenizer, data rows
+    check_paths(cfg, resume, overwrite)
     model = runtime_model(model_config_from_checkpoint(cfg.load), cfg.model) if cfg.load \
         else cfg.model
-    if cfg.loss.loss_mode != "sft" and not cfg.train_data:
-        raise ConfigError("train_data is required")
+    tokenizer = load_tokenizer(cfg)
+    train_items, eval_items, reports = check_all_data(cfg, tokenizer, model.max_position_embeddings)
     initialize_distributed(cfg.parallel, model, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     chunks = build_model(model, cfg.parallel, perform_initialization=cfg.load is None)
@@ -96,7 +88,8 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
         start, trainer_state = info["iteration"], info["trainer_state"]
     elif cfg.load:
         load_checkpoint(cfg.load, ddp, refresh_optimizer=optimizer, load_rng=False)
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_path(cfg))
+    if ckpt and resume and start == 0 and torch.distributed.get_rank() == 0:
+        logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", ckpt)
     eos_id = tokenizer.eos_token_id
     stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
@@ -104,9 +97,10 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
     data = evals = None
     engine = reward = None
     if rank0:
-        data = PromptData(encode(load_records(cfg.train_data), tokenizer), cfg.prompts_per_step,
-                          cfg.seed) if cfg.train_data else None
-        evals = encode(load_records(cfg.eval_data), tokenizer) if cfg.eval_data else []
+        for rep in reports.values():  # skipped rows are worth a warning
+            (logger.warning if rep.skipped else logger.info)("data: %s", rep.summary())
+        data = PromptData(train_items, cfg.prompts_per_step, cfg.seed) if train_items else None
+        evals = eval_items
         if cfg.eval_max_problems:
             evals = evals[:cfg.eval_max_problems]
         if cfg.rollout.engine == "hf" and not cfg.rollout.model_path:
@@ -114,7 +108,7 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
                                              max_batch_size=cfg.rollout.max_batch_size)
         else:
             engine = make_engine(dataclasses.replace(cfg.rollout,
-                                                     tokenizer_path=_tokenizer_path(cfg)),
+                                                     tokenizer_path=tokenizer_folder(cfg)),
                                  weight_updates=True)
         reward = MathReward(num_workers=2)
     sync = WeightSync(engine, model, cfg.rollout.resolved_weight_sync,
@@ -124,7 +118,8 @@ def setup(cfg: TrainConfig, resume: bool) -> tuple:
                       keep_versions=cfg.rollout.weight_sync_keep_versions)
     sync.sync(ddp, str(start))  # the engine starts from exactly the trainer's weights
     run = Run(cfg, ddp, optimizer, scheduler, model, tokenizer, data, evals or [], engine, reward,
-              sync, eos_id, pad_id, stop_ids)
+              sync, eos_id, pad_id, stop_ids,
+              {k: v for name, rep in reports.items() for k, v in rep.metrics(name).items()})
     return run, start, trainer_state
 
 
@@ -164,11 +159,13 @@ def peak_memory_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def run_training(cfg: TrainConfig, resume: bool = False) -> Dict[str, float]:
+def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
+                 ) -> Dict[str, float]:
     """Train; ``loss_mode=sft_then_rl`` chains an SFT stage and a GRPO stage from its
-    checkpoint (each with its own checkpoint and log folder, ``sft/`` and ``rl/``)."""
+    checkpoint (each with its own checkpoint and log folder, ``sft/`` and ``rl/``).
+    ``overwrite``: a fresh run may replace the run in ``checkpoint.save``."""
     if cfg.loss.loss_mode != "sft_then_rl":
-        return _run_stage(cfg, resume)
+        return _run_stage(cfg, resume, overwrite)
     if not cfg.checkpoint.save:
         raise ConfigError("loss_mode=sft_then_rl needs checkpoint.save (the RL stage loads "
                           "the SFT stage's checkpoint)")
@@ -182,21 +179,23 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> Dict[str, float]:
 
     sft_cfg = stage("sft", "sft", cfg.sft_stage_iters, cfg.load)
     if latest_iteration(root / "sft") != cfg.sft_stage_iters:  # a finished stage is kept
-        _run_stage(sft_cfg, resume)
+        _run_stage(sft_cfg, resume, overwrite)
     rl = stage("rl", "grpo", cfg.train_iters, str(root / "sft"))
-    return _run_stage(rl, resume)
+    return _run_stage(rl, resume, overwrite)
 
 
-def _run_stage(cfg: TrainConfig, resume: bool) -> Dict[str, float]:
+def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> Dict[str, float]:
     from tqdm import tqdm
 
-    from megatron_trapo.metrics import MetricsLogger
+    from megatron_trapo.metrics import MetricsLogger, continue_log
     from megatron_trapo.plotting import plot_curves
     from megatron_trapo.train.checkpoint import save_checkpoint
     from megatron_trapo.train.step import trapo_step
 
-    run, start, _ = setup(cfg, resume)
+    run, start, _ = setup(cfg, resume, overwrite)
     rank0 = torch.distributed.get_rank() == 0
+    if rank0 and cfg.log_dir:  # the log continues at the resumed step, without repeated rows
+        continue_log(Path(cfg.log_dir) / "metrics.jsonl", start)
     metrics = MetricsLogger(cfg.log_dir, enabled=rank0, config=to_dict(cfg))
     final: Dict[str, float] = {}
     has_eval = cfg.eval_data is not None  # known on every rank (items live on rank 0)
@@ -208,6 +207,8 @@ def _run_stage(cfg: TrainConfig, resume: bool) -> Dict[str, float]:
     for step in bar:
         t0 = time.time()
         m = trapo_step(run, step)
+        if step == 0:
+            m.update(run.data_metrics)
         m["step_time_s"] = time.time() - t0
         m["train/tokens_per_s"] = m.get("train/tokens", 0.0) / max(m["step_time_s"], 1e-9)
         m["memory/peak_gb"] = peak_memory_gb()

@@ -74,15 +74,21 @@ def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = tmp_path / "killed"
-    p = subprocess.Popen(_train_cmd(task, killed, 6), env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
     latest = killed / "ckpt" / "latest_checkpointed_iteration.txt"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (latest.is_file() and latest.read_text() == "2"):
-        time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert latest.read_text() in ("2", "4")
+    # two kill/resume cycles: killed after the step-2 checkpoint, resumed, killed again after
+    # the step-4 one, resumed to the end
+    for extra, wait_for in (([], "2"), (["--resume"], "4")):
+        p = subprocess.Popen(_train_cmd(task, killed, 6, extra), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and not (latest.is_file() and latest.read_text().isdigit()
+                                              and int(latest.read_text()) >= int(wait_for)):
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it log a step or two past the checkpoint: rows to repeat later
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        assert int(latest.read_text()) >= int(wait_for)
     proc = subprocess.run(_train_cmd(task, killed, 6, ["--resume"]), env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,9 +96,9 @@ def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path):
                                   .read_text())["iteration"])
     assert resumed_from == 6
     ref = {r["step"]: r for r in _metrics(full)}
-    got = {}
-    for r in _metrics(killed):  # the resumed run's records overwrite the killed run's
-        got[r["step"]] = r
+    # the log continues at each resumed step: every step once, in order, as in the full run
+    assert [r["step"] for r in _metrics(killed)] == [r["step"] for r in _metrics(full)]
+    got = {r["step"]: r for r in _metrics(killed)}
     for step in range(1, 7):
         for key in ("loss", "rollout/reward_unguided", "expert/tokens", "pg/tokens", "grad_norm"):
             if key in ref[step]:
@@ -132,3 +138,32 @@ def test_luffy_mixes_off_policy_expert_samples(task, tmp_path):
     assert m["rollout/samples"] == 3 * 8
     assert m["rollout/full_solution_samples"] == 3  # one off-policy expert solution per prompt
     assert m["expert/tokens"] > 0 and m["pg/tokens"] > 0
+
+
+def test_workers_exit_when_torchrun_is_killed(task, tmp_path):
+    """torchrun starts its workers in their own sessions: killing torchrun alone used to leave
+    both training (and checkpointing) on; the parent guard ends them within seconds."""
+    import psutil
+
+    run = tmp_path / "orphan"
+    p = subprocess.Popen(_train_cmd(task, run, 200), env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    metrics = run / "runs" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    workers = psutil.Process(p.pid).children()  # the ranks (their own children aside)
+    try:
+        assert len(workers) == 2 and all("megatron_trapo.cli" in " ".join(w.cmdline())
+                                         for w in workers)
+        os.kill(p.pid, signal.SIGKILL)  # torchrun only, not its workers' sessions
+        p.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"{len(alive)} worker(s) still running 15 s after torchrun died"
+    finally:
+        for proc in [psutil.Process(p.pid)] if p.poll() is None else []:
+            proc.kill()
+        for w in workers:
+            if w.is_running():
+                w.kill()

@@ -82,3 +82,21 @@ def test_optimizer_checkpoint_format_follows_megatron_flags():
     allgather = load_config(SmokeConfig, None, [
         "checkpoint.distrib_optim_fully_reshardable_mem_efficient=false"]).checkpoint
     assert allgather.optimizer_metadata()["distrib_optim_fully_reshardable_mem_efficient"] is False
+
+
+def test_config_files_and_sections_that_cannot_be_read_are_named(tmp_path):
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ConfigError, match=r"bin.yaml: not UTF-8 text \(byte 0\)"):
+        load_config(SmokeConfig, binary)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: the top level must be a mapping"):
+        load_config(SmokeConfig, listed)
+    with pytest.raises(ConfigError, match=r"optimizer is a section \(key: value fields, e.g. "
+                                          r"optimizer\.\w+=…\), got 3"):
+        load_config(SmokeConfig, None, ["optimizer=3"])
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("model: 7\n")
+    with pytest.raises(ConfigError, match=r"model in .*scalar.yaml is a section"):
+        load_config(SmokeConfig, scalar)

@@ -70,7 +70,7 @@ def test_save_load_round_trip(tmp_path, suffix):
 
 def test_load_errors_name_the_row(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"problem": "p", "answer": "1"}\n{"problem": "p"}\n')
-    with pytest.raises(ConfigError, match=r"row 1: missing or non-string field\(s\) \['answer'\]"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: missing, empty or non-string answer"):
         load_records(tmp_path / "bad.jsonl")
     (tmp_path / "bad2.jsonl").write_text('{"problem": \n')
     with pytest.raises(ConfigError, match="bad2.jsonl:1: invalid JSON"):
