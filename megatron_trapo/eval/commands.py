@@ -20,6 +20,9 @@ def add_parsers(sub) -> None:
     ev.add_argument("--slurm", action="store_true", help="submit a job array + aggregation job")
     ev.add_argument("--wait", action="store_true", help="with --slurm: wait for the jobs")
     ev.add_argument("--wait-timeout", type=float, default=None, help="seconds (default: none)")
+    ev.add_argument("--force", action="store_true",
+                    help="output_dir holds results of other weights or benchmark files: "
+                         "discard them and evaluate again")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. k=4 limit=10")
     shard = sub.add_parser("eval-shard", help="run one shard of a planned evaluation")
     shard.add_argument("out_dir")
@@ -58,10 +61,10 @@ def run(args) -> int:
         if args.command == "eval":
             cfg = load_config(EvalConfig, args.config, args.overrides)
             if not args.slurm:
-                runner.run_local(cfg)
+                runner.run_local(cfg, force=args.force)
                 print((runner.load_plan(cfg.output_dir).out_dir / "summary.md").read_text(), end="")
                 return 0
-            plan = runner.prepare(cfg)
+            plan = runner.prepare(cfg, force=args.force)
             runner.hf_model_dir(plan)  # a missing model is an error now, not in every task
             jobs = slurm.submit(plan)
             print(json.dumps({"out_dir": str(plan.out_dir), **jobs}))

@@ -46,9 +46,12 @@ def register_extra(cfg: EvalConfig) -> None:
                           spec.default_k)
 
 
-def prepare(cfg: EvalConfig) -> Plan:
+def prepare(cfg: EvalConfig, force: bool = False) -> Plan:
     """Plan the shards and write ``eval_config.yaml`` + ``plan.json``; an existing folder is
-    resumed only if it was evaluated with the same result-changing settings."""
+    resumed only if it was evaluated with the same result-changing settings, weights and
+    benchmark files (:mod:`megatron_trapo.eval.fingerprint`; ``force`` discards its results)."""
+    from megatron_trapo.eval import fingerprint
+
     out = Path(cfg.output_dir).resolve()
     cfg = dataclasses.replace(cfg, output_dir=str(out))
     register_extra(cfg)
@@ -65,6 +68,7 @@ def prepare(cfg: EvalConfig) -> Plan:
             raise ConfigError(f"output_dir {out} holds an evaluation with other {diff}; "
                               "choose a new output_dir (or delete that folder)")
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint.check(out, cfg, force, out / "hf_model")
     save_yaml(cfg, saved)
     write_atomic(out / "plan.json", json.dumps({"counts": counts,
                                                 "shards": shards_to_json(shards)}, indent=1))
@@ -110,7 +114,11 @@ def ensure_hf_model(plan: Plan) -> Path:
 
     tmp = path.with_name(path.name + ".converting")
     shutil.rmtree(tmp, ignore_errors=True)
-    stats = convert_mcore_to_hf(plan.cfg.load, str(tmp), iteration=plan.cfg.load_iteration)
+    it = plan.cfg.load_iteration
+    recorded = plan.out_dir / "fingerprint.json"
+    if it is None and recorded.is_file():  # the iteration `latest` meant when this was planned
+        it = json.loads(recorded.read_text()).get("model", {}).get("iteration")
+    stats = convert_mcore_to_hf(plan.cfg.load, str(tmp), iteration=it)
     os.replace(tmp, path)
     logger.info("converted %s to %s in %.1f s", plan.cfg.load, path, stats["seconds"])
     return path
@@ -249,6 +257,9 @@ def run_one_shard(out_dir: str | Path, index: int) -> Path:
     if not 0 <= index < len(plan.shards):
         raise ConfigError(f"shard index {index} is outside 0..{len(plan.shards) - 1}")
     shard = plan.shards[index]
+    from megatron_trapo.eval import fingerprint
+
+    fingerprint.verify(plan.out_dir, plan.cfg)  # the weights did not change under the array
     if plan.cfg.load and not (hf_model_dir(plan) / "config.json").is_file():
         raise ConfigError(f"{hf_model_dir(plan)} is missing: the conversion job did not finish")
     if not shard_path(plan.out_dir, shard).is_file():
@@ -256,11 +267,11 @@ def run_one_shard(out_dir: str | Path, index: int) -> Path:
     return shard_path(plan.out_dir, shard)
 
 
-def run_local(cfg: EvalConfig, progress_desc: str = "eval") -> Dict:
+def run_local(cfg: EvalConfig, progress_desc: str = "eval", force: bool = False) -> Dict:
     """All shards in this process (skipping finished ones), then the summary."""
     from megatron_trapo.eval.summary import aggregate
 
-    plan = prepare(cfg)
+    plan = prepare(cfg, force)
     todo = missing_shards(plan)
     if todo:
         _run_shards(plan, todo, progress_desc)
@@ -269,4 +280,8 @@ def run_local(cfg: EvalConfig, progress_desc: str = "eval") -> Dict:
 
 def convert_only(out_dir: str | Path) -> Optional[Path]:
     """The Slurm conversion job: make ``output_dir/hf_model`` from ``load``."""
-    return ensure_hf_model(load_plan(out_dir))
+    from megatron_trapo.eval import fingerprint
+
+    plan = load_plan(out_dir)
+    fingerprint.verify(plan.out_dir, plan.cfg)
+    return ensure_hf_model(plan)

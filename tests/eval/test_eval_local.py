@@ -96,3 +96,24 @@ def test_vllm_engine_against_running_servers_gives_the_local_samples(tiny_model,
     finally:
         pool.close()
     assert rows(out) == rows(reference_run)
+
+
+def test_new_weights_at_the_same_path_are_not_served_old_results(tiny_model, tmp_path):
+    """Probe 6g: weights copied over model_path used to leave samples.jsonl byte-identical."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(tiny_model, model)
+    cli("eval", f"model_path={model}", f"output_dir={out}", *EVAL_ARGS)
+    before = rows(out)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(-1.0)  # other weights, same path
+    m.save_pretrained(model)
+    proc = cli("eval", f"model_path={model}", f"output_dir={out}", *EVAL_ARGS, check=False)
+    assert proc.returncode == 2 and "holds results of something else: model files changed" \
+        in proc.stderr and "--force" in proc.stderr
+    cli("eval", f"model_path={model}", f"output_dir={out}", *EVAL_ARGS, "--force")
+    after = rows(out)
+    assert len(after) == len(before) and [r["text"] for r in after] != [r["text"] for r in before]
