@@ -30,6 +30,7 @@ import httpx
 from megatron_trapo.config import ConfigError, TrainConfig
 from megatron_trapo.launch import commands as C
 from megatron_trapo.launch.hosts import in_slurm, job_hosts
+from megatron_trapo.launch.node_agent import stop
 from megatron_trapo.launch.placement import Placement, place
 
 STOP_GRACE_S = 40.0  # the agents' own grace (20 s) plus srun's signal forwarding
@@ -127,26 +128,6 @@ def _start(cmd: C.Command, log: Optional[Path]) -> subprocess.Popen:
                             stderr=subprocess.STDOUT if out else None, start_new_session=True)
 
 
-def _signal(proc: subprocess.Popen, sig: int) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _stop(procs: List[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
-    for p in procs:
-        _signal(p, signal.SIGTERM)
-    deadline = time.time() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            _signal(p, signal.SIGKILL)
-            p.wait()
-
-
 def _wait_servers(job: Job, agents: Dict[str, subprocess.Popen], timeout_s: float) -> None:
     pending = {s.url: s for s in job.placement.servers}
     deadline = time.time() + timeout_s
@@ -207,8 +188,8 @@ def run_job(job: Job) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         if trainer is not None:
-            _stop([trainer])
-        _stop(list(agents.values()))
+            stop([trainer], STOP_GRACE_S)
+        stop(agents.values(), STOP_GRACE_S)
         job.status(state="done", exit_code=code)
         print(f"launch: done (exit code {code}); servers stopped", flush=True)
     return code

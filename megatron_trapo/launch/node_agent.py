@@ -16,28 +16,32 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 GRACE_S = 20.0
 
 
-def stop(procs: Dict[str, subprocess.Popen], grace_s: float = GRACE_S) -> None:
-    for p in procs.values():
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+def stop(procs: Iterable[subprocess.Popen], grace_s: float = GRACE_S) -> None:
+    """SIGTERM each process's group (each was started in a session of its own), SIGKILL the
+    ones still running after ``grace_s``. The launcher stops its steps the same way."""
+    procs = list(procs)
+    for p in procs:
+        _signal(p, signal.SIGTERM)
     deadline = time.time() + grace_s
-    for p in procs.values():
+    for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal(p, signal.SIGKILL)
             p.wait()
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -78,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if len(reported) == len(procs):
             return 1  # every server of this node is gone
         time.sleep(0.5)
-    stop(procs)
+    stop(procs.values())
     return 0
 
 
