@@ -14,7 +14,7 @@ import inspect
 import random
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -112,7 +112,10 @@ class HFEngine(RolloutEngine):
 
     # --- generation ------------------------------------------------------------------------
 
-    def generate(self, requests: Sequence[RolloutRequest]) -> List[List[Sample]]:
+    def generate(self, requests: Sequence[RolloutRequest],
+                 cancelled: Optional[Callable[[int], bool]] = None) -> List[List[Sample]]:
+        """``cancelled(i)`` true: request ``i`` was abandoned by its client (the protocol
+        server); its rows leave the batch at the next token and it gets empty samples."""
         rows = []  # (request index, sample index, input ids, budget, sampling, seed)
         for i, req in enumerate(requests):
             ids = req.input_ids()
@@ -138,14 +141,17 @@ class HFEngine(RolloutEngine):
                 out[i][j] = Sample([], [], "length", self._version, len(req.prefix_ids))
         with self._lock:
             for start in range(0, len(rows), self.max_batch_size):
-                batch = rows[start:start + self.max_batch_size]
-                for (i, j, *_), sample in zip(batch, self._generate_batch(batch)):
+                batch = [r for r in rows[start:start + self.max_batch_size]
+                         if cancelled is None or not cancelled(r[0])]
+                if not batch:
+                    continue
+                for (i, j, *_), sample in zip(batch, self._generate_batch(batch, cancelled)):
                     sample.prefix_len = len(requests[i].prefix_ids)
                     out[i][j] = sample
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _generate_batch(self, rows) -> List[Sample]:
+    def _generate_batch(self, rows, cancelled=None) -> List[Sample]:
         from transformers import DynamicCache
 
         n = len(rows)
@@ -179,7 +185,7 @@ class HFEngine(RolloutEngine):
                 stops = self.eos_ids + list(rows[k][4].stop_token_ids)
                 if chosen[b] in stops:
                     finish[k] = "stop"
-                elif len(tokens[k]) < rows[k][3]:
+                elif len(tokens[k]) < rows[k][3] and not (cancelled and cancelled(rows[k][0])):
                     keep.append(b)
             if not keep:
                 break

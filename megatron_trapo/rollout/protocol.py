@@ -5,24 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+from megatron_trapo.rollout.server_schema import GenerateBody, ServerLimits, validate
 from megatron_trapo.rollout.types import RolloutError, RolloutRequest, Sample, SamplingParams
-
-# SGLang 0.5.23 rejects unknown fields with 400; so does our server. Fields sglang-router adds
-# (or SGLang features we do not implement) are accepted only with neutral values.
-GENERATE_FIELDS = {"input_ids", "text", "sampling_params", "return_logprob", "logprob_start_len",
-                   "top_logprobs_num", "stream", "rid", "model", "background", "log_metrics",
-                   "no_logs", "return_bytes", "return_text_in_logprobs", "return_entropy",
-                   "return_hidden_states"}
-_NEUTRAL_GENERATE = {"return_entropy": False, "return_hidden_states": False}
-SAMPLING_FIELDS = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "min_new_tokens",
-                   "n", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
-                   "no_stop_trim", "sampling_seed", "spaces_between_special_tokens",
-                   "frequency_penalty", "presence_penalty", "repetition_penalty", "regex",
-                   "json_schema", "ebnf", "logit_bias", "custom_params"}
-_NEUTRAL_SAMPLING = {"min_p": 0.0, "min_new_tokens": 0, "ignore_eos": False,
-                     "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-                     "regex": None, "json_schema": None, "ebnf": None, "logit_bias": None,
-                     "custom_params": None}
 
 
 def sglang_payload(input_ids: List[int], sp: SamplingParams, seed: Optional[int],
@@ -74,37 +58,22 @@ def sglang_item(sample: Sample, rid: str, prompt_tokens: int, text: str = "") ->
                                                     zip(sample.logprobs, sample.token_ids)]}}
 
 
-def requests_from_sglang(body: Dict[str, Any]) -> List[RolloutRequest]:
-    """Parse a /generate body into requests; raises ValueError (→ HTTP 400) on what we refuse."""
-    unknown = set(body) - GENERATE_FIELDS
-    if unknown:
-        raise ValueError(f"unknown fields {sorted(unknown)}")
-    for key, neutral in _NEUTRAL_GENERATE.items():
-        if body.get(key, neutral) not in (neutral, None):
-            raise ValueError(f"{key}={body[key]!r} is not supported by this server")
-    if body.get("stream"):
-        raise ValueError("stream=true is not supported by this server")
-    if "input_ids" not in body:
-        raise ValueError("input_ids is required (this server does not tokenize text)")
-    sp_in = dict(body.get("sampling_params") or {})
-    unknown = set(sp_in) - SAMPLING_FIELDS
-    if unknown:
-        raise ValueError(f"unknown sampling_params {sorted(unknown)}")
-    for key, neutral in _NEUTRAL_SAMPLING.items():
-        if sp_in.get(key, neutral) not in (neutral, None):
-            raise ValueError(f"sampling_params.{key}={sp_in[key]!r} is not supported by this "
-                             "server")
-    if sp_in.get("stop"):
-        raise ValueError("string stop sequences are not supported; use stop_token_ids")
-    ids = body["input_ids"]
-    batch = ids if ids and isinstance(ids[0], list) else [ids]
-    sp = SamplingParams(n=int(sp_in.get("n", 1)), temperature=float(sp_in.get("temperature", 1.0)),
-                        top_p=float(sp_in.get("top_p", 1.0)), top_k=int(sp_in.get("top_k", -1)),
-                        max_new_tokens=int(sp_in.get("max_new_tokens", 128)),
-                        stop_token_ids=[int(t) for t in sp_in.get("stop_token_ids") or []],
-                        seed=sp_in.get("sampling_seed"))
-    return [RolloutRequest([int(t) for t in p], sp) for p in batch]
+def requests_from_sglang(body: Any, limits: Optional[ServerLimits] = None
+                         ) -> List[RolloutRequest]:
+    """Parse a /generate body into requests. SGLang 0.5.23 rejects unknown fields; so does our
+    server, and fields sglang-router adds (or SGLang features we do not implement) are accepted
+    only with neutral values (see :mod:`server_schema`). Raises ``BadRequest`` (a ValueError
+    naming the field) on what it refuses."""
+    parsed = validate(GenerateBody, body, limits or ServerLimits())
+    return requests_from_parsed(parsed)
 
+
+def requests_from_parsed(body: GenerateBody) -> List[RolloutRequest]:
+    s = body.sampling_params
+    sp = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                        max_new_tokens=s.max_new_tokens, stop_token_ids=list(s.stop_token_ids or []),
+                        seed=s.sampling_seed)
+    return [RolloutRequest(list(p), sp) for p in body.input_ids]
 
 def vllm_payload(prompts: List[List[int]], sp: SamplingParams, model: str) -> Dict[str, Any]:
     body = {"model": model, "prompt": prompts, "n": sp.n, "max_tokens": sp.max_new_tokens,

@@ -22,13 +22,18 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 import torch
-from fastapi import FastAPI, HTTPException, Request  # module level: FastAPI resolves annotations
+from fastapi import FastAPI, Request  # module level: FastAPI resolves annotations
 from fastapi.responses import JSONResponse
 
 from megatron_trapo.rollout import protocol
 from megatron_trapo.rollout.hf_engine import HFEngine
 from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
                                                   init_weight_update_group)
+from megatron_trapo.rollout.server_schema import (BadRequest, CollectiveRpcBody, CompletionsBody,
+                                                  DiskUpdateBody, DistributedUpdateBody,
+                                                  GenerateBody, GroupNameBody, InitGroupBody,
+                                                  ServerLimits, WeightVersionBody, parse_json,
+                                                  validate)
 from megatron_trapo.rollout.types import RolloutError, RolloutRequest, SamplingParams
 from megatron_trapo.rollout.vllm_engine import TESTED_VLLM
 
@@ -37,44 +42,105 @@ logger = logging.getLogger("megatron_trapo.serve")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-class Batcher:
-    """Collects concurrent generate calls and runs them through the engine as one batch."""
+class QueueFull(Exception):
+    """More samples queued than ``--max-queued-samples``: answered with 503 and Retry-After."""
 
-    def __init__(self, engine: HFEngine, window_s: float = 0.005):
-        self.engine, self.window = engine, window_s
-        self.queue: "queue.Queue" = queue.Queue()
+
+class Job:
+    """One HTTP request's prompts, waiting in or running through the batcher."""
+
+    def __init__(self, reqs: List[RolloutRequest], loop: asyncio.AbstractEventLoop):
+        self.reqs, self.loop = reqs, loop
+        self.fut: "asyncio.Future" = loop.create_future()
+        self.samples = sum(r.sampling.n for r in reqs)
+        self.cancelled = False  # the client went away: its rows leave the batch
+
+    def finish(self, value, error: bool) -> None:
+        def settle():
+            if not self.fut.done():
+                (self.fut.set_exception if error else self.fut.set_result)(value)
+        self.loop.call_soon_threadsafe(settle)
+
+
+class Batcher:
+    """Collects concurrent generate calls and runs them through the engine as one batch.
+
+    The queue is bounded in samples (prompts × n, waiting or running): a request that would
+    overflow it is refused with 503 at once instead of making every client wait; a job whose
+    client disconnected is skipped, or leaves a running batch at its next token."""
+
+    def __init__(self, engine: HFEngine, window_s: float = 0.005,
+                 max_queued_samples: int = 4096):
+        self.engine, self.window, self.capacity = engine, window_s, max_queued_samples
+        self.queue: "queue.Queue[Job]" = queue.Queue()
         self.resume = threading.Event()
         self.resume.set()
+        self._lock = threading.Lock()
+        self.pending = 0  # samples queued or running
+        self.batch_started: Optional[float] = None  # when the running batch began
         threading.Thread(target=self._loop, daemon=True, name="batcher").start()
 
-    def submit(self, reqs: List[RolloutRequest]) -> "asyncio.Future":
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.queue.put((reqs, fut, loop))
-        return fut
+    def submit(self, reqs: List[RolloutRequest], bypass_limit: bool = False) -> Job:
+        job = Job(reqs, asyncio.get_running_loop())
+        with self._lock:
+            if not bypass_limit and self.pending + job.samples > self.capacity:
+                raise QueueFull(f"the server's queue holds {self.pending} samples; this request "
+                                f"adds {job.samples} and the limit is {self.capacity} "
+                                "(--max-queued-samples): retry later")
+            self.pending += job.samples
+        self.queue.put(job)
+        return job
 
     def _loop(self) -> None:
         while True:
-            items = [self.queue.get()]
+            jobs = [self.queue.get()]
             deadline = time.time() + self.window
             while time.time() < deadline:
                 try:
-                    items.append(self.queue.get(timeout=max(deadline - time.time(), 0)))
+                    jobs.append(self.queue.get(timeout=max(deadline - time.time(), 0)))
                 except queue.Empty:
                     break
             self.resume.wait()  # paused for a weight update
-            flat = [r for reqs, _, _ in items for r in reqs]
+            live = [j for j in jobs if not j.cancelled]
+            owner = [j for j in live for _ in j.reqs]  # request index → its job
+            self.batch_started = time.time()
             try:
-                results = self.engine.generate(flat)
+                if live:
+                    results = self.engine.generate([r for j in live for r in j.reqs],
+                                                   cancelled=lambda i: owner[i].cancelled)
                 error = None
             except Exception as exc:  # reported to every caller of this batch
                 results, error = None, exc
+            finally:
+                self.batch_started = None
+                with self._lock:
+                    self.pending -= sum(j.samples for j in jobs)
             offset = 0
-            for reqs, fut, loop in items:
-                value = error if error else results[offset:offset + len(reqs)]
-                offset += len(reqs)
-                setter = fut.set_exception if error else fut.set_result
-                loop.call_soon_threadsafe(lambda f=fut, s=setter, v=value: f.done() or s(v))
+            for job in live:
+                job.finish(error or results[offset:offset + len(job.reqs)], error is not None)
+                offset += len(job.reqs)
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def wait_for_job(job: Job, request: Optional[Request], timeout_s: Optional[float] = None):
+    """The job's result; cancels it when the client disconnects (``ClientGone``) or after
+    ``timeout_s`` (``asyncio.TimeoutError``), so abandoned work does not block other clients."""
+    start = time.time()
+    try:
+        while True:
+            done, _ = await asyncio.wait({job.fut}, timeout=0.1)
+            if done:
+                return job.fut.result()
+            if request is not None and await request.is_disconnected():
+                raise ClientGone()
+            if timeout_s is not None and time.time() - start > timeout_s:
+                raise asyncio.TimeoutError()
+    except BaseException:
+        job.cancelled = True
+        raise
 
 
 def _stand_in_rank(conn, address: str, port: int, rank: int, world: int, name: str,
@@ -138,11 +204,15 @@ class TPRankStandIn:
 
 
 def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_window_ms: float = 5,
-              tp_size: int = 1):
+              tp_size: int = 1, limits: Optional[ServerLimits] = None,
+              health_timeout_s: float = 5.0):
     """``tp_size`` > 1: the server reports that TP size and joins weight-update groups with
-    that many ranks (stand-in processes for ranks 1.., see :class:`TPRankStandIn`)."""
+    that many ranks (stand-in processes for ranks 1.., see :class:`TPRankStandIn`).
+    ``limits``: what one request may ask (n, max_new_tokens, queued samples, body size);
+    A larger max_new_tokens than the context leaves is clamped to it, as the engine does."""
+    limits = limits or ServerLimits()
     app = FastAPI(title="megatron_trapo protocol server")
-    batcher = Batcher(engine, batch_window_ms / 1000)
+    batcher = Batcher(engine, batch_window_ms / 1000, limits.max_queued_samples)
     state: Dict[str, Any] = {"groups": {}}
     tokenizer = None
     if tokenizer_path:
@@ -153,38 +223,81 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
     def decode(ids: List[int]) -> str:
         return tokenizer.decode(ids) if tokenizer is not None else ""
 
-    async def body_of(request: Request) -> Dict[str, Any]:
+    def error(status: int, message: str, fields: Optional[List[str]] = None, **headers):
+        body: Dict[str, Any] = {"error": {"message": message, "code": status}}
+        if fields:
+            body["error"]["fields"] = fields
+        return JSONResponse(body, status_code=status, headers=headers or None)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_request: Request, exc: BadRequest):
+        return error(exc.status, str(exc), exc.fields)
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception):  # a bug here, still answered in JSON
+        logger.exception("internal error")
+        return error(500, f"internal server error: {type(exc).__name__}: {exc}")
+
+    async def body_of(request: Request, model: type):
+        """The body parsed and validated: 415 / 413 / 400 / 422 naming the problem."""
         ctype = request.headers.get("content-type", "")
         if "application/json" not in ctype:
-            raise HTTPException(415, "Content-Type must be application/json")
-        return await request.json()
+            raise BadRequest("Content-Type must be application/json", 415)
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > limits.max_body_bytes:
+            raise BadRequest(f"request body of {size} bytes exceeds the server's limit of "
+                             f"{limits.max_body_bytes} (--max-body-mb)", 413)
+        raw = parse_json(await request.body(), limits)
+        return raw, validate(model, raw, limits)
+
+    async def run(reqs: List[RolloutRequest], request: Request):
+        try:
+            job = batcher.submit(reqs)
+        except QueueFull as exc:
+            return error(503, str(exc), **{"Retry-After": "1"})
+        try:
+            return await wait_for_job(job, request)
+        except ClientGone:
+            return error(499, "client closed the request")
+        except RolloutError as exc:
+            return error(400, str(exc))
 
     @app.post("/generate")
     async def generate(request: Request):
-        body = await body_of(request)
-        try:
-            reqs = protocol.requests_from_sglang(body)
-        except (ValueError, RolloutError) as exc:
-            return JSONResponse({"error": {"message": str(exc)}}, status_code=400)
-        try:
-            results = await batcher.submit(reqs)
-        except RolloutError as exc:
-            return JSONResponse({"error": {"message": str(exc)}}, status_code=400)
-        rid = body.get("rid") or uuid.uuid4().hex
+        raw, body = await body_of(request, GenerateBody)
+        reqs = protocol.requests_from_parsed(body)
+        results = await run(reqs, request)
+        if isinstance(results, JSONResponse):
+            return results
+        rid = body.rid if isinstance(body.rid, str) else uuid.uuid4().hex
         items = [protocol.sglang_item(s, f"{rid}-{i}-{j}", len(r.prompt_ids), decode(s.token_ids))
                  for i, (r, samples) in enumerate(zip(reqs, results))
                  for j, s in enumerate(samples)]
-        single = not isinstance(body["input_ids"][0], list) and reqs[0].sampling.n == 1
+        single = not isinstance(raw["input_ids"][0], list) and reqs[0].sampling.n == 1
         return items[0] if single else items
 
     @app.get("/health")
-    async def health():
+    async def health():  # liveness: the process answers (the router and failover ask this)
         return {"status": "ok"}
 
     @app.get("/health_generate")
     async def health_generate():
-        await batcher.submit([RolloutRequest([0], SamplingParams(temperature=0, max_new_tokens=1))])
-        return {"status": "ok"}
+        """Readiness: one greedy token is generated within ``health_timeout_s`` — 503 when the
+        engine is busy with a backlog, stuck, or the queue is full."""
+        probe = [RolloutRequest([0], SamplingParams(temperature=0, max_new_tokens=1))]
+        job = batcher.submit(probe, bypass_limit=True)
+        try:
+            await wait_for_job(job, None, health_timeout_s)
+        except asyncio.TimeoutError:
+            running = batcher.batch_started
+            return JSONResponse(
+                {"status": "busy", "queued_samples": batcher.pending,
+                 "batch_running_s": round(time.time() - running, 1) if running else None,
+                 "message": f"no token generated within {health_timeout_s:.0f} s"},
+                status_code=503)
+        except Exception as exc:
+            return error(503, f"the engine failed to generate: {type(exc).__name__}: {exc}")
+        return {"status": "ok", "queued_samples": batcher.pending - 1}
 
     @app.get("/get_model_info")
     async def model_info():
@@ -197,7 +310,10 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
         return {"model_path": engine.model_path, "weight_version": engine.weight_version,
                 "engine": "megatron_trapo.hf", "max_context": engine.max_context,
                 "tp_size": tp_size, "pp_size": 1, "dp_size": 1,
-                "enable_deterministic_inference": True}  # sampling seeds are honoured
+                "enable_deterministic_inference": True,  # sampling seeds are honoured
+                "limits": {"max_n": limits.max_n, "max_new_tokens": limits.max_new_tokens,
+                           "max_queued_samples": limits.max_queued_samples},
+                "queued_samples": batcher.pending}
 
     @app.get("/v1/models")
     async def models():  # vLLM's list of served models (the id is what /v1/completions wants)
@@ -220,48 +336,47 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
 
     @app.post("/update_weight_version")
     async def update_version(request: Request):
-        body = await body_of(request)
-        engine._version = str(body["new_version"])
+        _, body = await body_of(request, WeightVersionBody)
+        engine._version = str(body.new_version)
         return {"success": True}
 
     @app.post("/update_weights_from_disk")
     async def update_from_disk(request: Request):
-        body = await body_of(request)
-        version = str(body.get("weight_version") or engine.weight_version)
+        _, body = await body_of(request, DiskUpdateBody)
+        version = str(body.weight_version or engine.weight_version)
         try:
-            await asyncio.to_thread(engine.update_weights_from_disk, body["model_path"], version)
+            await asyncio.to_thread(engine.update_weights_from_disk, body.model_path, version)
         except Exception as exc:  # a bad path or mismatched tensors: reported, server keeps serving
             return {"success": False, "message": str(exc), "num_paused_requests": 0}
         return {"success": True, "message": "ok", "num_paused_requests": 0}
 
     @app.post("/init_weights_update_group")
     async def init_group(request: Request):
-        body = await body_of(request)
-        name = body.get("group_name", "weight_update_group")
-        args = (body["master_address"], int(body["master_port"]), int(body["world_size"]), name,
-                body.get("backend", "gloo"))
-        offset = int(body["rank_offset"])
+        _, b = await body_of(request, InitGroupBody)
         try:
             # TP ranks 1.. are stand-in processes (as SGLang's TP workers are processes)
-            members = [TPRankStandIn(*args[:2], offset + r, *args[2:]) for r in range(1, tp_size)]
-            group = await asyncio.to_thread(init_weight_update_group, args[0], args[1], offset,
-                                            args[2], name, args[4])
+            members = [TPRankStandIn(b.master_address, b.master_port, b.rank_offset + r,
+                                     b.world_size, b.group_name, b.backend)
+                       for r in range(1, tp_size)]
+            group = await asyncio.to_thread(init_weight_update_group, b.master_address,
+                                            b.master_port, b.rank_offset, b.world_size,
+                                            b.group_name, b.backend)
             for m in members:
                 m.joined()
         except Exception as exc:  # reported like SGLang does: success false, message
             return {"success": False, "message": f"{type(exc).__name__}: {exc}"}
-        state["groups"][name] = (group, members)
+        state["groups"][b.group_name] = (group, members)
         return {"success": True, "message": "ok"}
 
     @app.post("/update_weights_from_distributed")
     async def update_distributed(request: Request):
-        body = await body_of(request)
-        entry = state["groups"].get(body.get("group_name", "weight_update_group"))
+        _, body = await body_of(request, DistributedUpdateBody)
+        entry = state["groups"].get(body.group_name)
         if entry is None:
             return {"success": False, "message": "no weight update group; call "
                                                  "/init_weights_update_group first"}
         group, members = entry
-        specs = list(zip(body["names"], body["dtypes"], body["shapes"]))
+        specs = list(zip(body.names, body.dtypes, body.shapes))
 
         def receive():
             for m in members:
@@ -274,7 +389,7 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
             for m in members:
                 m.done()
             engine.update_weights_from_tensors(
-                tensors, str(body.get("weight_version") or engine.weight_version))
+                tensors, str(body.weight_version or engine.weight_version))
 
         try:
             await asyncio.to_thread(receive)
@@ -284,8 +399,8 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
 
     @app.post("/destroy_weights_update_group")
     async def destroy_group(request: Request):
-        body = await body_of(request)
-        entry = state["groups"].pop(body.get("group_name", "weight_update_group"), None)
+        _, body = await body_of(request, GroupNameBody)
+        entry = state["groups"].pop(body.group_name, None)
         if entry is None:
             return {"success": False, "message": "The group to be destroyed does not exist."}
         group, members = entry
@@ -307,8 +422,7 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
     @app.post("/pause")
     async def vllm_pause(mode: str = "abort"):
         if mode not in ("abort", "wait", "keep"):
-            return JSONResponse({"error": f"mode must be abort, wait or keep, got {mode!r}"},
-                                status_code=400)
+            return error(400, f"mode must be abort, wait or keep, got {mode!r}", ["mode"])
         batcher.resume.clear()  # queued and new requests wait; the running batch finishes
         return {"status": "paused"}
 
@@ -319,16 +433,12 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
 
     @app.post("/collective_rpc")
     async def collective_rpc(request: Request):
-        body = await body_of(request)
-        kwargs = body.get("kwargs") or {}
-        if body.get("method") != "reload_weights" or set(kwargs) - {"weights_path"}:
-            return JSONResponse({"error": "this server runs only reload_weights(weights_path=…)"},
-                                status_code=400)
+        _, body = await body_of(request, CollectiveRpcBody)
         try:
-            await asyncio.to_thread(engine.update_weights_from_disk, kwargs["weights_path"],
+            await asyncio.to_thread(engine.update_weights_from_disk, body.kwargs["weights_path"],
                                     engine.weight_version)
         except Exception as exc:  # vLLM answers a failed RPC with HTTP 500
-            return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
+            return error(500, f"{type(exc).__name__}: {exc}")
         return {"results": [None] * tp_size}
 
     @app.post("/reset_prefix_cache")
@@ -337,28 +447,23 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
-        prompts = body["prompt"] if body["prompt"] and isinstance(body["prompt"][0], list) \
-            else [body["prompt"]]
-        n = int(body.get("n", 1))
-        sp = SamplingParams(n=n, temperature=float(body.get("temperature", 1.0)),
-                            top_p=float(body.get("top_p", 1.0)), top_k=int(body.get("top_k", -1)),
-                            max_new_tokens=int(body.get("max_tokens", 16)),
-                            stop_token_ids=list(body.get("stop_token_ids") or []),
-                            seed=body.get("seed"))
-        try:
-            results = await batcher.submit([RolloutRequest(list(p), sp) for p in prompts])
-        except RolloutError as exc:
-            return JSONResponse({"error": {"message": str(exc)}}, status_code=400)
+        _, body = await body_of(request, CompletionsBody)
+        n = body.n
+        sp = SamplingParams(n=n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                            max_new_tokens=body.max_tokens,
+                            stop_token_ids=list(body.stop_token_ids or []), seed=body.seed)
+        results = await run([RolloutRequest(list(p), sp) for p in body.prompt], request)
+        if isinstance(results, JSONResponse):
+            return results
         choices = []
         for p, samples in enumerate(results):
             for j, s in enumerate(samples):
                 choices.append({"index": p * n + j, "text": decode(s.token_ids),
-                                "token_ids": s.token_ids, "prompt_token_ids": prompts[p],
+                                "token_ids": s.token_ids, "prompt_token_ids": body.prompt[p],
                                 "logprobs": {"token_logprobs": s.logprobs,
                                              "tokens": [f"token_id:{t}" for t in s.token_ids]},
                                 "finish_reason": s.finish_reason})
-        return {"id": uuid.uuid4().hex, "object": "text_completion", "model": body.get("model"),
+        return {"id": uuid.uuid4().hex, "object": "text_completion", "model": body.model,
                 "choices": choices}
 
     return app
@@ -375,6 +480,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--batch-window-ms", type=float, default=5.0)
     ap.add_argument("--weight-version", default="0")
+    ap.add_argument("--max-n", type=int, default=ServerLimits.max_n,
+                    help="most samples per prompt one request may ask for")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="most new tokens one request may ask for (default: no limit beyond "
+                         "the model's context, which bounds every generation anyway)")
+    ap.add_argument("--max-queued-samples", type=int, default=ServerLimits.max_queued_samples,
+                    help="samples (prompts x n) queued or running; more are refused with 503")
+    ap.add_argument("--max-body-mb", type=float, default=ServerLimits.max_body_bytes / 2**20)
+    ap.add_argument("--health-timeout-s", type=float, default=5.0,
+                    help="/health_generate answers 503 when no token comes within this time")
     ap.add_argument("--tp-size", type=int, default=1,
                     help="ranks this server takes in weight-update groups, as an SGLang server "
                          "of that TP size does (the extra ranks receive and check the tensors)")
@@ -385,7 +500,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     engine = HFEngine(args.model_path, device=args.device, dtype=args.dtype,
                       max_batch_size=args.max_batch_size, tokenizer_path=args.tokenizer_path,
                       weight_version=args.weight_version)
-    app = build_app(engine, args.tokenizer_path, args.batch_window_ms, args.tp_size)
+    limits = ServerLimits(max_n=args.max_n,
+                          max_new_tokens=args.max_new_tokens or ServerLimits.max_new_tokens,
+                          max_queued_samples=args.max_queued_samples,
+                          max_body_bytes=int(args.max_body_mb * 2**20))
+    app = build_app(engine, args.tokenizer_path, args.batch_window_ms, args.tp_size, limits,
+                    args.health_timeout_s)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
@@ -73,11 +74,13 @@ class SGLangEngine(RolloutEngine):
                 raise RolloutError(f"{where}: no live server left (dead: {self.pool.dead})")
             try:
                 r = self.client.post(self.pool.generate_url + "/generate", json=payload)
-                if r.status_code == 400:
+                if r.status_code in (400, 413, 415, 422):  # our request is wrong: no retry
                     raise RolloutError(f"{where}: server refused the request: {r.text[:300]}")
                 if r.status_code == 200:
                     return protocol.sample_from_sglang(r.json(), prefix_len)
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
+                if r.status_code == 503 and "retry-after" in r.headers:  # queue full: back off
+                    time.sleep(min(float(r.headers["retry-after"] or 1), 10.0))
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             self.retries += 1

@@ -111,7 +111,7 @@ class VLLMEngine(RolloutEngine):
                 r = self.client.post(url + "/v1/completions", json=body)
                 if r.status_code == 200:
                     return r.json()
-                if r.status_code == 400:
+                if r.status_code in (400, 413, 415, 422):  # our request is wrong: no retry
                     raise RolloutError(f"{where}: vLLM refused the request: {r.text[:300]}")
                 last = f"HTTP {r.status_code}"
             except httpx.HTTPError as exc:

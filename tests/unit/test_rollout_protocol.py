@@ -21,7 +21,7 @@ def test_payload_round_trip_through_server_parser():
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"input_ids": [1], "bogus": 1}, "unknown fields"),
+    ({"input_ids": [1], "bogus": 1}, "bogus: unknown field"),
     ({"input_ids": [1], "stream": True}, "stream"),
     ({"text": "hi"}, "input_ids is required"),
     ({"input_ids": [1], "sampling_params": {"stop": ["\n"]}}, "stop_token_ids"),
