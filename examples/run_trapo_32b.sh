@@ -15,6 +15,12 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=trapo-32b-%j.out
+# Preemption and time limits: 5 min before the end Slurm sends SIGUSR1 to the launcher (this
+# script execs it), which has the trainer finish its step, save and exit 75; the launcher then
+# requeues the job (scontrol requeue) and the requeued job resumes from the checkpoint.
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 exec "${PYTHON:-python}" -m megatron_trapo.cli launch \

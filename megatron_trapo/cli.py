@@ -162,6 +162,8 @@ def _launch(args) -> int:
 def _train(args) -> int:
     import torch
 
+    from megatron_trapo.train.preemption import PREEMPTED_EXIT, Preempted
+
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         from megatron_trapo.platform.distributed import validate_layout
@@ -174,6 +176,13 @@ def _train(args) -> int:
     except ConfigError as exc:
         print(f"megatron-trapo: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:  # a clean stop: the launcher / the Slurm script requeues on 75
+        if torch.distributed.get_rank() == 0:
+            print(f"megatron-trapo: {exc}", file=sys.stderr, flush=True)
+        from megatron_trapo.platform.distributed import destroy_distributed
+
+        destroy_distributed()
+        return PREEMPTED_EXIT
     if torch.distributed.get_rank() == 0:
         print(json.dumps({k: round(v, 5) for k, v in final.items()
                           if isinstance(v, float)}))

@@ -436,6 +436,8 @@ class LaunchConfig:
     srun_args: List[str] = field(default_factory=list)  # extra flags of every srun step
     container_image: Optional[str] = None  # run steps in a container (enroot/pyxis)
     container_mounts: Optional[str] = None  # pyxis --container-mounts (the shared filesystem)
+    requeue: bool = True  # preempted (SIGUSR1/SIGTERM, checkpoint saved): scontrol requeue
+    stop_grace_s: float = 900.0  # how long a stop request waits for the step and its save
 
     def __post_init__(self) -> None:
         for name in ("trainer_nodes", "gpus_per_node", "server_tp_size"):

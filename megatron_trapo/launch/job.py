@@ -32,6 +32,8 @@ from megatron_trapo.launch import commands as C
 from megatron_trapo.launch.hosts import in_slurm, job_hosts
 from megatron_trapo.launch.node_agent import stop
 from megatron_trapo.launch.placement import Placement, place
+from megatron_trapo.train.preemption import (PREEMPTED_EXIT, read_record, request_stop,
+                                             stop_file)
 
 STOP_GRACE_S = 40.0  # the agents' own grace (20 s) plus srun's signal forwarding
 
@@ -105,6 +107,14 @@ def build_job(cfg: TrainConfig, config_path: Optional[str], overrides: Sequence[
         raise ConfigError("rollout.model_path is not set: the HF folder every inference server "
                           "loads (the trainer then syncs its own weights at step 0)")
     slurm = in_slurm(env)
+    restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+    if slurm and restarts > 0:  # a requeued job (preempted, or the node failed): continue it
+        print(f"launch: Slurm restart {restarts} of job {env.get('SLURM_JOB_ID')}: resuming "
+              f"from {cfg.checkpoint.save}", flush=True)
+        resume, overwrite = True, False
+    if slurm and not cfg.checkpoint.save:
+        print("launch: warning: checkpoint.save is not set, so a preempted or timed-out job "
+              "cannot save its work", flush=True)
     placement = place(job_hosts(env, hosts), cfg.launch)
     validate_layout(cfg.parallel, placement.trainer.world_size,
                     None if cfg.load else cfg.model)
@@ -153,18 +163,35 @@ def _wait_servers(job: Job, agents: Dict[str, subprocess.Popen], timeout_s: floa
 
 def run_job(job: Job) -> int:
     """Start the servers, wait for them, run the trainer, stop everything; the trainer's exit
-    code (or 1 when the servers never came up, 128+N on signal N)."""
+    code (or 1 when the servers never came up, 128+N on signal N).
+
+    SIGUSR1 or SIGTERM while the trainer runs (``sbatch --signal=B:USR1@…``, Slurm preemption,
+    ``scancel``) asks it to stop after its current step (the stop file in ``checkpoint.save``),
+    waits up to ``launch.stop_grace_s`` for its checkpoint, and returns ``PREEMPTED_EXIT``;
+    inside Slurm with ``launch.requeue`` the job is then requeued, and the requeued job resumes.
+    Ctrl-C, a second signal, or a signal before the trainer started stop everything at once."""
     _local_only(job)
     job.write_plan()
     agents: Dict[str, subprocess.Popen] = {}
     trainer: Optional[subprocess.Popen] = None
     received: List[int] = []
+    save_dir = job.cfg.checkpoint.save
+    stop_deadline: List[float] = []
+    t_start = time.time()
 
     def on_signal(signum, frame):
         received.append(signum)
-        raise KeyboardInterrupt
+        graceful = (signum in (signal.SIGTERM, signal.SIGUSR1) and trainer is not None
+                    and save_dir and not stop_deadline)
+        if not graceful:
+            raise KeyboardInterrupt
+        request_stop(save_dir, signal.Signals(signum).name)
+        stop_deadline.append(time.time() + job.cfg.launch.stop_grace_s)
+        print(f"launch: got {signal.Signals(signum).name}: the trainer stops after its current "
+              f"step and saves (waiting up to {job.cfg.launch.stop_grace_s:.0f} s)", flush=True)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    old = {s: signal.signal(s, on_signal) for s in handled}
     code = 1
     try:
         job.status(state="starting servers")
@@ -175,12 +202,28 @@ def run_job(job: Job) -> int:
         print(f"launch: {len(job.placement.servers)} server(s) healthy after "
               f"{time.time() - t0:.0f} s: {', '.join(job.placement.server_urls)}", flush=True)
         job.status(state="training")
+        stale = stop_file(save_dir)
+        if stale is not None and stale.exists():  # left by an earlier job that was killed
+            stale.unlink()
         trainer = _start(job.commands["trainer"], None)
-        code = trainer.wait()
+        while True:
+            try:
+                code = trainer.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_deadline and time.time() > stop_deadline[0]:
+                    print("launch: the trainer did not stop within launch.stop_grace_s",
+                          flush=True)
+                    raise KeyboardInterrupt
         if code < 0:  # killed by a signal (e.g. the OOM killer's SIGKILL): report it as a shell does
             code = 128 - code
+        record = read_record(save_dir)
+        if stop_deadline and record and record.get("time", 0) >= t_start:
+            print(f"launch: the trainer stopped at step {record['step']} ({record['reason']})"
+                  + (", checkpoint saved" if record.get("saved") else ""), flush=True)
+            code = PREEMPTED_EXIT
     except KeyboardInterrupt:
-        code = 128 + (received[0] if received else signal.SIGINT)
+        code = 128 + (received[-1] if received else signal.SIGINT)
     except RuntimeError as exc:
         print(f"launch: {exc}", flush=True)
         code = 1
@@ -190,6 +233,20 @@ def run_job(job: Job) -> int:
         if trainer is not None:
             stop([trainer], STOP_GRACE_S)
         stop(agents.values(), STOP_GRACE_S)
-        job.status(state="done", exit_code=code)
+        job.status(state="preempted" if code == PREEMPTED_EXIT else "done", exit_code=code)
         print(f"launch: done (exit code {code}); servers stopped", flush=True)
+    if code == PREEMPTED_EXIT and job.slurm and job.cfg.launch.requeue:
+        requeue(job)
     return code
+
+
+def requeue(job: Job) -> None:
+    """Put this Slurm job back in the queue; it restarts the batch script, which resumes
+    (``SLURM_RESTART_COUNT`` ≥ 1). Needs ``#SBATCH --requeue`` on clusters where
+    ``JobRequeue=0``."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    print(f"launch: requeueing Slurm job {job_id}", flush=True)
+    r = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"launch: scontrol requeue {job_id} failed: {r.stderr.strip()} — resubmit with "
+              "--resume", flush=True)

@@ -58,16 +58,43 @@ def verify_answer(response: str, ground_truth: str, timeout_s: int = 3) -> float
     return 1.0 if boxed is not None and math_verify_equal(boxed, ground_truth, timeout_s) else 0.0
 
 
+def _own_session() -> None:
+    """Pool workers leave the trainer's process group: a signal to the group (torchrun passing
+    SIGTERM on, ``kill -- -PGID``) is for the trainer, which finishes its step and needs its
+    verifiers for that. Pebble still stops a worker by its pid, and an idle worker exits when
+    its parent's pipe closes."""
+    import os
+
+    os.setsid()
+
+
 class VerifierPool:
     """A pool of verifier processes with a hard deadline per task (used by the reward and by
-    the evaluation graders)."""
+    the evaluation graders). A pool broken from outside (a worker killed by someone else) is
+    replaced once per call."""
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0):
+        self.timeout_s = timeout_s
+        self.num_workers = num_workers
+        self.pool = self._new_pool()
+        self.timeouts = 0  # tasks killed at the hard deadline (metric)
+
+    def _new_pool(self):
         from pebble import ProcessPool
 
-        self.timeout_s = timeout_s
-        self.pool = ProcessPool(max_workers=num_workers)
-        self.timeouts = 0  # tasks killed at the hard deadline (metric)
+        return ProcessPool(max_workers=self.num_workers, initializer=_own_session)
+
+    def _schedule(self, fn: Callable, args: Sequence[tuple]) -> list:
+        try:
+            return [self.pool.schedule(fn, args=a, timeout=self.timeout_s) for a in args]
+        except RuntimeError as exc:  # pebble: "Unexpected error within the Pool"
+            logger.warning("verifier pool broken (%s): starting a new one", exc)
+            try:
+                self.pool.stop()
+            except Exception:  # already broken; nothing more to stop
+                pass
+            self.pool = self._new_pool()
+            return [self.pool.schedule(fn, args=a, timeout=self.timeout_s) for a in args]
 
     @property
     def inner_timeout(self) -> int:
@@ -77,7 +104,7 @@ class VerifierPool:
     def map(self, fn: Callable, args: Sequence[tuple], on_failure: Callable[[str], Any]) -> list:
         """``fn(*a)`` for each ``a`` in order; a task past the deadline or crashed gives
         ``on_failure(reason)`` (and is logged, not hidden)."""
-        futures = [self.pool.schedule(fn, args=a, timeout=self.timeout_s) for a in args]
+        futures = self._schedule(fn, args)
         out = []
         for fut in futures:
             try:

@@ -65,7 +65,14 @@ class SGLangEngine(RolloutEngine):
     def _drop_dead_servers(self) -> None:
         with self._check_lock:
             for url in self.pool.check():
-                logger.warning("dropped dead server %s", url)
+                logger.warning("rollout: server %s is dead; dropped — continuing on %d server(s) "
+                               "(%s); its unfinished samples are retried on them", url,
+                               len(self.pool.urls), ", ".join(self.pool.urls) or "none")
+
+    def health_metrics(self):
+        return {"rollout/servers_live": float(len(self.pool.urls)),
+                "rollout/servers_dead": float(len(self.pool.dead)),
+                "rollout/retries": float(self.retries)}
 
     def _one(self, payload: dict, prefix_len: int, where: str) -> Sample:
         last: Optional[str] = None

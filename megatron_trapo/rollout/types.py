@@ -94,6 +94,11 @@ class RolloutEngine(abc.ABC):
                                     weight_version: str) -> None:
         raise NotImplementedError(f"{self.name} cannot receive weights in-process")
 
+    def health_metrics(self) -> Dict[str, float]:
+        """Per-step metrics of the engine's servers (live, dead, retried requests); none for an
+        in-process engine."""
+        return {}
+
     def close(self) -> None:
         pass
 

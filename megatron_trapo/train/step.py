@@ -35,6 +35,7 @@ def trapo_step(run, step: int) -> Dict[str, float]:
         trajs = generate_groups(run.data.batch(step), run.engine, run.reward, run.tokenizer,
                                 cfg.loss.loss_mode, cfg.sampler, sampling, run.eos_id,
                                 seed=cfg.seed * 7919 + step, luffy_off_policy=cfg.luffy_off_policy)
+    health = run.engine.health_metrics() if run.engine is not None else {}
     holder: List = [trajs]
     torch.distributed.broadcast_object_list(holder, src=0, group=host_group())
     trajs = holder[0]
@@ -58,7 +59,7 @@ def trapo_step(run, step: int) -> Dict[str, float]:
     # 8. the new weights to the engine
     synced = run.sync.sync(run.ddp, str(step + 1)) if run.sync is not None else {}
     # 9. metrics
-    return {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs),
+    return {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs), **health,
             **{f"sync/{k}": float(v) for k, v in synced.items()},
             "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
             "train/tokens": float(sum(s["tokens"].numel() for s in seqs))}

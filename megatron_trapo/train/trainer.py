@@ -179,17 +179,21 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 
     sft_cfg = stage("sft", "sft", cfg.sft_stage_iters, cfg.load)
     if latest_iteration(root / "sft") != cfg.sft_stage_iters:  # a finished stage is kept
-        _run_stage(sft_cfg, resume, overwrite)
+        _run_stage(sft_cfg, resume, overwrite, control_dir=str(root))
     rl = stage("rl", "grpo", cfg.train_iters, str(root / "sft"))
-    return _run_stage(rl, resume, overwrite)
+    return _run_stage(rl, resume, overwrite, control_dir=str(root))
 
 
-def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> Dict[str, float]:
+def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
+               control_dir: Optional[str] = None) -> Dict[str, float]:
+    """One training run. ``control_dir``: where the stop file and ``preempted.json`` live (the
+    run's top checkpoint folder; for sft_then_rl the same for both stages)."""
     from tqdm import tqdm
 
     from megatron_trapo.metrics import MetricsLogger, continue_log
     from megatron_trapo.plotting import plot_curves
     from megatron_trapo.train.checkpoint import save_checkpoint
+    from megatron_trapo.train.preemption import Preempted, StopRequest
     from megatron_trapo.train.step import trapo_step
 
     run, start, _ = setup(cfg, resume, overwrite)
@@ -199,32 +203,50 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> Dict[
     metrics = MetricsLogger(cfg.log_dir, enabled=rank0, config=to_dict(cfg))
     final: Dict[str, float] = {}
     has_eval = cfg.eval_data is not None  # known on every rank (items live on rank 0)
+
+    def save(iteration: int) -> None:
+        save_checkpoint(cfg.checkpoint.save, iteration, run.ddp, run.optimizer, run.scheduler,
+                        trainer_state={"iteration": iteration},
+                        config={"model": dataclasses.asdict(run.model)},
+                        keep_last=cfg.checkpoint.keep_last,
+                        optim_metadata=cfg.checkpoint.optimizer_metadata())
+
     if start == 0 and has_eval:
         final = evaluate(run)
         metrics.log(0, final)
     bar = tqdm(range(start, cfg.train_iters), disable=not rank0, initial=start,
                total=cfg.train_iters, desc=cfg.loss.loss_mode, unit="step")
-    for step in bar:
-        t0 = time.time()
-        m = trapo_step(run, step)
-        if step == 0:
-            m.update(run.data_metrics)
-        m["step_time_s"] = time.time() - t0
-        m["train/tokens_per_s"] = m.get("train/tokens", 0.0) / max(m["step_time_s"], 1e-9)
-        m["memory/peak_gb"] = peak_memory_gb()
-        last = step + 1 == cfg.train_iters
-        if has_eval and (last or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0)):
-            m.update(evaluate(run))
-        metrics.log(step + 1, m)
-        final = m
-        bar.set_postfix(loss=f"{m.get('loss', 0):.4f}",
-                        reward=f"{m.get('rollout/reward_unguided', float('nan')):.2f}")
-        interval = cfg.checkpoint.save_interval
-        if cfg.checkpoint.save and (last or (interval and (step + 1) % interval == 0)):
-            save_checkpoint(cfg.checkpoint.save, step + 1, run.ddp, run.optimizer, run.scheduler,
-                            trainer_state={"iteration": step + 1}, config={"model": dataclasses.asdict(run.model)},
-                            keep_last=cfg.checkpoint.keep_last,
-                            optim_metadata=cfg.checkpoint.optimizer_metadata())
+    with StopRequest(control_dir or cfg.checkpoint.save) as stop:
+        for step in bar:
+            t0 = time.time()
+            m = trapo_step(run, step)
+            if step == 0:
+                m.update(run.data_metrics)
+            m["step_time_s"] = time.time() - t0
+            m["train/tokens_per_s"] = m.get("train/tokens", 0.0) / max(m["step_time_s"], 1e-9)
+            m["memory/peak_gb"] = peak_memory_gb()
+            last = step + 1 == cfg.train_iters
+            if has_eval and (last or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0)):
+                m.update(evaluate(run))
+            metrics.log(step + 1, m)
+            final = m
+            bar.set_postfix(loss=f"{m.get('loss', 0):.4f}",
+                            reward=f"{m.get('rollout/reward_unguided', float('nan')):.2f}")
+            interval = cfg.checkpoint.save_interval
+            saved = bool(cfg.checkpoint.save) and (last or bool(interval and
+                                                                (step + 1) % interval == 0))
+            if saved:
+                save(step + 1)
+            reason = None if last else stop.agreed()
+            if reason is not None:  # preempted: this step is done; save it and stop
+                if cfg.checkpoint.save and not saved:
+                    save(step + 1)
+                stop.record(step + 1, reason, bool(cfg.checkpoint.save))
+                metrics.close()
+                if run.reward is not None:
+                    run.reward.close()
+                bar.close()
+                raise Preempted(step + 1, reason, bool(cfg.checkpoint.save))
     metrics.close()
     import importlib.util
 

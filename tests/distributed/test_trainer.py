@@ -67,12 +67,31 @@ def _metrics(run_dir):
     return [json.loads(l) for l in (run_dir / "runs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    full = tmp_path / "full"
-    proc = subprocess.run(_train_cmd(task, full, 6), env=env, capture_output=True, text=True,
-                          timeout=900)
+@pytest.fixture(scope="module")
+def full_run(task, tmp_path_factory):
+    """The uninterrupted 6-step reference run of the resume tests."""
+    full = tmp_path_factory.mktemp("full")
+    proc = subprocess.run(_train_cmd(task, full, 6), env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return full
+
+
+def _assert_same_run(got_dir, ref_dir):
+    ref = {r["step"]: r for r in _metrics(ref_dir)}
+    # the log continues at each resumed step: every step once, in order, as in the full run
+    assert [r["step"] for r in _metrics(got_dir)] == [r["step"] for r in _metrics(ref_dir)]
+    got = {r["step"]: r for r in _metrics(got_dir)}
+    for step in range(1, 7):
+        for key in ("loss", "rollout/reward_unguided", "expert/tokens", "pg/tokens", "grad_norm"):
+            if key in ref[step]:
+                assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert got[6]["eval/accuracy"] == ref[6]["eval/accuracy"]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path, full_run):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    full = full_run
     killed = tmp_path / "killed"
     latest = killed / "ckpt" / "latest_checkpointed_iteration.txt"
     # two kill/resume cycles: killed after the step-2 checkpoint, resumed, killed again after
@@ -95,16 +114,35 @@ def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path):
     resumed_from = int(json.loads((killed / "ckpt" / "iter_0000006" / "trapo_meta.json")
                                   .read_text())["iteration"])
     assert resumed_from == 6
-    ref = {r["step"]: r for r in _metrics(full)}
-    # the log continues at each resumed step: every step once, in order, as in the full run
-    assert [r["step"] for r in _metrics(killed)] == [r["step"] for r in _metrics(full)]
-    got = {r["step"]: r for r in _metrics(killed)}
-    for step in range(1, 7):
-        for key in ("loss", "rollout/reward_unguided", "expert/tokens", "pg/tokens", "grad_norm"):
-            if key in ref[step]:
-                assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-7), (step, key)
-    assert got[6]["eval/accuracy"] == ref[6]["eval/accuracy"]
+    _assert_same_run(killed, full)
     assert (full / "runs" / "curves.png").is_file()
+
+
+def test_sigterm_finishes_the_step_saves_and_the_resume_matches(task, tmp_path, full_run):
+    """SIGTERM (scancel, a Slurm time limit or preemption, `kill`) to torchrun, which passes it
+    to its workers: they finish the step they are in, save it — between the checkpoint
+    intervals — record preempted.json and exit with 75; --resume then equals the full run."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    run = tmp_path / "term"
+    p = subprocess.Popen(_train_cmd(task, run, 6), env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "runs" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGTERM)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode != 0  # torchrun reports the signal it got (its workers exit 75)
+    assert (run / "ckpt" / "preempted.json").is_file(), stderr[-3000:]
+    record = json.loads((run / "ckpt" / "preempted.json").read_text())
+    assert record["reason"] == "SIGTERM" and record["saved"] and 1 <= record["step"] < 6
+    latest = (run / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip()
+    assert latest == str(record["step"])  # saved where it stopped, not at the last interval
+    assert [r["step"] for r in _metrics(run)] == list(range(0, record["step"] + 1))  # 0: eval
+    proc = subprocess.run(_train_cmd(task, run, 6, ["--resume"]), env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(run, full_run)
 
 
 def test_sft_then_rl_chains_two_stages(task, tmp_path):

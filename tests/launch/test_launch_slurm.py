@@ -10,92 +10,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import psutil
 import pytest
-from rollout_models import tiny_qwen2
+from launch_helpers import ITERS, ROOT, leftovers, metrics, server_pid, write_config
 from slurm_cluster import require_slurm
-
-from megatron_trapo.platform.distributed import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-ITERS = 4
 
 
 @pytest.fixture(scope="module", autouse=True)
 def slurm_cluster():
     require_slurm()
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from megatron_trapo.data.records import save_records
-    from megatron_trapo.data.synthetic import make_split
-
-    tmp = tmp_path_factory.mktemp("launch")
-    hf = tiny_qwen2(tmp / "hf", seed=2, max_positions=512)
-    mc = tmp / "mc"
-    subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_to_mcore.py"), "--hf-dir",
-                    str(hf), "--out-dir", str(mc)], check=True, capture_output=True, timeout=600)
-    save_records(make_split(32, 0, [1, 2], "train"), tmp / "train.jsonl")
-    return {"hf": hf, "mc": mc, "train": tmp / "train.jsonl"}
-
-
-def write_config(path: Path, files, run_dir: Path) -> None:
-    port = free_port()
-    path.write_text(f"""
-load: {files['mc']}
-rollout:
-  engine: sglang
-  server_impl: embedded
-  model_path: {files['hf']}
-  tokenizer_path: {files['hf']}
-  weight_sync: distributed
-  startup_timeout_s: 300
-  request_timeout_s: 120
-launch:
-  trainer_nodes: 1
-  gpus_per_node: 4
-  trainer_gpus_per_node: 2
-  server_tp_size: 1
-  server_port: {port}
-  master_port: {free_port()}
-  slurm_gres: false
-train_data: {files['train']}
-prompts_per_step: 2
-train_iters: {ITERS}
-recompute_old_logprobs: false
-loss:
-  max_response_length: 24
-optimizer:
-  lr: 1.0e-3
-log_dir: {run_dir}
-""")
-
-
-def metrics(run_dir: Path):
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def server_pid(run_dir: Path, name: str) -> int:
-    for line in (run_dir / "launch" / "agent-{}.log".format(os.uname().nodename)).read_text() \
-            .splitlines():
-        if f" {name} pid " in line:
-            return int(line.split(" pid ")[1].split()[0])
-    raise AssertionError(f"{name} not in the agent log")
-
-
-def leftovers(marker: str):
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if marker in cmd and "pytest" not in cmd:
-            found.append(cmd[:200])
-    return found
 
 
 def test_sbatch_runs_servers_and_trainer_and_survives_a_dead_server(files, tmp_path):
@@ -134,6 +57,12 @@ def test_sbatch_runs_servers_and_trainer_and_survives_a_dead_server(files, tmp_p
     assert all(abs(r["pg/ratio_max"] - 1) < 1e-3 for r in rows), [r["pg/ratio_max"] for r in rows]
     assert rows[0]["sync/servers"] == 2 and rows[-1]["sync/servers"] == 1
     assert rows[-1]["sync/rebuilds"] == 1  # the weight group formed again without the dead one
+    # every step had all of its samples (2 prompts x 8), none lost with the dead server, none
+    # duplicated by the retries; the run logged the death and counts it
+    assert [r["rollout/samples"] for r in rows] == [16.0] * ITERS
+    assert rows[0]["rollout/servers_dead"] == 0 and rows[0]["rollout/servers_live"] == 2
+    assert rows[-1]["rollout/servers_dead"] == 1 and rows[-1]["rollout/servers_live"] == 1
+    assert "is dead; dropped" in log
     assert "launch: 2 server(s) healthy" in log and "servers stopped" in log
     # nothing left: the job, its steps, the servers, the agent, the trainer
     queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True)
