@@ -192,9 +192,36 @@ def _requests(cfg: EvalConfig, shard: Shard, problems, prompts, done, stop_ids):
     return out
 
 
-def run_shard(plan: Plan, shard: Shard, engine, tokenizer, grader, progress=None) -> Path:
+def model_context(model_dir: Path) -> Optional[int]:
+    """The positions the served model has (``max_position_embeddings`` of its config.json)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("max_position_embeddings")
+    return int(value) if value else None
+
+
+def too_long_rows(shard: Shard, reqs, context: int) -> List[dict]:
+    """Samples of problems whose prompt leaves no room to generate in the model's context:
+    recorded with their own verdict (wrong, grader ``prompt_too_long``) instead of failing the
+    whole shard."""
+    rows = []
+    for prob, first, req in reqs:
+        for j in range(req.sampling.n):
+            rows.append({"benchmark": shard.benchmark, "problem_id": prob.index,
+                         "sample_index": first + j, "seed": req.sampling.seed + j,
+                         "answer": prob.answer, "finish_reason": "prompt_too_long",
+                         "num_tokens": 0, "text": "", "extracted": None, "correct": False,
+                         "grader": "prompt_too_long", "prompt_tokens": len(req.prompt_ids),
+                         "context": context})
+    return rows
+
+
+def run_shard(plan: Plan, shard: Shard, engine, tokenizer, grader, progress=None,
+              context: Optional[int] = None) -> Path:
     """Generate and grade the samples of one shard that are not yet written, saving each
-    batch to the shard's partial file; then write the shard atomically."""
+    batch to the shard's partial file; then write the shard atomically. ``context``: the
+    model's positions; a prompt that does not fit gets ``prompt_too_long`` samples."""
     from megatron_trapo.data.tokenizer import stop_token_ids
 
     cfg, out = plan.cfg, plan.out_dir
@@ -216,6 +243,19 @@ def run_shard(plan: Plan, shard: Shard, engine, tokenizer, grader, progress=None
     problems = registry.get(shard.benchmark).load(cfg.limit)[shard.problem_start:shard.problem_end]
     prompts = {p.index: prompt_ids(cfg, tokenizer, p.problem) for p in problems}
     reqs = _requests(cfg, shard, problems, prompts, done, stop_token_ids(tokenizer))
+    if context is not None:
+        long = [r for r in reqs if len(r[2].prompt_ids) >= context]
+        if long:
+            logger.warning("%s: %d problem(s) with prompts of %s tokens do not fit the model's "
+                           "context of %d: recorded as prompt_too_long", shard.name,
+                           len({r[0].index for r in long}),
+                           sorted({len(r[2].prompt_ids) for r in long})[:5], context)
+            rows_long = too_long_rows(shard, long, context)
+            append_jsonl(part, rows_long)
+            done.update({(r["problem_id"], r["sample_index"]): r for r in rows_long})
+            if progress is not None:
+                progress.update(len(rows_long))
+            reqs = [r for r in reqs if len(r[2].prompt_ids) < context]
     for b in range(0, len(reqs), cfg.batch_size):
         batch = reqs[b:b + cfg.batch_size]
         results = engine.generate([r for _, _, r in batch])
@@ -248,7 +288,7 @@ def _run_shards(plan: Plan, shards: List[Shard], desc: str) -> None:
             tqdm(total=sum(s.size for s in shards), desc=desc, unit="sample") as bar:
         bar.write(describe_engine(engine), file=sys.stderr)
         for shard in shards:
-            run_shard(plan, shard, engine, tokenizer, grader, bar)
+            run_shard(plan, shard, engine, tokenizer, grader, bar, model_context(model_dir))
 
 
 def run_one_shard(out_dir: str | Path, index: int) -> Path:

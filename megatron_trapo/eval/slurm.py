@@ -74,6 +74,110 @@ def sbatch(args: List[str], path: Path) -> str:
     return res.stdout.strip().split(";")[0]
 
 
+# Pending reasons that do not clear by waiting: the request exceeds what the partition, the
+# account or the QOS allows, or names something that does not exist. (DependencyNeverSatisfied
+# is not here: --kill-on-invalid-dep cancels those jobs, and --wait reports the failed shards.)
+NEVER_CLEARS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+                "InvalidAccount", "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed"}
+
+
+def never_clears(reason: str) -> bool:
+    return reason in NEVER_CLEARS or "PerJob" in reason  # e.g. QOSMaxCpuPerJobLimit
+
+
+def _megabytes(mem: str) -> Optional[float]:
+    """sbatch's --mem value in MB (``200G``, ``64000``, ``500M``, ``1T``); None if unreadable."""
+    text = mem.strip().upper()
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}
+    unit = text[-1] if text and text[-1] in scale else "M"
+    number = text[:-1] if text and text[-1] in scale else text
+    try:
+        return float(number) * scale[unit]
+    except ValueError:
+        return None
+
+
+def _gpus(gres: str) -> int:
+    """GPUs in a node's sinfo %G (``gpu:8``, ``gpu:h100:4(S:0-1),nic:2``, ``(null)``)."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def partition_nodes(partition: Optional[str]) -> Optional[List[dict]]:
+    """Each node kind of ``partition`` (default: the cluster's default partition): CPUs,
+    memory (MB) and GPUs, from ``sinfo``; None when sinfo cannot be asked."""
+    cmd = ["sinfo", "-h", "-o", "%P|%c|%m|%G"] + (["-p", partition] if partition else [])
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        return None
+    nodes = []
+    for line in res.stdout.splitlines():
+        name, cpus, mem, gres = (line.split("|") + ["", "", "", ""])[:4]
+        if partition is None and not name.endswith("*"):
+            continue
+        cpus = cpus.rstrip("+")
+        nodes.append({"partition": name.rstrip("*"), "cpus": int(cpus) if cpus.isdigit() else 0,
+                      "mem_mb": _megabytes(mem.rstrip("+")) or 0, "gpus": _gpus(gres)})
+    return nodes
+
+
+def check_resources(cfg: SlurmConfig) -> None:
+    """Refuse, before submitting, a task that no node of the partition can hold: Slurm would
+    accept it and leave it pending forever (Reason=PartitionConfig)."""
+    nodes = partition_nodes(cfg.partition)
+    if nodes is None:
+        return  # no sinfo here: sbatch will say what is wrong
+    where = f"partition {cfg.partition}" if cfg.partition else "the default partition"
+    if not nodes:
+        raise ConfigError(f"slurm.partition={cfg.partition}: sinfo lists no such partition"
+                          if cfg.partition else "sinfo lists no default partition: set "
+                                                "slurm.partition")
+    fits = [n for n in nodes if n["cpus"] >= cfg.cpus_per_task and n["gpus"] >= cfg.gpus_per_task]
+    if cfg.mem and _megabytes(cfg.mem) is not None:
+        fits = [n for n in fits if n["mem_mb"] >= _megabytes(cfg.mem)]
+    if fits:
+        return
+    most = lambda key: max(n[key] for n in nodes)  # noqa: E731
+    problems = []
+    if cfg.cpus_per_task > most("cpus"):
+        problems.append(f"slurm.cpus_per_task={cfg.cpus_per_task} (its nodes have at most "
+                        f"{most('cpus')} CPUs)")
+    if cfg.gpus_per_task > most("gpus"):
+        problems.append(f"slurm.gpus_per_task={cfg.gpus_per_task} (its nodes have at most "
+                        f"{most('gpus')} GPUs)")
+    if cfg.mem and (_megabytes(cfg.mem) or 0) > most("mem_mb"):
+        problems.append(f"slurm.mem={cfg.mem} (its nodes have at most {most('mem_mb'):.0f} MB)")
+    if not problems:
+        problems.append(f"slurm.cpus_per_task={cfg.cpus_per_task}, gpus_per_task="
+                        f"{cfg.gpus_per_task} and mem={cfg.mem} together")
+    raise ConfigError(f"no node of {where} can run a task with {'; '.join(problems)}: the jobs "
+                      "would pend forever (Reason=PartitionConfig); lower the request or choose "
+                      "another slurm.partition")
+
+
+def pending_reasons(job_ids: Sequence[str]) -> Dict[str, str]:
+    """Pending reason per job (array tasks included) of those still queued."""
+    if not job_ids:
+        return {}
+    res = subprocess.run(["squeue", "-h", "-o", "%i|%T|%r", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        return {}
+    out = {}
+    for line in res.stdout.splitlines():
+        job, state, reason = (line.split("|") + ["", "", ""])[:3]
+        if state == "PENDING":
+            out[job] = reason
+    return out
+
+
 def queued(job_ids: Sequence[str]) -> List[str]:
     """Those of ``job_ids`` (array tasks included) still pending or running."""
     if not job_ids:
@@ -88,8 +192,19 @@ def queued(job_ids: Sequence[str]) -> List[str]:
 
 
 def wait(job_ids: Sequence[str], poll_s: float, timeout_s: Optional[float] = None) -> None:
+    """Until none of ``job_ids`` is queued. A job pending for a reason that cannot clear
+    (:data:`NEVER_CLEARS`) fails the wait at once, with the reason, and the jobs are cancelled
+    (they would pend forever)."""
     deadline = None if timeout_s is None else time.time() + timeout_s
     while queued(job_ids):
+        stuck = {j: r for j, r in pending_reasons(job_ids).items() if never_clears(r)}
+        if stuck:
+            subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60)
+            detail = ", ".join(f"{j} ({r})" for j, r in sorted(stuck.items()))
+            raise SlurmError(f"jobs pending for a reason that cannot clear: {detail}; cancelled "
+                             f"{', '.join(job_ids)}. Check the request (slurm.partition, "
+                             "cpus_per_task, gpus_per_task, mem, time, account, qos) against "
+                             "`sinfo` / `sacctmgr show qos`, then resubmit")
         if deadline is not None and time.time() > deadline:
             raise SlurmError(f"jobs {list(job_ids)} still queued after {timeout_s} s")
         time.sleep(poll_s)
@@ -107,6 +222,7 @@ def submit(plan, indices: Optional[Sequence[int]] = None) -> Dict[str, str]:
     from megatron_trapo.eval.runner import hf_model_dir, missing_shards
 
     cfg, out = plan.cfg.slurm, plan.out_dir
+    check_resources(cfg)
     if indices is None:
         indices = [s.index for s in missing_shards(plan)]
     sdir = out / "slurm"

@@ -54,6 +54,8 @@ def summarize_rows(rows: List[dict], benchmarks: List[str]) -> Dict:
         per[name] = {**stats, "k": k, "score": stats[f"avg@{k}"],
                      "graders": dict(sorted(graders.items())),
                      "truncated": sum(r["finish_reason"] == "length" for r in mine) / len(mine),
+                     "prompt_too_long": sum(r["finish_reason"] == "prompt_too_long"
+                                            for r in mine),
                      "mean_tokens": sum(r["num_tokens"] for r in mine) / len(mine)}
     common = set.intersection(*[{m for m in v if m.startswith("pass@")} for v in per.values()])
     average = {"score": sum(v["score"] for v in per.values()) / len(per)}
@@ -69,18 +71,18 @@ def markdown(summary: Dict) -> str:
     passes = sorted({m for v in per.values() for m in v if m.startswith("pass@")},
                     key=lambda m: int(m.split("@")[1]))
     head = ["benchmark", "problems", "k", "score (avg@k)", *passes, "2nd grader", "no answer",
-            "truncated"]
+            "truncated", "prompt too long"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     for name, v in per.items():
         cells = [name, str(int(v["problems"])), str(v["k"]), pct(v["score"]),
                  *[pct(v[m]) if m in v else "" for m in passes],
                  str(v["graders"].get("prm800k", 0)), str(v["graders"].get("no_answer", 0)),
-                 pct(v["truncated"])]
+                 pct(v["truncated"]), str(v.get("prompt_too_long", 0))]
         lines.append("| " + " | ".join(cells) + " |")
     avg = summary["average"]
     cells = ["**average**", "", "", pct(avg["score"]),
-             *[pct(avg[m]) if m in avg else "" for m in passes], "", "", ""]
+             *[pct(avg[m]) if m in avg else "" for m in passes], "", "", "", ""]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -117,3 +117,41 @@ def test_new_weights_at_the_same_path_are_not_served_old_results(tiny_model, tmp
     cli("eval", f"model_path={model}", f"output_dir={out}", *EVAL_ARGS, "--force")
     after = rows(out)
     assert len(after) == len(before) and [r["text"] for r in after] != [r["text"] for r in before]
+
+
+def test_a_prompt_longer_than_the_context_is_a_sample_verdict(tiny_model, tmp_path):
+    """A problem whose prompt does not fit the model used to fail its whole shard (the engine
+    refuses it); now its samples are recorded as prompt_too_long and counted."""
+    from transformers import AutoTokenizer
+
+    from megatron_trapo.config import EvalConfig
+    from megatron_trapo.eval import registry
+    from megatron_trapo.eval.runner import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = EvalConfig(model_path=str(tiny_model))
+    lengths = {(b, p.index): len(prompt_ids(cfg, tok, p.problem))
+               for b in ("gsm8k", "math500") for p in registry.get(b).load(3)}
+    context = sorted(lengths.values())[len(lengths) // 2]  # about half do not fit
+    too_long = {k for k, n in lengths.items() if n >= context}
+    assert 0 < len(too_long) < len(lengths)
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = context
+    (model / "config.json").write_text(json.dumps(config))
+    cli("eval", f"model_path={model}", f"output_dir={out}", *EVAL_ARGS)
+    got = rows(out)
+    assert len(got) == 6 * 2  # every sample of every problem is there
+    for r in got:
+        long = (r["benchmark"], r["problem_id"]) in too_long
+        assert (r["finish_reason"] == "prompt_too_long") == long, r
+        if long:
+            assert r["grader"] == "prompt_too_long" and not r["correct"] and r["text"] == ""
+        else:
+            assert r["num_tokens"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    for bench in ("gsm8k", "math500"):
+        expected = 2 * sum(1 for b, _ in too_long if b == bench)
+        assert summary["benchmarks"][bench]["prompt_too_long"] == expected
+    assert "prompt too long" in (out / "summary.md").read_text()

@@ -83,3 +83,31 @@ def test_a_megatron_checkpoint_is_converted_by_a_first_job(mcore_checkpoint, ref
     assert job_state(jobs["aggregate"]).startswith("COMPLETED")
     assert (out / "hf_model" / "config.json").is_file()
     assert rows(out) == rows(reference_run)
+
+
+def test_a_task_no_node_can_hold_is_refused_at_submit(tiny_model, tmp_path):
+    """Probe: the default slurm.cpus_per_task=8 on this cluster's 4-CPU node used to pend
+    forever (Reason=PartitionConfig), and --wait with it."""
+    out = tmp_path / "out"
+    args = [a for a in SLURM_ARGS if not a.startswith("slurm.cpus_per_task")]
+    proc = cli("eval", f"model_path={tiny_model}", f"output_dir={out}", *EVAL_ARGS, *args,
+               check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "slurm.cpus_per_task=8 (its nodes have at most" in proc.stderr
+    assert "Reason=PartitionConfig" in proc.stderr
+    assert not (out / "slurm" / "jobs.jsonl").exists()  # nothing was submitted
+
+
+def test_wait_fails_with_the_reason_when_jobs_can_never_start(tiny_model, tmp_path):
+    """A request the submit check cannot see (here an extra sbatch flag) pends with a reason
+    that cannot clear: --wait says so within seconds and cancels the jobs."""
+    out = tmp_path / "out"
+    proc = cli("eval", f"model_path={tiny_model}", f"output_dir={out}", *EVAL_ARGS, *SLURM_ARGS,
+               "slurm.extra_sbatch_args=['--cpus-per-task=64']", check=False, timeout=120)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "pending for a reason that cannot clear" in proc.stderr
+    assert "(PartitionConfig)" in proc.stderr or "(PartitionNodeLimit)" in proc.stderr, proc.stderr
+    jobs = json.loads(proc.stdout.splitlines()[0])
+    queued = subprocess.run(["squeue", "-h", "-j", f"{jobs['array']},{jobs['aggregate']}"],
+                            capture_output=True, text=True)
+    assert queued.stdout.strip() == ""  # cancelled, not left pending

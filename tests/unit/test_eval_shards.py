@@ -135,3 +135,15 @@ def test_array_spec_and_sbatch_script(tmp_path):
     last = script(boxed, "e", tmp_path / "l.out", "exec python -m x", 0).splitlines()[-1]
     assert last.startswith("exec srun --ntasks=1 --container-image='nvcr.io#trapo:rollout' ")
     assert "--container-mounts=/lustre:/lustre" in last and last.endswith(" python -m x")
+
+
+def test_sinfo_fields_and_reasons_that_never_clear():
+    from megatron_trapo.eval.slurm import _gpus, _megabytes, never_clears
+
+    assert _gpus("gpu:8") == 8 and _gpus("gpu:h100:4(S:0-1),nic:2") == 4 and _gpus("(null)") == 0
+    assert _gpus("gpu:a100:2,gpu:v100:1") == 3
+    assert _megabytes("200G") == 200 * 1024 and _megabytes("64000") == 64000
+    assert _megabytes("1T") == 1024 ** 2 and _megabytes("lots") is None
+    assert never_clears("PartitionConfig") and never_clears("QOSMaxCpuPerJobLimit")
+    assert not never_clears("Resources") and not never_clears("Priority")
+    assert not never_clears("Dependency") and not never_clears("ReqNodeNotAvail")
