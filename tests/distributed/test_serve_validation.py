@@ -18,8 +18,9 @@ from rollout_models import tiny_qwen2  # noqa: E402
 from megatron_trapo.rollout.servers import ServerPool  # noqa: E402
 
 GOOD = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+# batches of 8 rows: the 256-sample request below takes far longer than its client waits
 LIMITS = ["--max-n", "64", "--max-queued-samples", "256", "--health-timeout-s", "1.5",
-          "--max-body-mb", "1"]
+          "--max-body-mb", "1", "--max-batch-size", "8"]
 
 # (path, raw body, status, words the message must hold)
 BAD = [
