@@ -22,7 +22,7 @@ def main() -> None:
     args = ap.parse_args()
     from hf_models import smollm2_hf_dir
 
-    from megatron_trapo.models.hf.conversion import convert_hf_to_mcore, convert_mcore_to_hf
+    from megatron_trapo.conversion import convert_hf_to_mcore, convert_mcore_to_hf
     from megatron_trapo.platform import quiet_known_warnings
 
     quiet_known_warnings()

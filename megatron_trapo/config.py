@@ -18,6 +18,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megatron_trapo.algorithms.methods import LOSS_MODES
+from megatron_trapo.models.preset_table import PRESETS
+
 T = TypeVar("T")
 
 
@@ -242,14 +245,13 @@ class MicroGroupConfig:
         return sum(self.budgets)
 
 
-LOSS_MODES = ("trapo", "grpo", "sft", "luffy", "trapo_plain_sft", "sft_then_rl")
 
 
 @dataclass
 class LossConfig:
     """Which tokens get which loss, and how a step's loss is normalised (paper defaults)."""
 
-    loss_mode: str = "trapo"  # trapo | grpo | sft | luffy | trapo_plain_sft | sft_then_rl
+    loss_mode: str = "trapo"  # a method or pipeline of algorithms/methods.py (LOSS_MODES)
     trust_region_alpha: float = 0.1  # TrSFT's α
     aggregation: str = "constant"  # constant (sum / L_max per sequence) | token_mean | seq_mean_token_mean
     max_response_length: int = 8192  # L_max of the constant normaliser
@@ -361,12 +363,6 @@ class CheckpointConfig:
         _check(self.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
         _check(self.keep_last is None or self.keep_last >= 1,
                f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
-
-    def optimizer_metadata(self) -> dict:
-        from megatron_trapo.train.checkpoint import optimizer_metadata
-
-        return optimizer_metadata(self.distrib_optim_fully_reshardable_mem_efficient)
-
 
 @dataclass
 class SmokeConfig:
@@ -602,6 +598,18 @@ class EvalConfig:
                "give either model_path (HF folder) or load (Megatron checkpoint), not both")
 
 
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """The ModelConfig of a named architecture (``models/preset_table.py``), with optional field
+    overrides."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ConfigError(f"unknown ModelConfig fields {sorted(unknown)}")
+    return ModelConfig(**{**PRESETS[key], **overrides})
+
+
 def _structured(cls: Type[T]):
     return OmegaConf.structured(cls)
 
@@ -613,9 +621,7 @@ def _with_preset(base, cls, raw):
         name = base.model_preset
     if name is None or "model" not in base:
         return base
-    from megatron_trapo.models.presets import preset
-
-    base.model = OmegaConf.structured(preset(name))
+    base.model = OmegaConf.structured(model_preset(name))
     return base
 
 

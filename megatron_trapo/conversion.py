@@ -93,7 +93,7 @@ def _hf_to_mcore_worker(rank, world, port, hf_dir, out_dir, parallel, model, met
 
 def _mcore_to_hf_worker(rank, world, port, mcore_dir, out_dir, model, base_hf, max_shard_bytes,
                         iteration, result_dir):
-    from megatron_trapo.models.pretrained import load_pretrained
+    from megatron_trapo.train.pretrained import load_pretrained
     from megatron_trapo.platform.distributed import destroy_distributed
 
     parallel = ParallelConfig()
@@ -195,7 +195,7 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, dtype: Optional[str] = Non
     """A checkpoint of any layout → HF safetensors + config + tokenizer (vocab unpadded)."""
     import tempfile
 
-    from megatron_trapo.models.pretrained import model_config_from_checkpoint
+    from megatron_trapo.train.pretrained import model_config_from_checkpoint
 
     t0 = time.time()
     model = model_config_from_checkpoint(mcore_dir, iteration)

@@ -33,7 +33,7 @@ def main() -> int:
 
     from megatron_trapo.platform import quiet_known_warnings
     from megatron_trapo.config import ConfigError
-    from megatron_trapo.models.hf.conversion import convert_hf_to_mcore
+    from megatron_trapo.conversion import convert_hf_to_mcore
 
     quiet_known_warnings()
     try:

@@ -32,7 +32,7 @@ def main() -> int:
 
     from megatron_trapo.platform import quiet_known_warnings
     from megatron_trapo.config import ConfigError
-    from megatron_trapo.models.hf.conversion import convert_mcore_to_hf
+    from megatron_trapo.conversion import convert_mcore_to_hf
 
     quiet_known_warnings()
     try:

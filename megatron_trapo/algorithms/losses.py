@@ -122,3 +122,18 @@ def aggregation_weights(sample_ids: torch.Tensor, loss_mask: torch.Tensor, mode:
     if not max_response_length:
         raise ValueError("aggregation='constant' needs max_response_length (L_max)")
     return mask / float(max_response_length), per_token
+
+
+def expert_token_loss(kind: str, cfg, logprobs: torch.Tensor,
+                      advantages: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per-token loss of expert tokens (before their mask) for a method's ``expert_loss``
+    (``trsft`` | ``sft`` | ``luffy_shaping`` | ``none`` → None). ``cfg``: the LossConfig."""
+    if kind == "trsft":
+        return cfg.sft_weight * trsft_loss(logprobs, cfg.trust_region_alpha)
+    if kind == "sft":
+        return cfg.sft_weight * sft_loss(logprobs)
+    if kind == "luffy_shaping":
+        return cfg.rl_weight * luffy_shaping_loss(logprobs, advantages, cfg.luffy_gamma)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown expert loss {kind!r}")

@@ -9,7 +9,7 @@ from megatron_trapo.algorithms.losses import group_advantages
 
 @dataclass
 class Trajectory:
-    group: int  # index of the prompt in the step
+    prompt_index: int  # the prompt's place in the step
     prompt_ids: List[int]
     prefix_ids: List[int]  # expert-prefix tokens (empty for free rollouts)
     completion_ids: List[int]  # the policy's own tokens

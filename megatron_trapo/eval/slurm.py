@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from megatron_trapo.config import ConfigError, SlurmConfig
+from megatron_trapo.eval.plan import hf_model_dir, load_plan, missing_shards
 from megatron_trapo.eval.shards import read_jsonl, write_atomic
 
 
@@ -219,7 +220,6 @@ def submit(plan, indices: Optional[Sequence[int]] = None) -> Dict[str, str]:
     """Submit the array over ``indices`` (default: every shard without results) and the
     aggregation job; a conversion job first when the model is a Megatron checkpoint that has
     not been converted. Returns the job ids (also appended to ``slurm/jobs.jsonl``)."""
-    from megatron_trapo.eval.runner import hf_model_dir, missing_shards
 
     cfg, out = plan.cfg.slurm, plan.out_dir
     check_resources(cfg)
@@ -266,7 +266,6 @@ def submitted_jobs(out_dir: Path) -> List[str]:
 def resubmit(out_dir: str | Path) -> Dict[str, str]:
     """Resubmit only the shards without results, and a new aggregation job. Refused while an
     earlier job of this evaluation is still queued (it could still write those shards)."""
-    from megatron_trapo.eval.runner import load_plan, missing_shards
 
     plan = load_plan(out_dir)
     busy = queued(submitted_jobs(plan.out_dir))

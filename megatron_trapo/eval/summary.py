@@ -11,6 +11,7 @@ from typing import Dict, List
 
 from megatron_trapo.config import ConfigError
 from megatron_trapo.eval.metrics import summarize
+from megatron_trapo.eval.plan import load_plan, missing_shards
 from megatron_trapo.eval.shards import read_jsonl, shard_path, write_atomic
 
 
@@ -20,7 +21,6 @@ class IncompleteResults(ConfigError):
 
 def collect(plan) -> List[dict]:
     """All sample rows, after checking that every shard is there and whole."""
-    from megatron_trapo.eval.runner import missing_shards
 
     missing = missing_shards(plan)
     if missing:
@@ -89,7 +89,6 @@ def markdown(summary: Dict) -> str:
 
 def aggregate(out_dir: str | Path) -> Dict:
     """Merge the shards of ``out_dir`` and write samples.jsonl, summary.json, summary.md."""
-    from megatron_trapo.eval.runner import load_plan
 
     plan = load_plan(out_dir)
     rows = collect(plan)

@@ -19,7 +19,7 @@ def resolve_model(cfg: TrainConfig) -> tuple[ModelConfig, str]:
     from megatron_trapo.models.presets import preset
 
     if cfg.load and (Path(cfg.load) / "latest_checkpointed_iteration.txt").is_file():
-        from megatron_trapo.models.pretrained import model_config_from_checkpoint
+        from megatron_trapo.train.pretrained import model_config_from_checkpoint
 
         return runtime_model(model_config_from_checkpoint(cfg.load), cfg.model), cfg.load
     if cfg.launch.model_preset:

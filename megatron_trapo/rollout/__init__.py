@@ -1,5 +1,7 @@
 """Rollout engines behind one interface (``types.RolloutEngine``): the embedded HF engine,
 SGLang servers behind sglang-router, vLLM servers; our SGLang-protocol server; weight sync."""
+from typing import Optional
+
 from megatron_trapo.rollout.types import (RolloutEngine, RolloutError, RolloutRequest, Sample,
                                           SamplingParams)
 
@@ -7,12 +9,18 @@ __all__ = ["RolloutEngine", "RolloutError", "RolloutRequest", "Sample", "Samplin
            "make_engine"]
 
 
-def make_engine(cfg, weight_updates: bool = False) -> RolloutEngine:
+def make_engine(cfg, weight_updates: bool = False, hf_config: Optional[dict] = None
+                ) -> RolloutEngine:
     """The engine a :class:`megatron_trapo.config.RolloutConfig` asks for. ``weight_updates``:
-    the trainer will push weights to it, so check now that the servers can take them."""
+    the trainer will push weights to it, so check now that the servers can take them.
+    ``hf_config``: engine=hf without model_path starts from this architecture with unfilled
+    weights (the trainer's first weight sync fills them)."""
     if cfg.engine == "hf":
         from megatron_trapo.rollout.hf_engine import HFEngine
 
+        if not cfg.model_path and hf_config is not None:
+            return HFEngine.from_hf_config(hf_config, device=cfg.device,
+                                           max_batch_size=cfg.max_batch_size)
         if not cfg.model_path:
             raise RolloutError("rollout.model_path is required for engine=hf")
         return HFEngine(cfg.model_path, device=cfg.device, dtype=cfg.dtype,

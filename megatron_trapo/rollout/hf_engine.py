@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from megatron_trapo.rollout.types import (RolloutEngine, RolloutError, RolloutRequest, Sample,
-                                          SamplingParams)
+                                          SamplingParams, empty_sample)
 
 
 def _eos_ids(model) -> List[int]:
@@ -110,6 +110,10 @@ class HFEngine(RolloutEngine):
     def weight_version(self) -> str:
         return self._version
 
+    def set_weight_version(self, version: str) -> None:
+        """Name the weights now loaded (SGLang's /update_weight_version)."""
+        self._version = str(version)
+
     # --- generation ------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[RolloutRequest],
@@ -138,7 +142,7 @@ class HFEngine(RolloutEngine):
         out: List[List[Optional[Sample]]] = [[None] * r.sampling.n for r in requests]
         for i, req in enumerate(requests):
             for j in range(req.sampling.n):
-                out[i][j] = Sample([], [], "length", self._version, len(req.prefix_ids))
+                out[i][j] = empty_sample(req, self._version)
         with self._lock:
             for start in range(0, len(rows), self.max_batch_size):
                 batch = [r for r in rows[start:start + self.max_batch_size]

@@ -203,6 +203,59 @@ class TPRankStandIn:
         self.proc.join(timeout=30)
 
 
+class ServerContext:
+    """What every route of the protocol server shares: the engine, its batcher, the limits,
+    the weight-update groups, and the helpers that turn bodies and errors into HTTP."""
+
+    def __init__(self, engine: HFEngine, tokenizer_path: Optional[str], batch_window_ms: float,
+                 tp_size: int, limits: ServerLimits, health_timeout_s: float):
+        self.engine, self.tokenizer_path, self.tp_size = engine, tokenizer_path, tp_size
+        self.limits, self.health_timeout_s = limits, health_timeout_s
+        self.batcher = Batcher(engine, batch_window_ms / 1000, limits.max_queued_samples)
+        self.groups: Dict[str, Any] = {}  # weight-update group name → (group, stand-in ranks)
+        self.tokenizer = None
+        if tokenizer_path:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+
+    def decode(self, ids: List[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    @staticmethod
+    def error(status: int, message: str, fields: Optional[List[str]] = None, **headers):
+        body: Dict[str, Any] = {"error": {"message": message, "code": status}}
+        if fields:
+            body["error"]["fields"] = fields
+        return JSONResponse(body, status_code=status, headers=headers or None)
+
+    async def body_of(self, request: Request, model: type):
+        """The body parsed and validated: 415 / 413 / 400 / 422 naming the problem."""
+        ctype = request.headers.get("content-type", "")
+        if "application/json" not in ctype:
+            raise BadRequest("Content-Type must be application/json", 415)
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > self.limits.max_body_bytes:
+            raise BadRequest(f"request body of {size} bytes exceeds the server's limit of "
+                             f"{self.limits.max_body_bytes} (--max-body-mb)", 413)
+        raw = parse_json(await request.body(), self.limits)
+        return raw, validate(model, raw, self.limits)
+
+    async def run(self, reqs: List[RolloutRequest], request: Request):
+        """The requests' samples, or the JSON error response (queue full, client gone, a
+        request the engine refuses)."""
+        try:
+            job = self.batcher.submit(reqs)
+        except QueueFull as exc:
+            return self.error(503, str(exc), **{"Retry-After": "1"})
+        try:
+            return await wait_for_job(job, request)
+        except ClientGone:
+            return self.error(499, "client closed the request")
+        except RolloutError as exc:
+            return self.error(400, str(exc))
+
+
 def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_window_ms: float = 5,
               tp_size: int = 1, limits: Optional[ServerLimits] = None,
               health_timeout_s: float = 5.0):
@@ -210,57 +263,30 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
     that many ranks (stand-in processes for ranks 1.., see :class:`TPRankStandIn`).
     ``limits``: what one request may ask (n, max_new_tokens, queued samples, body size);
     A larger max_new_tokens than the context leaves is clamped to it, as the engine does."""
-    limits = limits or ServerLimits()
+    ctx = ServerContext(engine, tokenizer_path, batch_window_ms, tp_size,
+                        limits or ServerLimits(), health_timeout_s)
     app = FastAPI(title="megatron_trapo protocol server")
-    batcher = Batcher(engine, batch_window_ms / 1000, limits.max_queued_samples)
-    state: Dict[str, Any] = {"groups": {}}
-    tokenizer = None
-    if tokenizer_path:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-
-    def decode(ids: List[int]) -> str:
-        return tokenizer.decode(ids) if tokenizer is not None else ""
-
-    def error(status: int, message: str, fields: Optional[List[str]] = None, **headers):
-        body: Dict[str, Any] = {"error": {"message": message, "code": status}}
-        if fields:
-            body["error"]["fields"] = fields
-        return JSONResponse(body, status_code=status, headers=headers or None)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_request: Request, exc: BadRequest):
-        return error(exc.status, str(exc), exc.fields)
+        return ctx.error(exc.status, str(exc), exc.fields)
 
     @app.exception_handler(Exception)
     async def internal(_request: Request, exc: Exception):  # a bug here, still answered in JSON
         logger.exception("internal error")
-        return error(500, f"internal server error: {type(exc).__name__}: {exc}")
+        return ctx.error(500, f"internal server error: {type(exc).__name__}: {exc}")
 
-    async def body_of(request: Request, model: type):
-        """The body parsed and validated: 415 / 413 / 400 / 422 naming the problem."""
-        ctype = request.headers.get("content-type", "")
-        if "application/json" not in ctype:
-            raise BadRequest("Content-Type must be application/json", 415)
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > limits.max_body_bytes:
-            raise BadRequest(f"request body of {size} bytes exceeds the server's limit of "
-                             f"{limits.max_body_bytes} (--max-body-mb)", 413)
-        raw = parse_json(await request.body(), limits)
-        return raw, validate(model, raw, limits)
+    _sglang_routes(app, ctx)
+    _weight_routes(app, ctx)
+    _vllm_routes(app, ctx)
+    return app
 
-    async def run(reqs: List[RolloutRequest], request: Request):
-        try:
-            job = batcher.submit(reqs)
-        except QueueFull as exc:
-            return error(503, str(exc), **{"Retry-After": "1"})
-        try:
-            return await wait_for_job(job, request)
-        except ClientGone:
-            return error(499, "client closed the request")
-        except RolloutError as exc:
-            return error(400, str(exc))
+
+def _sglang_routes(app: FastAPI, ctx: ServerContext) -> None:
+    """SGLang's generation, health and info endpoints."""
+    engine, batcher, limits, tp_size = ctx.engine, ctx.batcher, ctx.limits, ctx.tp_size
+    error, body_of, run, decode = ctx.error, ctx.body_of, ctx.run, ctx.decode
+    tokenizer_path, health_timeout_s = ctx.tokenizer_path, ctx.health_timeout_s
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -334,10 +360,16 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
         batcher.resume.set()
         return {"success": True}
 
+
+def _weight_routes(app: FastAPI, ctx: ServerContext) -> None:
+    """SGLang's weight endpoints: from disk, and by broadcast over a weight-update group."""
+    engine, body_of, tp_size = ctx.engine, ctx.body_of, ctx.tp_size
+    state = {"groups": ctx.groups}
+
     @app.post("/update_weight_version")
     async def update_version(request: Request):
         _, body = await body_of(request, WeightVersionBody)
-        engine._version = str(body.new_version)
+        engine.set_weight_version(str(body.new_version))
         return {"success": True}
 
     @app.post("/update_weights_from_disk")
@@ -409,6 +441,12 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
         destroy_weight_update_group(group)
         return {"success": True, "message": "ok"}
 
+
+def _vllm_routes(app: FastAPI, ctx: ServerContext) -> None:
+    """vLLM's completions and dev/RL weight endpoints."""
+    engine, batcher, tp_size = ctx.engine, ctx.batcher, ctx.tp_size
+    error, body_of, run, decode = ctx.error, ctx.body_of, ctx.run, ctx.decode
+
     # vLLM's dev/RL endpoints (a server started with VLLM_SERVER_DEV_MODE=1), so that the vLLM
     # client's weight path runs against this server too; their shapes follow vLLM 0.33.0.
     @app.get("/version")
@@ -465,8 +503,6 @@ def build_app(engine: HFEngine, tokenizer_path: Optional[str] = None, batch_wind
                                 "finish_reason": s.finish_reason})
         return {"id": uuid.uuid4().hex, "object": "text_completion", "model": body.model,
                 "choices": choices}
-
-    return app
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -20,7 +20,8 @@ import httpx
 
 from megatron_trapo.rollout import protocol
 from megatron_trapo.rollout.servers import ServerPool
-from megatron_trapo.rollout.types import RolloutEngine, RolloutError, RolloutRequest, Sample
+from megatron_trapo.rollout.types import (RolloutEngine, RolloutError, RolloutRequest, Sample,
+                                          empty_sample)
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,18 @@ class SGLangEngine(RolloutEngine):
     def dead_servers(self) -> List[str]:
         return list(self.pool.dead)
 
-    def _drop_dead_servers(self) -> None:
+    def server_urls(self) -> List[str]:
+        return list(self.pool.urls)
+
+    def drop_dead_servers(self) -> List[str]:
+        dropped = []
         with self._check_lock:
             for url in self.pool.check():
+                dropped.append(url)
                 logger.warning("rollout: server %s is dead; dropped — continuing on %d server(s) "
                                "(%s); its unfinished samples are retried on them", url,
                                len(self.pool.urls), ", ".join(self.pool.urls) or "none")
+        return dropped
 
     def health_metrics(self):
         return {"rollout/servers_live": float(len(self.pool.urls)),
@@ -91,7 +98,7 @@ class SGLangEngine(RolloutEngine):
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             self.retries += 1
-            self._drop_dead_servers()
+            self.drop_dead_servers()
         raise RolloutError(f"{where}: failed after {self.max_retries + 1} attempts ({last})")
 
     def servers_ignoring_seeds(self) -> List[str]:
@@ -138,10 +145,10 @@ class SGLangEngine(RolloutEngine):
         out: List[List[Optional[Sample]]] = [[None] * r.sampling.n for r in requests]
         for i, j, fut in futures:
             out[i][j] = (fut.result() if fut is not None else
-                         Sample([], [], "length", self._version, len(requests[i].prefix_ids)))
+                         empty_sample(requests[i], self._version))
         # The router retries on its own, so a dead server may never surface as a failed
         # request here: look for dead servers after every batch too, drop and report them.
-        self._drop_dead_servers()
+        self.drop_dead_servers()
         return out  # type: ignore[return-value]
 
     # --- weights: to every server directly ----------------------------------------------------

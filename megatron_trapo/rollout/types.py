@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 
 class RolloutError(RuntimeError):
@@ -73,8 +73,16 @@ class Sample:
     prefix_len: int = 0
 
 
+def empty_sample(request: "RolloutRequest", weight_version: str) -> "Sample":
+    """The sample of a request whose expert prefix used the whole budget: nothing to generate
+    (the prefix itself is the sample, e.g. a full expert solution)."""
+    return Sample([], [], "length", weight_version, len(request.prefix_ids))
+
+
 class RolloutEngine(abc.ABC):
-    """Generate completions and receive new weights."""
+    """Generate completions and receive new weights. Server engines also pause while weights
+    change, drop servers that died, and (those that can) implement
+    :class:`BroadcastReceiver`."""
 
     name: str = "engine"
 
@@ -89,6 +97,20 @@ class RolloutEngine(abc.ABC):
 
     def update_weights_from_disk(self, path: str, weight_version: str) -> None:
         raise NotImplementedError(f"{self.name} cannot load weights from disk")
+
+    def pause(self) -> None:
+        """Hold generation while the weights change (no-op for an in-process engine)."""
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+
+    def server_urls(self) -> List[str]:
+        """The live servers behind this engine (none for an in-process engine)."""
+        return []
+
+    def drop_dead_servers(self) -> List[str]:
+        """Health-check the servers; forget (and return) the ones that stopped answering."""
+        return []
 
     def update_weights_from_tensors(self, named_tensors: Dict[str, "object"],
                                     weight_version: str) -> None:
@@ -107,3 +129,28 @@ class RolloutEngine(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+@runtime_checkable
+class BroadcastReceiver(Protocol):
+    """An engine whose servers join a process group with the trainer and receive weights by
+    broadcast (SGLang's ``/init_weights_update_group`` + ``/update_weights_from_distributed``)."""
+
+    @property
+    def dead_servers(self) -> List[str]: ...
+
+    def server_urls(self) -> List[str]: ...
+
+    def weight_group_ranks(self) -> List[int]: ...
+
+    def init_weights_update_group(self, master_address: str, master_port: int, backend: str,
+                                  ranks: Sequence[int], group_name: str) -> int: ...
+
+    def finish_init_group(self) -> None: ...
+
+    def destroy_weights_update_group(self, group_name: str) -> None: ...
+
+    def start_distributed_update(self, names, dtypes, shapes, weight_version: str,
+                                 group_name: str): ...
+
+    def finish_distributed_update(self, futures, weight_version: str) -> None: ...

@@ -24,7 +24,8 @@ from typing import List, Optional, Sequence, Tuple
 import httpx
 
 from megatron_trapo.rollout import protocol
-from megatron_trapo.rollout.types import RolloutEngine, RolloutError, RolloutRequest, Sample
+from megatron_trapo.rollout.types import (RolloutEngine, RolloutError, RolloutRequest, Sample,
+                                          empty_sample)
 
 
 # The vLLM release the weight path is written and tested against (CI: its routers and
@@ -142,7 +143,7 @@ class VLLMEngine(RolloutEngine):
         out: List[List[Optional[Sample]]] = [[None] * r.sampling.n for r in requests]
         for i, first, n, fut in calls:
             prefix = len(requests[i].prefix_ids)
-            samples = [Sample([], [], "length", self._version, prefix) for _ in range(n)] \
+            samples = [empty_sample(requests[i], self._version) for _ in range(n)] \
                 if fut is None else \
                 protocol.samples_from_vllm(fut.result(), 1, n, [prefix], self._version)[0]
             out[i][first:first + n] = samples
@@ -154,6 +155,9 @@ class VLLMEngine(RolloutEngine):
             raise RolloutError(f"{url}{path} failed: HTTP {r.status_code} {r.text[:300]} "
                                "(the dev/RL endpoints need VLLM_SERVER_DEV_MODE=1)")
         return r
+
+    def server_urls(self) -> List[str]:
+        return list(self.urls)
 
     def pause(self) -> None:
         """Let in-flight requests finish and hold new ones (``mode=wait``) on every server."""

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron_trapo.config import LOOPBACK_HOSTS, ModelConfig
 from megatron_trapo.models.hf.mapping import rule_for_key, expand, to_hf
 from megatron_trapo.models.sharding import local_shards
-from megatron_trapo.rollout.types import RolloutEngine, RolloutError
+from megatron_trapo.rollout.types import BroadcastReceiver, RolloutEngine, RolloutError
 
 logger = logging.getLogger(__name__)
 
@@ -163,134 +163,48 @@ def _wait_for_sync_rank() -> None:
     dist.barrier(group=host_group())
 
 
-class WeightSync:
-    """Pushes the trainer's weights to a rollout engine (see module docstring)."""
+class InProcessSync:
+    """``inprocess``: the embedded engine in this process takes the tensors bucket by bucket."""
 
-    def __init__(self, engine: Optional[RolloutEngine], model: ModelConfig, mode: str,
-                 bucket_bytes: int = 512 * 1024**2, disk_dir: Optional[str] = None,
-                 backend: Optional[str] = None, master_port: Optional[int] = None,
-                 hf_config: Optional[dict] = None, address: Optional[str] = None,
-                 group_timeout_s: float = 600.0, keep_versions: int = 2):
-        if mode not in ("inprocess", "disk", "distributed"):
-            raise RolloutError(f"weight sync mode must be inprocess, disk or distributed, got {mode!r}")
-        self.engine, self.model, self.mode = engine, model, mode
-        self.bucket_bytes = bucket_bytes
-        self.disk_dir = disk_dir
-        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        self.master_port = master_port
-        self.hf_config = hf_config  # base config.json written beside disk weights
-        self.address = address
-        self.group_timeout_s = group_timeout_s
-        self.keep_versions = keep_versions
-        self._group = None
-        self._members: Tuple[str, ...] = ()
-        self.rebuilds = 0  # groups formed again after the set of servers changed (metric)
+    rebuilds = 0  # no group to form again
 
-    def _is_sync_rank(self) -> bool:
-        return dist.get_rank() == 0
+    def __init__(self, sync: "WeightSync"):
+        self.sync = sync
 
-    def _ensure_group(self) -> None:
-        """Form the group with the live servers; when the set changed since the last sync (a
-        server died), destroy the old group on both sides first — its ranks include the dead
-        server's, and a broadcast would wait for them until the NCCL timeout."""
-        from megatron_trapo.platform.distributed import free_port
-        from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
-                                                          init_weight_update_group)
+    def push(self, named, weight_version: str, stats: Dict[str, float]) -> None:
+        for bucket in _counted_buckets(named, self.sync.bucket_bytes, stats):
+            self.sync.engine.update_weights_from_tensors(dict(bucket), weight_version)
 
-        pool = self.engine.pool
-        members = tuple(pool.urls)
-        if not members:
-            raise RolloutError(f"weight sync: no live server left (dead: {pool.dead})")
-        if self._group is not None and members == self._members:
-            return
-        if self._group is not None:
-            self.engine.destroy_weights_update_group(GROUP_NAME)
-            destroy_weight_update_group(self._group)
-            self._group = None
-            self.rebuilds += 1
-        ranks = self.engine.weight_group_ranks()
-        world = 1 + sum(ranks)
-        port = self.master_port if (self.master_port and not self.rebuilds) else free_port()
-        address = sync_address(list(members), self.address)
-        self.engine.init_weights_update_group(address, port, self.backend, ranks, GROUP_NAME)
-        self._group = init_weight_update_group(address, port, 0, world, GROUP_NAME, self.backend,
-                                               timeout_s=self.group_timeout_s)
-        self.engine.finish_init_group()
-        self._members = members
 
-    def sync(self, chunks, weight_version: str) -> Dict[str, float]:
-        """Collective over all trainer ranks; returns timing/size stats (on rank 0)."""
-        t0 = time.time()
-        named = hf_named_tensors(chunks, self.model)
-        stats = {"bytes": 0.0, "tensors": 0.0, "buckets": 0.0}
-        if not self._is_sync_rank():
-            for _ in named:  # non-sync ranks only take part in the gathers and sends
-                pass
-            _wait_for_sync_rank()
-            return stats
-        pool = getattr(self.engine, "pool", None)
-        if pool is not None:  # servers that died since the last call: no pause, no update
-            for url in pool.check():
-                logger.warning("weight sync: server %s is dead; dropped", url)
-        pause = getattr(self.engine, "pause", None)
-        if pause is not None:
-            pause()
-        try:
-            if self.mode == "disk":
-                self._sync_disk(named, weight_version, stats)
-            else:
-                if self.mode == "distributed":
-                    self._ensure_group()
-                for bucket in buckets(named, self.bucket_bytes):
-                    stats["buckets"] += 1
-                    stats["tensors"] += len(bucket)
-                    stats["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
-                    if self.mode == "inprocess":
-                        self.engine.update_weights_from_tensors(dict(bucket), weight_version)
-                    else:
-                        self._broadcast_bucket(bucket, weight_version)
-        finally:
-            resume = getattr(self.engine, "resume", None)
-            if resume is not None:
-                resume()
-        _wait_for_sync_rank()
-        stats["seconds"] = time.time() - t0
-        if pool is not None:  # servers that took this version; groups formed again so far
-            stats["servers"] = float(len(pool.urls))
-            stats["rebuilds"] = float(self.rebuilds)
-        return stats
+class DiskSync:
+    """``disk``: an HF folder per version (safetensors + config.json) that the servers load;
+    the newest ``keep_versions`` are kept."""
 
-    def _broadcast_bucket(self, bucket, weight_version: str) -> None:
-        from megatron_trapo.platform import compute_device
+    rebuilds = 0
 
-        names = [n for n, _ in bucket]
-        dtypes = [_DTYPE_NAMES[t.dtype] for _, t in bucket]
-        shapes = [list(t.shape) for _, t in bucket]
-        futures = self.engine.start_distributed_update(names, dtypes, shapes, weight_version,
-                                                       GROUP_NAME)
-        for _, t in bucket:  # one broadcast per tensor, in the order of ``names``
-            dist.broadcast(t.to(compute_device()).contiguous(), src=0, group=self._group)
-        self.engine.finish_distributed_update(futures, weight_version)
+    def __init__(self, sync: "WeightSync"):
+        self.sync = sync
 
-    def _sync_disk(self, named, weight_version: str, stats) -> None:
+    def push(self, named, weight_version: str, stats: Dict[str, float]) -> None:
         import json
 
         from megatron_trapo.models.hf.files import HFCheckpointWriter
         from megatron_trapo.models.hf.mapping import model_to_hf_config
 
-        if self.disk_dir is None:  # servers on this machine only (config refuses others)
-            self.disk_dir = tempfile.mkdtemp(prefix="trapo_weights_")
-        root = Path(self.disk_dir)
+        sync = self.sync
+        if sync.disk_dir is None:  # servers on this machine only (config refuses others)
+            sync.disk_dir = tempfile.mkdtemp(prefix="trapo_weights_")
+        root = Path(sync.disk_dir)
         out = root / f"v{weight_version}"
-        writer = HFCheckpointWriter(out, self.bucket_bytes)
+        writer = HFCheckpointWriter(out, sync.bucket_bytes)
         for name, t in named:
             writer.add(name, t)
             stats["tensors"] += 1
             stats["bytes"] += t.numel() * t.element_size()
         stats["buckets"] = float(len(writer.close()))
-        (out / "config.json").write_text(json.dumps(model_to_hf_config(self.model, self.hf_config),
+        (out / "config.json").write_text(json.dumps(model_to_hf_config(sync.model, sync.hf_config),
                                                     indent=2))
-        self.engine.update_weights_from_disk(str(out), weight_version)
+        sync.engine.update_weights_from_disk(str(out), weight_version)
         self._prune_versions(root, keep=out)
 
     def _prune_versions(self, root: Path, keep: Path) -> None:
@@ -300,5 +214,129 @@ class WeightSync:
 
         versions = sorted((p for p in root.glob("v*") if p.is_dir() and p != keep),
                           key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in versions[max(self.keep_versions - 1, 0):]:
+        for old in versions[max(self.sync.keep_versions - 1, 0):]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class BroadcastSync:
+    """``distributed``: a process group of the sync rank and every server's ranks; each tensor
+    is broadcast from rank 0 after the servers were told its name, dtype and shape."""
+
+    def __init__(self, sync: "WeightSync"):
+        if not isinstance(sync.engine, BroadcastReceiver):
+            raise RolloutError(f"weight_sync=distributed: the {sync.engine.name} engine cannot "
+                               "receive broadcast weights (use disk)")
+        self.sync = sync
+        self.engine: BroadcastReceiver = sync.engine
+        self._group = None
+        self._members: Tuple[str, ...] = ()
+        self.rebuilds = 0  # groups formed again after the set of servers changed (metric)
+
+    def _ensure_group(self) -> None:
+        """Form the group with the live servers; when the set changed since the last sync (a
+        server died), destroy the old group on both sides first — its ranks include the dead
+        server's, and a broadcast would wait for them until the NCCL timeout."""
+        from megatron_trapo.platform.distributed import free_port
+        from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
+                                                          init_weight_update_group)
+
+        sync = self.sync
+        members = tuple(self.engine.server_urls())
+        if not members:
+            raise RolloutError(f"weight sync: no live server left (dead: "
+                               f"{self.engine.dead_servers})")
+        if self._group is not None and members == self._members:
+            return
+        if self._group is not None:
+            self.engine.destroy_weights_update_group(GROUP_NAME)
+            destroy_weight_update_group(self._group)
+            self._group = None
+            self.rebuilds += 1
+        ranks = self.engine.weight_group_ranks()
+        world = 1 + sum(ranks)
+        port = sync.master_port if (sync.master_port and not self.rebuilds) else free_port()
+        address = sync_address(list(members), sync.address)
+        self.engine.init_weights_update_group(address, port, sync.backend, ranks, GROUP_NAME)
+        self._group = init_weight_update_group(address, port, 0, world, GROUP_NAME, sync.backend,
+                                               timeout_s=sync.group_timeout_s)
+        self.engine.finish_init_group()
+        self._members = members
+
+    def push(self, named, weight_version: str, stats: Dict[str, float]) -> None:
+        from megatron_trapo.platform import compute_device
+
+        self._ensure_group()
+        for bucket in _counted_buckets(named, self.sync.bucket_bytes, stats):
+            names = [n for n, _ in bucket]
+            dtypes = [_DTYPE_NAMES[t.dtype] for _, t in bucket]
+            shapes = [list(t.shape) for _, t in bucket]
+            futures = self.engine.start_distributed_update(names, dtypes, shapes, weight_version,
+                                                           GROUP_NAME)
+            for _, t in bucket:  # one broadcast per tensor, in the order of ``names``
+                dist.broadcast(t.to(compute_device()).contiguous(), src=0, group=self._group)
+            self.engine.finish_distributed_update(futures, weight_version)
+
+
+def _counted_buckets(named, bucket_bytes: int, stats: Dict[str, float]):
+    for bucket in buckets(named, bucket_bytes):
+        stats["buckets"] += 1
+        stats["tensors"] += len(bucket)
+        stats["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
+        yield bucket
+
+
+STRATEGIES = {"inprocess": InProcessSync, "disk": DiskSync, "distributed": BroadcastSync}
+
+
+class WeightSync:
+    """Pushes the trainer's weights to a rollout engine (see module docstring): every rank
+    takes part in gathering the HF-named tensors; the sync rank hands them to the strategy of
+    ``mode`` (:data:`STRATEGIES`) while the engine is paused."""
+
+    def __init__(self, engine: Optional[RolloutEngine], model: ModelConfig, mode: str,
+                 bucket_bytes: int = 512 * 1024**2, disk_dir: Optional[str] = None,
+                 backend: Optional[str] = None, master_port: Optional[int] = None,
+                 hf_config: Optional[dict] = None, address: Optional[str] = None,
+                 group_timeout_s: float = 600.0, keep_versions: int = 2):
+        if mode not in STRATEGIES:
+            raise RolloutError(f"weight sync mode must be one of {list(STRATEGIES)}, got {mode!r}")
+        self.engine, self.model, self.mode = engine, model, mode
+        self.bucket_bytes = bucket_bytes
+        self.disk_dir = disk_dir
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.master_port = master_port
+        self.hf_config = hf_config  # base config.json written beside disk weights
+        self.address = address
+        self.group_timeout_s = group_timeout_s
+        self.keep_versions = keep_versions
+        # only the sync rank, which holds the engine, pushes
+        self.strategy = STRATEGIES[mode](self) if engine is not None else None
+
+    @property
+    def rebuilds(self) -> int:
+        return self.strategy.rebuilds if self.strategy is not None else 0
+
+    def sync(self, chunks, weight_version: str) -> Dict[str, float]:
+        """Collective over all trainer ranks; returns timing/size stats (on rank 0)."""
+        t0 = time.time()
+        named = hf_named_tensors(chunks, self.model)
+        stats = {"bytes": 0.0, "tensors": 0.0, "buckets": 0.0}
+        if dist.get_rank() != 0:
+            for _ in named:  # non-sync ranks only take part in the gathers and sends
+                pass
+            _wait_for_sync_rank()
+            return stats
+        for url in self.engine.drop_dead_servers():  # no pause, no update for those
+            logger.warning("weight sync: server %s is dead; dropped", url)
+        self.engine.pause()
+        try:
+            self.strategy.push(named, weight_version, stats)
+        finally:
+            self.engine.resume()
+        _wait_for_sync_rank()
+        stats["seconds"] = time.time() - t0
+        urls = self.engine.server_urls()
+        if urls:  # servers that took this version; groups formed again so far
+            stats["servers"] = float(len(urls))
+            stats["rebuilds"] = float(self.rebuilds)
+        return stats

@@ -39,6 +39,11 @@ LATEST_FILE = "latest_checkpointed_iteration.txt"
 META_FILE = "trapo_meta.json"
 
 
+def checkpoint_optimizer_metadata(cfg) -> dict:
+    """:func:`optimizer_metadata` for a ``CheckpointConfig``."""
+    return optimizer_metadata(cfg.distrib_optim_fully_reshardable_mem_efficient)
+
+
 def optimizer_metadata(mem_efficient: bool = True) -> Dict[str, Any]:
     """megatron's ``metadata`` for the distributed optimizer's sharded state: always
     ``fully_reshardable`` (model space: a checkpoint resumes at another TP/PP/DP layout).

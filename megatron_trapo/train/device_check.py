@@ -38,9 +38,10 @@ def sample_trajectories() -> List[Trajectory]:
     trajs = []
     for prefix, n_gen, train_prefix, reward in plan:
         completion = ids(n_gen)
-        trajs.append(Trajectory(0, ids(5), prefix, completion,
-                                (-torch.rand(n_gen, generator=g)).tolist(), train_prefix,
-                                guided=bool(prefix), reward=reward))
+        trajs.append(Trajectory(prompt_index=0, prompt_ids=ids(5), prefix_ids=prefix,
+                                completion_ids=completion,
+                                rollout_logprobs=(-torch.rand(n_gen, generator=g)).tolist(),
+                                train_prefix=train_prefix, guided=bool(prefix), reward=reward))
     assign_advantages(trajs, 8)
     return trajs
 

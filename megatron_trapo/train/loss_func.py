@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from megatron_trapo.algorithms import losses as L
+from megatron_trapo.algorithms.methods import clip_range, method
 from megatron_trapo.config import LossConfig
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 
@@ -38,19 +39,17 @@ from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
                  batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-token loss of the configured mode, and its metric numerators/denominators."""
-    mode = cfg.loss_mode
-    expert = batch["expert_mask"].float() if mode != "grpo" else torch.zeros_like(logprobs)
-    generated = batch["generated_mask"].float() if mode != "sft" else torch.zeros_like(logprobs)
+    m = method(cfg.loss_mode)
+    zeros = torch.zeros_like(logprobs)
+    expert = batch["expert_mask"].float() if m.expert_loss != "none" else zeros
+    generated = batch["generated_mask"].float() if m.policy_gradient else zeros
     adv = batch.get("advantages")
-    adv = torch.zeros_like(logprobs) if adv is None else adv.float()
+    adv = zeros if adv is None else adv.float()
 
     loss = torch.zeros_like(logprobs)
-    if mode == "trapo":
-        loss = loss + cfg.sft_weight * expert * L.trsft_loss(logprobs, cfg.trust_region_alpha)
-    elif mode in ("sft", "trapo_plain_sft"):
-        loss = loss + cfg.sft_weight * expert * L.sft_loss(logprobs)
-    elif mode == "luffy":
-        loss = loss + cfg.rl_weight * expert * L.luffy_shaping_loss(logprobs, adv, cfg.luffy_gamma)
+    expert_loss = L.expert_token_loss(m.expert_loss, cfg, logprobs, adv)
+    if expert_loss is not None:
+        loss = loss + expert * expert_loss
 
     metrics: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -62,10 +61,9 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
         metrics["expert/p_mean"] = torch.stack([(p * expert).sum(), n_exp])
         metrics["expert/nll"] = torch.stack([(-logprobs.detach() * expert).sum(), n_exp])
 
-    if mode != "sft":
+    if m.policy_gradient:
         old = batch["old_logprobs"].float()
-        low, high = ((cfg.luffy_clip_ratio, cfg.luffy_clip_ratio) if mode == "luffy"
-                     else (cfg.clip_ratio_low, cfg.clip_ratio_high))
+        low, high = clip_range(m, cfg)
         pg = L.policy_gradient_loss(logprobs, old, adv, low, high)
         tis = None
         if cfg.tis_cap is not None and batch.get("rollout_logprobs") is not None:

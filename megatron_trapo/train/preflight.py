@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
+from megatron_trapo.algorithms.methods import stages
 from megatron_trapo.config import ConfigError, TrainConfig
 
 # methods whose samples are built from an expert solution (TRAPO's guided micro-groups, SFT's
 # targets, LUFFY's off-policy sample)
-NEEDS_SOLUTION = ("trapo", "trapo_plain_sft", "sft", "luffy", "sft_then_rl")
 
 
 @dataclass
@@ -55,14 +55,14 @@ def check_data(path: str, tokenizer, cfg: TrainConfig, max_positions: int,
                needs_solution: bool, what: str):
     """The file's usable rows as encoded prompt items, and the report of the others."""
     from megatron_trapo.data.records import data_file, record_problem, scan_rows, to_record
-    from megatron_trapo.rollout.groups import encode
+    from megatron_trapo.data.items import encode
 
     rows, bad = scan_rows(data_file(path, what))
     report = DataReport(str(path))
     for line, why in bad:
         report.skip(why, line)
     limit = cfg.data.max_prompt_tokens
-    sft = cfg.loss.loss_mode in ("sft", "sft_then_rl")
+    sft = any(m.sampling == "expert_only" for m in stages(cfg.loss.loss_mode))
     items = []
     for line, row in rows:
         why = record_problem(row)
@@ -164,12 +164,13 @@ def check_paths(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
 
 def check_all_data(cfg: TrainConfig, tokenizer, max_positions: int):
     """``(train items, eval items, {"train"/"eval": report})`` of ``train_data``, ``eval_data``."""
-    if cfg.loss.loss_mode != "sft" and not cfg.train_data:
+    if not cfg.train_data:
         raise ConfigError("train_data is required")
     reports, train, evals = {}, [], []
     if cfg.train_data:
         train, reports["train"] = check_data(cfg.train_data, tokenizer, cfg, max_positions,
-                                             cfg.loss.loss_mode in NEEDS_SOLUTION, "train_data")
+                                             any(m.needs_solution for m in
+                                                 stages(cfg.loss.loss_mode)), "train_data")
     if cfg.eval_data:
         evals, reports["eval"] = check_data(cfg.eval_data, tokenizer, cfg, max_positions, False,
                                             "eval_data")

@@ -57,7 +57,8 @@ def run_smoke(cfg: SmokeConfig, resume: bool = False) -> Dict[str, float]:
     from megatron_trapo.models.provider import build_model
     from megatron_trapo.platform.distributed import initialize_distributed
     from megatron_trapo.train.batch import to_device
-    from megatron_trapo.train.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
+    from megatron_trapo.train.checkpoint import (checkpoint_optimizer_metadata, latest_iteration,
+                                                 load_checkpoint, save_checkpoint)
     from megatron_trapo.train.forward_backward import train_step
     from megatron_trapo.train.lm_loss import lm_forward_step
     from megatron_trapo.train.optimizer import build_training_state
@@ -110,6 +111,6 @@ def run_smoke(cfg: SmokeConfig, resume: bool = False) -> Dict[str, float]:
             save_checkpoint(cfg.checkpoint.save, step + 1, ddp, optimizer, scheduler,
                             trainer_state={"iteration": step + 1}, config=to_dict(cfg),
                             keep_last=cfg.checkpoint.keep_last,
-                            optim_metadata=cfg.checkpoint.optimizer_metadata())
+                            optim_metadata=checkpoint_optimizer_metadata(cfg.checkpoint))
     metrics.close()
     return {"first_loss": first, "last_loss": last, "start_iteration": start}

@@ -4,14 +4,16 @@ sync → metrics. Every rank runs it; rollouts happen on the sync rank (global r
 trajectories are broadcast so that every rank builds the same batch and takes its share."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List
 
 import torch
 
+from megatron_trapo.algorithms.methods import method
+from megatron_trapo.algorithms.sampler import Groups, flatten, reward_scorer, sample_groups
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
 from megatron_trapo.platform.distributed import host_group
-from megatron_trapo.rollout.groups import generate_groups
 from megatron_trapo.rollout.types import SamplingParams
 from megatron_trapo.train.batch import (build_sequences, make_microbatches, model_forward,
                                         pack_microbatches, row_multiple, split_for_rank,
@@ -21,26 +23,36 @@ from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
 
 
-def trapo_step(run, step: int) -> Dict[str, float]:
-    """``run`` is a :class:`megatron_trapo.train.trainer.Run` (model, optimizer, engine, data)."""
+@dataclass
+class StepResult:
+    metrics: Dict[str, float]
+    groups: Groups  # every prompt's trajectories (on every rank), as the step trained on them
+
+
+def trapo_step(run, step: int) -> StepResult:
+    """One step of any method. ``run`` is a :class:`megatron_trapo.train.trainer.Run`."""
     from megatron.core import parallel_state as ps
 
     cfg = run.cfg
+    m = method(cfg.loss.loss_mode)
     # 1-3. this step's prompts, their micro-group rollouts and rewards (sync rank), shared
-    trajs = None
-    if torch.distributed.get_rank() == 0:
+    groups = None
+    if run.rollout is not None:  # the sync rank
         sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_new_tokens=cfg.loss.max_response_length,
                                   stop_token_ids=run.stop_ids)
-        trajs = generate_groups(run.data.batch(step), run.engine, run.reward, run.tokenizer,
-                                cfg.loss.loss_mode, cfg.sampler, sampling, run.eos_id,
-                                seed=cfg.seed * 7919 + step, luffy_off_policy=cfg.luffy_off_policy)
+        side = run.rollout
+        items = side.data.batch(step)
+        groups = sample_groups(items, side.engine, reward_scorer(items, run.tokenizer, side.reward),
+                               m, cfg.sampler, sampling, run.eos_id, seed=cfg.seed * 7919 + step,
+                               off_policy=cfg.luffy_off_policy)
     health = run.engine.health_metrics() if run.engine is not None else {}
-    holder: List = [trajs]
+    holder: List = [groups]
     torch.distributed.broadcast_object_list(holder, src=0, group=host_group())
-    trajs = holder[0]
+    groups = holder[0]
+    trajs = flatten(groups)
     # 4. group-relative advantages over each prompt's samples
-    group = 1 if cfg.loss.loss_mode == "sft" else cfg.sampler.group_size
+    group = m.advantage_group(cfg.sampler.group_size)
     assign_advantages(trajs, group, cfg.normalize_adv_std, cfg.luffy_on_policy_stats_only)
     # 5. per-token masks and weights, this rank's share, micro-batches under a token budget
     seqs = build_sequences(trajs, cfg.loss)
@@ -51,7 +63,7 @@ def trapo_step(run, step: int) -> Dict[str, float]:
     seq_len = max(mb["tokens"].shape[1] for mb in mbs)
     mb_size = max(mb["tokens"].shape[0] for mb in mbs)
     # 6. old logprobs from the trainer itself (rollout logprobs stay for TIS)
-    if cfg.recompute_old_logprobs and cfg.loss.loss_mode != "sft":
+    if cfg.recompute_old_logprobs and m.needs_old_logprobs:
         fill_old_logprobs(run.ddp, mbs, cfg.loss.logprob_chunk_size, seq_len, mb_size)
     # 7. Megatron forward/backward over the micro-batches, one optimizer step
     out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
@@ -59,10 +71,11 @@ def trapo_step(run, step: int) -> Dict[str, float]:
     # 8. the new weights to the engine
     synced = run.sync.sync(run.ddp, str(step + 1)) if run.sync is not None else {}
     # 9. metrics
-    return {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs), **health,
-            **{f"sync/{k}": float(v) for k, v in synced.items()},
-            "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
-            "train/tokens": float(sum(s["tokens"].numel() for s in seqs))}
+    metrics = {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs), **health,
+               **{f"sync/{k}": float(v) for k, v in synced.items()},
+               "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
+               "train/tokens": float(sum(s["tokens"].numel() for s in seqs))}
+    return StepResult(metrics, groups)
 
 
 def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,

@@ -5,66 +5,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from megatron_trapo.algorithms.methods import PIPELINES, is_pipeline
 from megatron_trapo.config import ConfigError, TrainConfig, runtime_model, to_dict
+from megatron_trapo.data.items import PromptData
+from megatron_trapo.train.run import RolloutSide, Run
 
 logger = logging.getLogger(__name__)
-
-
-class PromptData:
-    """Training prompts in a fixed, seeded order: step k's prompts depend only on (seed, k), so
-    the data position of a resumed run is its step."""
-
-    def __init__(self, items: list, prompts_per_step: int, seed: int):
-        if not items:
-            raise ConfigError("train_data holds no usable records")
-        self.items, self.n, self.seed = items, prompts_per_step, seed
-
-    def batch(self, step: int) -> list:
-        out = []
-        for k in range(step * self.n, (step + 1) * self.n):
-            epoch, pos = divmod(k, len(self.items))
-            order = list(range(len(self.items)))
-            random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            out.append(self.items[order[pos]])
-        return out
-
-
-@dataclass
-class Run:
-    cfg: TrainConfig
-    ddp: list
-    optimizer: object
-    scheduler: object
-    model: object
-    tokenizer: object
-    data: Optional[PromptData]
-    eval_items: list
-    engine: object
-    reward: object
-    sync: object
-    eos_id: int
-    pad_id: int
-    stop_ids: List[int]
-    data_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)  # rows kept/skipped
 
 
 def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
     from megatron_trapo.data.tokenizer import stop_token_ids
     from megatron_trapo.models.hf.mapping import model_to_hf_config
-    from megatron_trapo.models.pretrained import model_config_from_checkpoint
+    from megatron_trapo.train.pretrained import model_config_from_checkpoint
     from megatron_trapo.models.provider import build_model
     from megatron_trapo.platform.distributed import initialize_distributed
     from megatron_trapo.reward.math_reward import MathReward
     from megatron_trapo.rollout import make_engine
-    from megatron_trapo.rollout.hf_engine import HFEngine
     from megatron_trapo.rollout.weight_sync import WeightSync
     from megatron_trapo.train.checkpoint import latest_iteration, load_checkpoint
     from megatron_trapo.train.optimizer import build_training_state
@@ -94,32 +56,26 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
     stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     rank0 = torch.distributed.get_rank() == 0
-    data = evals = None
-    engine = reward = None
+    rollout = None
     if rank0:
         for rep in reports.values():  # skipped rows are worth a warning
             (logger.warning if rep.skipped else logger.info)("data: %s", rep.summary())
         data = PromptData(train_items, cfg.prompts_per_step, cfg.seed) if train_items else None
-        evals = eval_items
-        if cfg.eval_max_problems:
-            evals = evals[:cfg.eval_max_problems]
-        if cfg.rollout.engine == "hf" and not cfg.rollout.model_path:
-            engine = HFEngine.from_hf_config(model_to_hf_config(model), device=cfg.rollout.device,
-                                             max_batch_size=cfg.rollout.max_batch_size)
-        else:
-            engine = make_engine(dataclasses.replace(cfg.rollout,
-                                                     tokenizer_path=tokenizer_folder(cfg)),
-                                 weight_updates=True)
-        reward = MathReward(num_workers=2)
+        evals = eval_items[:cfg.eval_max_problems] if cfg.eval_max_problems else eval_items
+        # the embedded engine without model_path starts with this architecture, unfilled: the
+        # first weight sync below fills it
+        engine = make_engine(dataclasses.replace(cfg.rollout, tokenizer_path=tokenizer_folder(cfg)),
+                             weight_updates=True, hf_config=model_to_hf_config(model))
+        rollout = RolloutSide(data, evals, engine, MathReward(num_workers=2))
+    engine = rollout.engine if rollout is not None else None
     sync = WeightSync(engine, model, cfg.rollout.resolved_weight_sync,
                       bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 1024**2,
                       disk_dir=cfg.rollout.weight_sync_dir, address=cfg.rollout.weight_sync_address,
                       group_timeout_s=cfg.rollout.weight_sync_timeout_s,
                       keep_versions=cfg.rollout.weight_sync_keep_versions)
     sync.sync(ddp, str(start))  # the engine starts from exactly the trainer's weights
-    run = Run(cfg, ddp, optimizer, scheduler, model, tokenizer, data, evals or [], engine, reward,
-              sync, eos_id, pad_id, stop_ids,
-              {k: v for name, rep in reports.items() for k, v in rep.metrics(name).items()})
+    run = Run(cfg, ddp, optimizer, scheduler, model, tokenizer, sync, eos_id, pad_id, stop_ids,
+              rollout, {k: v for name, rep in reports.items() for k, v in rep.metrics(name).items()})
     return run, start, trainer_state
 
 
@@ -128,17 +84,18 @@ def evaluate(run: Run) -> Dict[str, float]:
     from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
 
     result = [None]
-    if torch.distributed.get_rank() == 0 and run.eval_items:
+    side = run.rollout
+    if side is not None and side.eval_items:
         reqs = [RolloutRequest(it.prompt_ids, SamplingParams(
             temperature=run.cfg.eval_temperature, max_new_tokens=run.cfg.loss.max_response_length,
-            stop_token_ids=run.stop_ids, seed=run.cfg.seed + i)) for i, it in enumerate(run.eval_items)]
-        samples = run.engine.generate(reqs)
+            stop_token_ids=run.stop_ids, seed=run.cfg.seed + i)) for i, it in enumerate(side.eval_items)]
+        samples = side.engine.generate(reqs)
         texts = [run.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in samples]
-        scores = run.reward.score([(t, it.record.answer) for t, it in zip(texts, run.eval_items)])
+        scores = side.reward.score([(t, it.record.answer) for t, it in zip(texts, side.eval_items)])
         metrics = {"eval/accuracy": sum(scores) / len(scores),
                    "eval/length": sum(len(s[0].token_ids) for s in samples) / len(samples)}
         by_source: Dict[str, List[float]] = {}
-        for it, score in zip(run.eval_items, scores):  # e.g. accuracy per difficulty
+        for it, score in zip(side.eval_items, scores):  # e.g. accuracy per difficulty
             if it.record.source:
                 by_source.setdefault(it.record.source, []).append(score)
         if len(by_source) > 1:
@@ -161,14 +118,15 @@ def peak_memory_gb() -> float:
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
                  ) -> Dict[str, float]:
-    """Train; ``loss_mode=sft_then_rl`` chains an SFT stage and a GRPO stage from its
-    checkpoint (each with its own checkpoint and log folder, ``sft/`` and ``rl/``).
-    ``overwrite``: a fresh run may replace the run in ``checkpoint.save``."""
-    if cfg.loss.loss_mode != "sft_then_rl":
+    """Train; a pipeline (``loss_mode=sft_then_rl``: an SFT stage, then a GRPO stage from its
+    checkpoint) runs its stages in order, each with its own checkpoint and log folder (``sft/``,
+    ``rl/``); a finished earlier stage is kept. ``overwrite``: a fresh run may replace the run
+    in ``checkpoint.save``."""
+    if not is_pipeline(cfg.loss.loss_mode):
         return _run_stage(cfg, resume, overwrite)
     if not cfg.checkpoint.save:
-        raise ConfigError("loss_mode=sft_then_rl needs checkpoint.save (the RL stage loads "
-                          "the SFT stage's checkpoint)")
+        raise ConfigError(f"loss_mode={cfg.loss.loss_mode} needs checkpoint.save (each stage "
+                          "loads the previous stage's checkpoint)")
     root = Path(cfg.checkpoint.save)
     logs = Path(cfg.log_dir) if cfg.log_dir else None
     stage = lambda name, mode, iters, load: dataclasses.replace(  # noqa: E731
@@ -177,11 +135,16 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         log_dir=str(logs / name) if logs else None)
     from megatron_trapo.train.checkpoint import latest_iteration
 
-    sft_cfg = stage("sft", "sft", cfg.sft_stage_iters, cfg.load)
-    if latest_iteration(root / "sft") != cfg.sft_stage_iters:  # a finished stage is kept
-        _run_stage(sft_cfg, resume, overwrite, control_dir=str(root))
-    rl = stage("rl", "grpo", cfg.train_iters, str(root / "sft"))
-    return _run_stage(rl, resume, overwrite, control_dir=str(root))
+    load, final = cfg.load, {}
+    parts = PIPELINES[cfg.loss.loss_mode]
+    for k, part in enumerate(parts):
+        iters = getattr(cfg, part.iterations)
+        finished = k + 1 < len(parts) and latest_iteration(root / part.folder) == iters
+        if not finished:  # a finished earlier stage is kept
+            final = _run_stage(stage(part.folder, part.method, iters, load), resume, overwrite,
+                               control_dir=str(root))
+        load = str(root / part.folder)
+    return final
 
 
 def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
@@ -192,7 +155,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
 
     from megatron_trapo.metrics import MetricsLogger, continue_log
     from megatron_trapo.plotting import plot_curves
-    from megatron_trapo.train.checkpoint import save_checkpoint
+    from megatron_trapo.train.checkpoint import checkpoint_optimizer_metadata, save_checkpoint
     from megatron_trapo.train.preemption import Preempted, StopRequest
     from megatron_trapo.train.step import trapo_step
 
@@ -209,7 +172,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
                         trainer_state={"iteration": iteration},
                         config={"model": dataclasses.asdict(run.model)},
                         keep_last=cfg.checkpoint.keep_last,
-                        optim_metadata=cfg.checkpoint.optimizer_metadata())
+                        optim_metadata=checkpoint_optimizer_metadata(cfg.checkpoint))
 
     if start == 0 and has_eval:
         final = evaluate(run)
@@ -219,7 +182,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
     with StopRequest(control_dir or cfg.checkpoint.save) as stop:
         for step in bar:
             t0 = time.time()
-            m = trapo_step(run, step)
+            m = trapo_step(run, step).metrics
             if step == 0:
                 m.update(run.data_metrics)
             m["step_time_s"] = time.time() - t0
@@ -243,8 +206,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
                     save(step + 1)
                 stop.record(step + 1, reason, bool(cfg.checkpoint.save))
                 metrics.close()
-                if run.reward is not None:
-                    run.reward.close()
+                run.close()
                 bar.close()
                 raise Preempted(step + 1, reason, bool(cfg.checkpoint.save))
     metrics.close()
@@ -255,6 +217,5 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
     elif rank0 and cfg.log_dir and (Path(cfg.log_dir) / "metrics.jsonl").is_file():
         plot_curves(Path(cfg.log_dir) / "metrics.jsonl", Path(cfg.log_dir) / "curves.png",
                     title=cfg.loss.loss_mode)
-    if run.reward is not None:
-        run.reward.close()
+    run.close()
     return final

@@ -13,8 +13,11 @@ def group_from_plan(rewards):
     for p, r in zip(plan, rewards):
         prefix = [50, 51, 52, 53][: {0.0: 0, 0.25: 1, 0.5: 2, 1.0: 4}[p.prefix_ratio]]
         completion = [] if p.full_solution else [60, 61, 62]
-        trajs.append(Trajectory(0, [1, 2, 3], prefix, completion, [-0.5] * len(completion),
-                                p.train_prefix, p.level, p.guided, float(r)))
+        trajs.append(Trajectory(prompt_index=0, prompt_ids=[1, 2, 3], prefix_ids=prefix,
+                                completion_ids=completion,
+                                rollout_logprobs=[-0.5] * len(completion),
+                                train_prefix=p.train_prefix, level=p.level, guided=p.guided,
+                                reward=float(r)))
     return plan, trajs
 
 

@@ -76,12 +76,15 @@ def test_eval_defaults_follow_the_paper_and_example_configs_load():
 
 
 def test_optimizer_checkpoint_format_follows_megatron_flags():
-    default = load_config(SmokeConfig, None, []).checkpoint.optimizer_metadata()
+    from megatron_trapo.train.checkpoint import checkpoint_optimizer_metadata
+
+    default = checkpoint_optimizer_metadata(load_config(SmokeConfig, None, []).checkpoint)
     assert default == {"distrib_optim_sharding_type": "fully_reshardable",
                        "distrib_optim_fully_reshardable_mem_efficient": True}
     allgather = load_config(SmokeConfig, None, [
         "checkpoint.distrib_optim_fully_reshardable_mem_efficient=false"]).checkpoint
-    assert allgather.optimizer_metadata()["distrib_optim_fully_reshardable_mem_efficient"] is False
+    assert checkpoint_optimizer_metadata(allgather)[
+        "distrib_optim_fully_reshardable_mem_efficient"] is False
 
 
 def test_config_files_and_sections_that_cannot_be_read_are_named(tmp_path):

@@ -75,3 +75,17 @@ def test_tis_caps_importance_weights():
 def test_config_validation(kw, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         LossConfig(**kw)
+
+
+def test_ablation_methods_differ_from_trapo_only_on_prefix_tokens():
+    """The paper's ablation rows as methods: the schedule with prefixes as context only, and
+    with LUFFY's shaping instead of TrSFT; generated tokens are trained as in TRAPO."""
+    trapo, _ = run(loss_mode="trapo", entropy_coef=0.01)
+    context, m = run(loss_mode="trapo_prefix_context", entropy_coef=0.01)
+    assert context[1:3].tolist() == [0.0, 0.0] and m["expert/tokens"][0] == 0
+    assert torch.equal(context[3:], trapo[3:])
+    shaped, _ = run(loss_mode="trapo_luffy_prefix", entropy_coef=0.01, luffy_gamma=0.1)
+    # −A·p/(p+γ) with A = 0.5: p = 0.05 → −0.5/3, p = 0.3 → −0.375
+    assert shaped[1].item() == pytest.approx(-0.5 * 0.05 / 0.15, rel=1e-5)
+    assert shaped[2].item() == pytest.approx(-0.5 * 0.3 / 0.4, rel=1e-5)
+    assert torch.equal(shaped[3:], trapo[3:])  # TRAPO's clip range, not LUFFY's

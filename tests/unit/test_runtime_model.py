@@ -34,7 +34,7 @@ def built_config(tmp_path, monkeypatch, *overrides, te=False):
     import megatron.core.transformer as mt
 
     from megatron_trapo.models import provider
-    from megatron_trapo.models.pretrained import model_config_from_checkpoint
+    from megatron_trapo.train.pretrained import model_config_from_checkpoint
 
     ckpt = fake_checkpoint(tmp_path / "ckpt", CKPT_MODEL)
     cfg = load_config(TrainConfig, overrides=[f"load={ckpt}", *overrides])

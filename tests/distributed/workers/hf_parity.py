@@ -9,7 +9,7 @@ import os
 import torch
 
 from megatron_trapo.config import ParallelConfig
-from megatron_trapo.models.pretrained import load_pretrained, model_config_from_checkpoint
+from megatron_trapo.train.pretrained import load_pretrained, model_config_from_checkpoint
 from megatron_trapo.platform import quiet_known_warnings
 from megatron_trapo.platform.distributed import initialize_distributed
 

@@ -18,27 +18,18 @@ def main():
 
     cfg = load_config(TrainConfig, None, os.environ["TRAIN_ARGS"].split())
     run, start, _ = setup(cfg, resume=False)
-    seen = {}
-    real = step_mod.generate_groups
-
-    def spy(*args, **kwargs):
-        trajs = real(*args, **kwargs)
-        seen["trajs"] = trajs
-        return trajs
-
-    step_mod.generate_groups = spy
-    metrics = step_mod.trapo_step(run, 0)
+    result = step_mod.trapo_step(run, 0)
     if torch.distributed.get_rank() == 0:
-        trajs = seen["trajs"]
-        out = {"metrics": metrics,
+        trajs = [t for group in result.groups for t in group]
+        out = {"metrics": result.metrics,
                "expected_expert": sum(len(t.prefix_ids) for t in trajs if t.train_prefix),
                "expected_generated": sum(len(t.completion_ids) for t in trajs),
-               "levels": [[t.group, t.level, t.guided, t.train_prefix, len(t.prefix_ids),
+               "levels": [[t.prompt_index, t.level, t.guided, t.train_prefix, len(t.prefix_ids),
                            len(t.completion_ids), t.reward] for t in trajs]}
         with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
             json.dump(out, f)
     torch.distributed.barrier()
-    run.reward and run.reward.close()
+    run.close()
 
 
 if __name__ == "__main__":

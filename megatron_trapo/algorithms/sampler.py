@@ -1,0 +1,139 @@
+"""From prompts to scored groups of trajectories, level by level.
+
+A method's sampling (``Method.sampling``, algorithms/methods.py) is a list of :class:`Level` s.
+Before each level, every prompt gets a :class:`Plan` from what its group scored so far — free
+rollouts, rollouts continuing an expert prefix, or fixed expert samples with nothing to
+generate. One loop (:func:`sample_groups`) sends a level's requests for all prompts to the engine
+as one batch and scores the new samples before the next level is planned (TRAPO's micro-groups
+need the rewards between levels).
+
+- ``schedule``: the micro-group levels (algorithms/micro_group.py);
+- ``free``: G free rollouts;
+- ``free_plus_expert``: G − k free rollouts, then k full expert solutions (LUFFY, off-policy);
+- ``expert_only``: the first expert solution, taken as correct (SFT; no rollouts, no reward).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, List, Literal, Sequence
+
+from megatron_trapo.algorithms.methods import Method
+from megatron_trapo.algorithms.micro_group import MicroGroupConfig, cut_prefix, plan_level
+from megatron_trapo.algorithms.trajectory import Trajectory
+from megatron_trapo.data.items import PromptItem
+# the engine contract (types only, no engine): the one rollout module this layer uses
+from megatron_trapo.rollout.types import RolloutEngine, RolloutRequest, SamplingParams
+
+Groups = List[List[Trajectory]]  # one list per prompt, its samples in level order
+
+
+@dataclass(frozen=True)
+class Level:
+    kind: Literal["free", "schedule", "expert"]
+    index: int  # Trajectory.level of its samples
+    n: int = 0  # free / expert: samples per prompt (schedule: the micro-group's budget)
+    trace: int = 0  # expert: which expert solution (0 the first, -1 the last)
+    scored: bool = True  # expert samples that are not scored count as correct (SFT)
+
+
+@dataclass
+class Plan:
+    """One prompt's samples at one level."""
+
+    prefix_ids: List[int]  # expert tokens the samples start with (or are, when not generating)
+    train_prefix: List[bool]  # per sample: the prefix gets the method's expert-token loss
+    guided: bool
+    generate: bool  # False: the prefix is the whole sample (a full expert solution)
+
+
+def levels(method: Method, sampler: MicroGroupConfig, off_policy: int) -> List[Level]:
+    """The levels of a method's group (``off_policy``: LUFFY's k)."""
+    if method.sampling == "expert_only":
+        return [Level("expert", 0, 1, trace=0, scored=False)]
+    if method.sampling == "schedule":
+        return [Level("schedule", i, n) for i, n in enumerate(sampler.budgets)]
+    k = off_policy if method.sampling == "free_plus_expert" else 0
+    return [Level("free", 0, sampler.group_size - k)] + ([Level("expert", 1, k, trace=-1)]
+                                                        if k else [])
+
+
+def plan(level: Level, item: PromptItem, group: Sequence[Trajectory], sampler: MicroGroupConfig,
+         eos_id: int, max_new_tokens: int) -> Plan:
+    """What ``item`` gets at ``level``, given its group so far."""
+    if level.kind == "free":
+        return Plan([], [False] * level.n, guided=False, generate=True)
+    if level.kind == "expert":
+        return Plan(item.traces[level.trace] + [eos_id], [True] * level.n, guided=True,
+                    generate=False)
+    samples = plan_level(sampler, level.index, [t.reward for t in group], len(item.traces))
+    first = samples[0]
+    prefix: List[int] = []
+    if first.guided:
+        cut = cut_prefix(item.trace_texts[first.trace], first.prefix_ratio, sampler.snap_window)
+        prefix = item.traces[first.trace][:cut] + ([eos_id] if first.full_solution else [])
+        # the prefix counts against the response budget (paper §4): a longer expert trace is
+        # cut to it rather than failing the step
+        prefix = prefix[:max_new_tokens]
+    return Plan(prefix, [s.train_prefix for s in samples], guided=first.guided,
+                generate=not (first.guided and first.full_solution))
+
+
+def level_seed(seed: int, prompt: int, level: int) -> int:
+    """The sampling seed of one prompt's level (sample j then uses seed + j)."""
+    return (seed * 1_000_003 + prompt * 101 + level * 17) % (2**31)
+
+
+def sample_groups(items: Sequence[PromptItem], engine: RolloutEngine,
+                  score: Callable[[List[Trajectory]], None], method: Method,
+                  sampler: MicroGroupConfig, sampling: SamplingParams, eos_id: int, seed: int,
+                  off_policy: int = 1) -> Groups:
+    """Every prompt's group; ``score`` sets ``reward`` on the trajectories it is given."""
+    groups: Groups = [[] for _ in items]
+    for level in levels(method, sampler, off_policy):
+        requests, owners, fixed = [], [], []
+        for g, item in enumerate(items):
+            p = plan(level, item, groups[g], sampler, eos_id, sampling.max_new_tokens)
+            if not p.generate:
+                samples = [Trajectory(prompt_index=g, prompt_ids=item.prompt_ids,
+                                      prefix_ids=p.prefix_ids, completion_ids=[],
+                                      rollout_logprobs=[], train_prefix=train, level=level.index,
+                                      guided=True, reward=0.0 if level.scored else 1.0)
+                           for train in p.train_prefix]
+                groups[g] += samples
+                fixed += samples if level.scored else []
+                continue
+            sp = dataclasses.replace(sampling, n=len(p.train_prefix),
+                                     seed=level_seed(seed, g, level.index))
+            requests.append(RolloutRequest(item.prompt_ids, sp, p.prefix_ids))
+            owners.append((g, p))
+        new: List[Trajectory] = []
+        if requests:
+            for (g, p), samples in zip(owners, engine.generate(requests)):
+                for s, train in zip(samples, p.train_prefix):
+                    t = Trajectory(prompt_index=g, prompt_ids=items[g].prompt_ids,
+                                   prefix_ids=p.prefix_ids, completion_ids=s.token_ids,
+                                   rollout_logprobs=s.logprobs, train_prefix=train,
+                                   level=level.index, guided=p.guided,
+                                   finish_reason=s.finish_reason, weight_version=s.weight_version)
+                    groups[g].append(t)
+                    new.append(t)
+        if new or fixed:
+            score(new + fixed)
+    return groups
+
+
+def reward_scorer(items: Sequence[PromptItem], tokenizer, reward) -> Callable:
+    """``score`` for :func:`sample_groups`: prefix + completion decoded, graded against the
+    prompt's answer by ``reward.score``."""
+    def score(trajs: List[Trajectory]) -> None:
+        pairs = [(tokenizer.decode(t.prefix_ids + t.completion_ids, skip_special_tokens=True),
+                  items[t.prompt_index].record.answer) for t in trajs]
+        for t, r in zip(trajs, reward.score(pairs)):
+            t.reward = r
+
+    return score
+
+
+def flatten(groups: Groups) -> List[Trajectory]:
+    return [t for group in groups for t in group]

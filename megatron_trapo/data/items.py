@@ -1,0 +1,49 @@
+"""Training records as the sampler needs them — the prompt rendered and tokenised, every expert
+solution tokenised, each solution token's text (for the "\\n\\n" prefix-snapping rule) — and
+their seeded order over the steps."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import List, Sequence
+
+from megatron_trapo.config import ConfigError
+from megatron_trapo.data.prompts import expert_text, render_prompt
+from megatron_trapo.data.records import Record
+
+
+@dataclass
+class PromptItem:
+    record: Record
+    prompt_ids: List[int]
+    traces: List[List[int]]  # expert solutions, tokenised
+    trace_texts: List[List[str]]  # each token's text, for the "\n\n" snapping rule
+
+
+def encode(records: Sequence[Record], tokenizer) -> List[PromptItem]:
+    items = []
+    for r in records:
+        prompt = tokenizer(render_prompt(tokenizer, r.problem), add_special_tokens=False)["input_ids"]
+        traces = [tokenizer(expert_text(s), add_special_tokens=False)["input_ids"] for s in r.solutions]
+        texts = [[tokenizer.decode([t]) for t in tr] for tr in traces]
+        items.append(PromptItem(r, prompt, traces, texts))
+    return items
+
+
+class PromptData:
+    """Training prompts in a fixed, seeded order: step k's prompts depend only on (seed, k), so
+    the data position of a resumed run is its step."""
+
+    def __init__(self, items: List[PromptItem], prompts_per_step: int, seed: int):
+        if not items:
+            raise ConfigError("train_data holds no usable records")
+        self.items, self.n, self.seed = items, prompts_per_step, seed
+
+    def batch(self, step: int) -> List[PromptItem]:
+        out = []
+        for k in range(step * self.n, (step + 1) * self.n):
+            epoch, pos = divmod(k, len(self.items))
+            order = list(range(len(self.items)))
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            out.append(self.items[order[pos]])
+        return out

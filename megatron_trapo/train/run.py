@@ -1,0 +1,58 @@
+"""What a training run holds between steps, typed: the model and its optimizer on every rank;
+the prompts, the rollout engine and the reward only on the sync rank (global rank 0), grouped in
+:class:`RolloutSide` so that "None on the other ranks" is in the type."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+from megatron_trapo.config import ModelConfig, TrainConfig
+from megatron_trapo.data.items import PromptData, PromptItem
+from megatron_trapo.rollout.types import RolloutEngine
+
+if TYPE_CHECKING:  # annotations only: megatron-core and transformers are slow to import
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from transformers import PreTrainedTokenizerBase
+
+    from megatron_trapo.reward.math_reward import MathReward
+    from megatron_trapo.rollout.weight_sync import WeightSync
+
+
+@dataclass
+class RolloutSide:
+    """The sync rank's part of a run."""
+
+    data: Optional[PromptData]  # None: no training prompts (an evaluation-only run)
+    eval_items: List[PromptItem]  # the in-loop held-out problems
+    engine: RolloutEngine
+    reward: "MathReward"
+
+    def close(self) -> None:
+        self.reward.close()
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    ddp: List["DistributedDataParallel"]  # one model chunk per virtual pipeline stage
+    optimizer: "MegatronOptimizer"
+    scheduler: "OptimizerParamScheduler"
+    model: ModelConfig  # the architecture actually built (from load= when given)
+    tokenizer: "PreTrainedTokenizerBase"
+    sync: "WeightSync"
+    eos_id: int
+    pad_id: int
+    stop_ids: List[int]
+    rollout: Optional[RolloutSide]  # rank 0 only
+    data_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)  # rows kept/skipped
+
+    @property
+    def engine(self) -> Optional[RolloutEngine]:
+        return self.rollout.engine if self.rollout is not None else None
+
+    def close(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()

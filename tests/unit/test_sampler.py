@@ -1,0 +1,129 @@
+"""The sampler driven by a scripted fake engine (no processes), for every method: which
+requests each level sends, what each prompt's group holds, which samples are scored. Expected
+values are worked by hand from the paper's defaults (n = 4, 2, 1, 1; L = 0, .25, .5, 1; count
+thresholds 0, 2, 4, 7; trace 1 for the last level)."""
+import pytest
+
+from megatron_trapo.algorithms.methods import METHODS
+from megatron_trapo.algorithms.sampler import flatten, level_seed, sample_groups
+from megatron_trapo.config import MicroGroupConfig
+from megatron_trapo.data.items import PromptItem
+from megatron_trapo.data.records import Record
+from megatron_trapo.rollout.types import RolloutEngine, Sample, SamplingParams
+
+EOS = 0
+TRACE_A = [11, 12, 13, 14, 15, 16, 17, 18]  # 8 tokens, no "\n\n": cuts at 2 and 4
+TRACE_B = [21, 22, 23]
+
+
+class ScriptedEngine(RolloutEngine):
+    """Answers each request's sample j with tokens [100 + request, j] and logprobs −0.5."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.calls = []
+
+    @property
+    def weight_version(self):
+        return "v7"
+
+    def generate(self, requests):
+        self.calls.append(list(requests))
+        return [[Sample([100 + i, j], [-0.5, -0.5], "stop", "v7", len(r.prefix_ids))
+                 for j in range(r.sampling.n)] for i, r in enumerate(requests)]
+
+
+def items():
+    texts = lambda ids: [f"t{t}" for t in ids]  # noqa: E731
+    return [PromptItem(Record(f"problem {k}", "42", ["a", "b"]), [1, 2, 3 + k],
+                       [TRACE_A, TRACE_B], [texts(TRACE_A), texts(TRACE_B)]) for k in range(2)]
+
+
+def run(name, off_policy=1):
+    """Prompt 0 always fails, prompt 1 always succeeds."""
+    engine, scored = ScriptedEngine(), []
+
+    def score(trajs):
+        scored.append(list(trajs))
+        for t in trajs:
+            t.reward = float(t.prompt_index == 1)
+
+    groups = sample_groups(items(), engine, score, METHODS[name], MicroGroupConfig(),
+                           SamplingParams(temperature=1.0, max_new_tokens=64, stop_token_ids=[9]),
+                           EOS, seed=5, off_policy=off_policy)
+    return engine, scored, groups
+
+
+@pytest.mark.parametrize("name", ["trapo", "trapo_plain_sft"])
+def test_schedule_guides_only_the_failing_prompt(name):
+    engine, scored, groups = run(name)
+    assert [len(g) for g in groups] == [8, 8]
+    # level 0: 4 free rollouts for both prompts, in one batch
+    level0 = engine.calls[0]
+    assert [(r.prompt_ids, r.prefix_ids, r.sampling.n) for r in level0] == \
+        [([1, 2, 3], [], 4), ([1, 2, 4], [], 4)]
+    assert [r.sampling.seed for r in level0] == [level_seed(5, 0, 0), level_seed(5, 1, 0)]
+    assert level0[0].sampling.stop_token_ids == [9] and level0[0].sampling.max_new_tokens == 64
+    # levels 1, 2: prompt 0 (0 correct) continues 25 % / 50 % of trace A; prompt 1 (4 correct
+    # of 4, then 6 of 6) stays free; level 3: prompt 0 gets trace B whole, nothing generated
+    assert [(r.prefix_ids, r.sampling.n) for r in engine.calls[1]] == [(TRACE_A[:2], 2), ([], 2)]
+    assert [(r.prefix_ids, r.sampling.n) for r in engine.calls[2]] == [(TRACE_A[:4], 1), ([], 1)]
+    assert [(r.prompt_ids, r.prefix_ids) for r in engine.calls[3]] == [([1, 2, 4], [])]
+    assert len(engine.calls) == 4
+    failing, passing = groups
+    assert [t.level for t in failing] == [0, 0, 0, 0, 1, 1, 2, 3]
+    assert [t.guided for t in failing] == [False] * 4 + [True] * 4
+    assert [t.train_prefix for t in failing] == [False] * 4 + [False, True, True, True]
+    assert failing[-1].prefix_ids == TRACE_B + [EOS] and failing[-1].completion_ids == []
+    assert failing[4].completion_ids == [100, 0] and failing[5].completion_ids == [100, 1]
+    assert not any(t.guided or t.train_prefix for t in passing)
+    assert all(t.prompt_index == 1 and t.reward == 1.0 for t in passing)
+    assert all(t.reward == 0.0 for t in failing)
+    # every sample scored exactly once, the full solution with its level
+    assert sorted(id(t) for batch in scored for t in batch) == sorted(id(t) for t in flatten(groups))
+    assert failing[-1] in scored[3]
+
+
+def test_grpo_is_one_level_of_free_rollouts():
+    engine, scored, groups = run("grpo")
+    assert len(engine.calls) == 1
+    assert [(r.prefix_ids, r.sampling.n) for r in engine.calls[0]] == [([], 8), ([], 8)]
+    assert all(not t.guided and not t.train_prefix and t.level == 0 for t in flatten(groups))
+    assert [t.completion_ids for t in groups[1]] == [[101, j] for j in range(8)]
+    assert [t.weight_version for t in groups[0]] == ["v7"] * 8
+    assert len(scored) == 1 and len(scored[0]) == 16
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_luffy_adds_k_full_expert_solutions_scored_as_samples(k):
+    engine, scored, groups = run("luffy", off_policy=k)
+    assert [r.sampling.n for r in engine.calls[0]] == [8 - k, 8 - k] and len(engine.calls) == 1
+    for g in groups:
+        expert = g[8 - k:]
+        assert len(g) == 8 and all(t.level == 1 and t.guided and t.train_prefix for t in expert)
+        assert all(t.prefix_ids == TRACE_B + [EOS] and t.completion_ids == [] for t in expert)
+    assert [len(batch) for batch in scored] == [2 * (8 - k), 2 * k]
+    assert groups[1][-1].reward == 1.0 and groups[0][-1].reward == 0.0
+
+
+def test_sft_is_the_first_solution_without_engine_or_reward():
+    engine, scored, groups = run("sft")
+    assert engine.calls == [] and scored == []
+    assert [[(t.prefix_ids, t.train_prefix, t.reward) for t in g] for g in groups] == \
+        [[(TRACE_A + [EOS], True, 1.0)]] * 2
+
+
+def test_a_long_trace_is_cut_to_the_response_budget():
+    engine = ScriptedEngine()
+    groups = sample_groups(items()[:1], engine, lambda trajs: None, METHODS["trapo"],
+                           MicroGroupConfig(), SamplingParams(max_new_tokens=3), EOS, seed=0)
+    assert engine.calls[2][0].prefix_ids == TRACE_A[:3]  # 50 % = 4 tokens, budget 3
+    assert groups[0][-1].prefix_ids == TRACE_B  # 3 + EOS cut to 3
+
+
+@pytest.mark.parametrize("name", ["trapo_prefix_context", "trapo_luffy_prefix"])
+def test_ablations_sample_like_trapo(name):
+    ours, theirs = run(name), run("trapo")
+    assert [[(r.prefix_ids, r.sampling.n) for r in c] for c in ours[0].calls] == \
+        [[(r.prefix_ids, r.sampling.n) for r in c] for c in theirs[0].calls]
