@@ -1,4 +1,4 @@
-"""Prints the speed of the foundation's hot paths at several layouts: one training step
+"""Prints the speed of the training hot paths at several layouts: one training step
 (forward + backward + optimizer) and a checkpoint save + load. Run under torchrun:
 
     .venv/bin/python -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_train_step.py

@@ -1,5 +1,5 @@
 """``megatron-trapo`` command line: ``train``, ``launch`` (servers + trainer as one job),
-``eval`` (and its Slurm parts), ``smoke`` (the foundation's training job) and ``layout``.
+``eval`` (and its Slurm parts), ``smoke`` (a language-model training check on Megatron-Core) and ``layout``.
 
 Launch multi-process jobs under torchrun, e.g.
 ``torchrun --nproc-per-node 2 -m megatron_trapo.cli smoke parallel.tensor_model_parallel_size=2``.
@@ -20,7 +20,7 @@ from megatron_trapo.platform import quiet_known_warnings
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-trapo", description="TRAPO post-training on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
-    smoke = sub.add_parser("smoke", help="train a tiny GPT on a synthetic task (foundation check)")
+    smoke = sub.add_parser("smoke", help="train a tiny GPT on a synthetic task (a Megatron-Core check)")
     smoke.add_argument("--config", help="YAML file (SmokeConfig fields)")
     smoke.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in checkpoint.save/load")
@@ -56,9 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="longest prompt (the paper filters prompts to 1024 tokens)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
-    layout = sub.add_parser("layout", help="validate a parallel layout for a world size")
+    layout = sub.add_parser("layout", help="validate a training config's parallel layout for a "
+                                           "world size")
     layout.add_argument("--world-size", type=int, required=True)
-    layout.add_argument("--config", help="YAML file (SmokeConfig fields)")
+    layout.add_argument("--config", help="YAML file (TrainConfig fields, as for train)")
     layout.add_argument("overrides", nargs="*")
     return p
 
@@ -89,14 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return run(args)
     try:
-        cfg = load_config(SmokeConfig, args.config, args.overrides)
         if args.command == "layout":
-            from megatron_trapo.platform.distributed import validate_layout
-
-            lay = validate_layout(cfg.parallel, args.world_size, cfg.model, cfg.seq_length)
-            print(f"ok: world={lay.world_size} tp={lay.tp} pp={lay.pp} vpp={lay.vpp} "
-                  f"cp={lay.cp} dp={lay.dp} sp={lay.sequence_parallel}")
-            return 0
+            return _layout(args)
+        cfg = load_config(SmokeConfig, args.config, args.overrides)
         from megatron_trapo.platform.distributed import validate_layout
 
         validate_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), cfg.model,
@@ -157,6 +153,21 @@ def _launch(args) -> int:
     except ConfigError as exc:
         print(f"megatron-trapo: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _layout(args) -> int:
+    """The layout a training config would run at ``--world-size`` processes, for the
+    architecture ``plan`` uses (``load=`` when readable here, else ``launch.model_preset``, else
+    ``model``)."""
+    from megatron_trapo.launch.plan import resolve_model
+    from megatron_trapo.platform.distributed import validate_layout
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    model, source = resolve_model(cfg)
+    lay = validate_layout(cfg.parallel, args.world_size, model)
+    print(f"ok: world={lay.world_size} tp={lay.tp} pp={lay.pp} vpp={lay.vpp} "
+          f"cp={lay.cp} dp={lay.dp} sp={lay.sequence_parallel} (architecture: {source})")
+    return 0
 
 
 def _train(args) -> int:

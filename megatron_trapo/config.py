@@ -9,9 +9,11 @@ type checking of YAML and overrides; every dataclass validates its own values in
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 from urllib.parse import urlparse
 
 import yaml
@@ -248,6 +250,22 @@ class MicroGroupConfig:
 
 
 @dataclass
+class LuffyConfig:
+    """LUFFY's four knobs (its paper and code): off-policy samples per group, the shaping of
+    their tokens, the clip of the on-policy ones, where advantage statistics come from."""
+
+    off_policy: int = 1  # k full expert solutions among a group's G samples
+    gamma: float = 0.1  # f(p) = p / (p + γ) on off-policy tokens
+    clip_ratio: float = 0.2  # LUFFY clips its on-policy tokens
+    on_policy_stats_only: bool = False  # group mean/std from the on-policy samples only
+
+    def __post_init__(self) -> None:
+        _check(self.gamma > 0, f"loss.luffy.gamma must be > 0, got {self.gamma}")
+        _check(self.off_policy >= 0, f"loss.luffy.off_policy must be >= 0, got {self.off_policy}")
+        _check(self.clip_ratio > 0, f"loss.luffy.clip_ratio must be > 0, got {self.clip_ratio}")
+
+
+@dataclass
 class LossConfig:
     """Which tokens get which loss, and how a step's loss is normalised (paper defaults)."""
 
@@ -260,8 +278,7 @@ class LossConfig:
     rl_weight: float = 1.0
     clip_ratio_low: Optional[float] = None  # PPO ε; the paper runs on-policy without clipping
     clip_ratio_high: Optional[float] = None
-    luffy_gamma: float = 0.1  # f(p) = p / (p + γ) on off-policy tokens
-    luffy_clip_ratio: float = 0.2  # LUFFY clips its on-policy tokens
+    luffy: LuffyConfig = field(default_factory=LuffyConfig)
     tis_cap: Optional[float] = None  # truncated IS vs the rollout engine's logprobs, e.g. 2.0
     logprob_chunk_size: int = 1024
 
@@ -275,7 +292,6 @@ class LossConfig:
         for name in ("clip_ratio_low", "clip_ratio_high", "tis_cap"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"loss.{name} must be > 0 or null, got {value}")
-        _check(self.luffy_gamma > 0, f"loss.luffy_gamma must be > 0, got {self.luffy_gamma}")
         _check(self.logprob_chunk_size >= 1, "loss.logprob_chunk_size must be >= 1")
 
 
@@ -284,6 +300,8 @@ class RolloutConfig:
     """Which engine generates rollouts, and how the trainer's weights reach it."""
 
     engine: str = "hf"  # hf (embedded) | sglang | vllm
+    temperature: float = 1.0  # sampling of the training rollouts (the paper: 1.0)
+    top_p: float = 1.0
     model_path: Optional[str] = None  # HF folder the engine starts from
     tokenizer_path: Optional[str] = None
     server_impl: str = "embedded"  # for engine=sglang: launch "sglang" or our "embedded" server
@@ -348,25 +366,20 @@ class CheckpointConfig:
     """Where checkpoints go and how often (torch_dist format, resharding on load)."""
 
     save: Optional[str] = None
-    load: Optional[str] = None
     save_interval: int = 0  # 0 = only at the end
     keep_last: Optional[int] = None  # None keeps every checkpoint
-    async_save: bool = False  # not built: saves are synchronous (refused when true)
     # distributed-optimizer state (saved fully reshardable, in model space) is gathered to DP
     # rank 0 over gloo in host memory; false: all-gathered over NCCL on every GPU
     distrib_optim_fully_reshardable_mem_efficient: bool = True
 
     def __post_init__(self) -> None:
-        _check(not self.async_save,
-               "checkpoint.async_save=true is not available: megatron_trapo saves synchronously "
-               "(atomic rename after every rank finished); set it to false")
         _check(self.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {self.save_interval}")
         _check(self.keep_last is None or self.keep_last >= 1,
                f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
 
 @dataclass
 class SmokeConfig:
-    """The foundation's training smoke: a tiny GPT learns a synthetic sequence task.
+    """The language-model smoke job: a tiny GPT learns a synthetic sequence task.
 
     It exercises everything below the TRAPO trainer — parallel layout, model, optimizer,
     pipeline schedule, checkpoints, resume, metrics — on the embedded CPU default.
@@ -453,10 +466,46 @@ class LaunchConfig:
 
 
 @dataclass
+class AdvantageConfig:
+    """Group-relative advantages over each prompt's G samples."""
+
+    normalize_std: bool = False  # divide by the group's std (GRPO); the paper: mean only
+
+
+@dataclass
+class BatchingConfig:
+    """How a step's sequences become micro-batches, and whether old logprobs are recomputed."""
+
+    max_tokens_per_microbatch: int = 16384
+    # Whole sequences packed into rows (varlen attention with Transformer Engine). None = auto:
+    # on with TE; off on CPU, where masked dense attention over long rows costs O(row²).
+    pack_sequences: Optional[bool] = None
+    recompute_old_logprobs: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens_per_microbatch >= 1,
+               "batching.max_tokens_per_microbatch must be >= 1")
+
+
+@dataclass
+class InLoopEvalConfig:
+    """Held-out accuracy measured during training (``eval.data``; the benchmark evaluation is
+    ``megatron-trapo eval``)."""
+
+    data: Optional[str] = None  # .jsonl records
+    interval: int = 0  # 0 = only at the end
+    max_problems: Optional[int] = None
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.interval >= 0, f"eval.interval must be >= 0, got {self.interval}")
+
+
+@dataclass
 class TrainConfig:
     """A TRAPO (or baseline) run: model, layout, optimizer, loss, sampler, rollout, data.
 
-    Defaults follow the paper (TRAPO.md §4) where it says something: 8 samples per prompt from
+    Defaults follow the paper (docs/algorithm.md §4) where it says something: 8 samples per prompt from
     micro-groups (4, 2, 1, 1), constant lr, rollout temperature 1.0, one optimizer step per
     rollout batch (strictly on-policy).
     """
@@ -472,32 +521,21 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)  # megatron-trapo launch / plan
     data: DataConfig = field(default_factory=DataConfig)  # bad rows: skipped or refused
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    eval: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
     train_data: Optional[str] = None  # .jsonl / .parquet records
-    eval_data: Optional[str] = None
     prompts_per_step: int = 128
     train_iters: int = 500
-    temperature: float = 1.0
-    top_p: float = 1.0
-    normalize_adv_std: bool = False
-    luffy_off_policy: int = 1
-    luffy_on_policy_stats_only: bool = False
     sft_stage_iters: int = 100  # loss_mode=sft_then_rl: SFT steps before the GRPO stage
-    recompute_old_logprobs: bool = True
-    max_tokens_per_microbatch: int = 16384
-    # Whole sequences packed into rows (varlen attention with Transformer Engine). None = auto:
-    # on with TE; off on CPU, where masked dense attention over long rows costs O(row²).
-    pack_sequences: Optional[bool] = None
-    eval_interval: int = 0  # 0 = only at the end
-    eval_max_problems: Optional[int] = None
-    eval_temperature: float = 0.0
     seed: int = 1234
     log_dir: Optional[str] = "runs/train"
 
     def __post_init__(self) -> None:
         _check(self.prompts_per_step >= 1, "prompts_per_step must be >= 1")
         _check(self.train_iters >= 1, "train_iters must be >= 1")
-        _check(self.temperature > 0, "temperature must be > 0 for training rollouts")
-        _check(self.max_tokens_per_microbatch >= 1, "max_tokens_per_microbatch must be >= 1")
+        _check(self.rollout.temperature > 0, "rollout.temperature must be > 0 for training "
+                                             "rollouts")
         _check(self.parallel.context_parallel_size == 1,
                f"parallel.context_parallel_size={self.parallel.context_parallel_size}: the "
                "trainer does not split its micro-batches per context-parallel rank yet (megatron's "
@@ -548,7 +586,7 @@ class SlurmConfig:
 
 @dataclass
 class EvalConfig:
-    """Benchmark evaluation (TRAPO.md §5): avg@32 for AIME/AMC, pass@1 otherwise, T=0.6,
+    """Benchmark evaluation (docs/algorithm.md §5): avg@32 for AIME/AMC, pass@1 otherwise, T=0.6,
     top_p 1.0, 8192 new tokens; math-verify with a second grader when it says wrong.
 
     The work is split into shards (benchmark × problem range × sample range); a local run does
@@ -637,6 +675,92 @@ def _sections_are_mappings(base, layers, yaml_path) -> None:
                                   f"{key}.{next(iter(base[key]))}=…), got {layer[key]!r}")
 
 
+# Keys renamed when the TrainConfig was grouped by concern: accepted for one release, with a
+# one-line message naming the new key (None: the field was removed).
+RENAMED = {
+    "temperature": "rollout.temperature", "top_p": "rollout.top_p",
+    "normalize_adv_std": "advantage.normalize_std",
+    "luffy_off_policy": "loss.luffy.off_policy",
+    "luffy_on_policy_stats_only": "loss.luffy.on_policy_stats_only",
+    "loss.luffy_gamma": "loss.luffy.gamma", "loss.luffy_clip_ratio": "loss.luffy.clip_ratio",
+    "max_tokens_per_microbatch": "batching.max_tokens_per_microbatch",
+    "pack_sequences": "batching.pack_sequences",
+    "recompute_old_logprobs": "batching.recompute_old_logprobs",
+    "eval_data": "eval.data", "eval_interval": "eval.interval",
+    "eval_max_problems": "eval.max_problems", "eval_temperature": "eval.temperature",
+    "checkpoint.async_save": None, "checkpoint.load": None,
+}
+_REMOVED_WHY = {"checkpoint.async_save": "saves are synchronous (atomic rename after every rank "
+                                         "finished)",
+                "checkpoint.load": "use load= for the initial weights, --resume to continue "
+                                   "checkpoint.save"}
+_warned: set = set()
+
+
+def _renamed(key: str) -> Optional[str]:
+    """The current name of a deprecated key (told once per process, on rank 0)."""
+    new = RENAMED[key]
+    if key not in _warned and os.environ.get("RANK", "0") == "0":
+        _warned.add(key)
+        if new is None:
+            print(f"megatron-trapo: config key {key} was removed and is ignored: "
+                  f"{_REMOVED_WHY[key]}", file=sys.stderr)
+        else:
+            print(f"megatron-trapo: config key {key} is deprecated: use {new}", file=sys.stderr)
+    return new
+
+
+def _renames_for(cls) -> Dict[str, Optional[str]]:
+    if cls is TrainConfig:
+        return RENAMED
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in RENAMED.items() if "." in k and k.split(".")[0] in names}
+
+
+def _rename_layer(layer: DictConfig, renames: Dict[str, Optional[str]]) -> DictConfig:
+    """``layer`` with deprecated keys moved to their new places."""
+    if not any(_holds(layer, key) for key in renames):
+        return layer
+    out: Dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(node.get(last), dict) and isinstance(value, dict):
+            node[last].update(value)
+        else:
+            node[last] = value
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if key in renames:
+                if renames[key] is None and v not in (None, False, ""):
+                    raise ConfigError(f"{key}={v if not isinstance(v, bool) else str(v).lower()} "
+                                      f"is not available: {_REMOVED_WHY[key]}")
+                new = _renamed(key)
+                if new is not None:
+                    put(new, v)
+            elif isinstance(v, dict) and any(r.startswith(key + ".") for r in renames):
+                walk(v, key + ".")
+            else:
+                put(key, v)
+
+    walk(OmegaConf.to_container(layer), "")
+    return OmegaConf.create(out)
+
+
+def _holds(layer: DictConfig, dotted: str) -> bool:
+    node: Any = layer
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def load_config(cls: Type[T], yaml_path: Optional[str | Path] = None,
                 overrides: Sequence[str] = ()) -> T:
     """Build ``cls`` from its defaults, then a YAML file, then ``key=value`` overrides.
@@ -663,6 +787,7 @@ def load_config(cls: Type[T], yaml_path: Optional[str | Path] = None,
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers = [_rename_layer(layer, _renames_for(cls)) for layer in layers]
         _sections_are_mappings(base, layers, yaml_path)
         raw = OmegaConf.merge(*layers) if layers else OmegaConf.create({})
         base = _with_preset(base, cls, raw)

@@ -26,7 +26,7 @@ def main() -> int:
                  "rollout.tokenizer_path": data / "tokenizer", "train_data": data / "train.jsonl",
                  "loss.loss_mode": "trapo", "loss.max_response_length": 64,
                  "prompts_per_step": 16, "train_iters": 3, "optimizer.lr": 1e-4,
-                 "max_tokens_per_microbatch": 8192, "log_dir": out / "logs"}
+                 "batching.max_tokens_per_microbatch": 8192, "log_dir": out / "logs"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
            "-m", "megatron_trapo.cli", "train", *[f"{k}={v}" for k, v in overrides.items()]]
     print("$", " ".join(map(str, cmd)), flush=True)

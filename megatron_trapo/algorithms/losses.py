@@ -133,7 +133,7 @@ def expert_token_loss(kind: str, cfg, logprobs: torch.Tensor,
     if kind == "sft":
         return cfg.sft_weight * sft_loss(logprobs)
     if kind == "luffy_shaping":
-        return cfg.rl_weight * luffy_shaping_loss(logprobs, advantages, cfg.luffy_gamma)
+        return cfg.rl_weight * luffy_shaping_loss(logprobs, advantages, cfg.luffy.gamma)
     if kind == "none":
         return None
     raise ValueError(f"unknown expert loss {kind!r}")

@@ -27,7 +27,7 @@ class Method:
     sampling: Sampling
     expert_loss: ExpertLoss  # the loss of flagged expert tokens
     policy_gradient: bool  # the model's own tokens get the group-relative policy gradient
-    clip: Literal["config", "luffy"] = "config"  # loss.clip_ratio_low/high, or luffy_clip_ratio
+    clip: Literal["config", "luffy"] = "config"  # loss.clip_ratio_low/high, or loss.luffy
     description: str = ""
 
     @property
@@ -101,5 +101,5 @@ def is_pipeline(name: str) -> bool:
 def clip_range(m: Method, cfg) -> Tuple[Optional[float], Optional[float]]:
     """The PPO clip range of the method's policy-gradient tokens."""
     if m.clip == "luffy":
-        return cfg.luffy_clip_ratio, cfg.luffy_clip_ratio
+        return cfg.luffy.clip_ratio, cfg.luffy.clip_ratio
     return cfg.clip_ratio_low, cfg.clip_ratio_high

@@ -1,4 +1,4 @@
-"""TRAPO's micro-group sampling schedule (TRAPO.md §2) — pure decisions, no engine calls.
+"""TRAPO's micro-group sampling schedule (docs/algorithm.md §2) — pure decisions, no engine calls.
 
 A prompt's group of G samples is built from micro-groups i = 1..N with budgets n_i, prefix
 ratios L_i and thresholds t_i. Before micro-group i, if the prompt's samples so far score

@@ -96,13 +96,13 @@ def main(argv: List[str] | None = None) -> int:
     t0 = time.time()
     prepare(out, sizes)
     data = out / "data"
-    common = {"rollout.tokenizer_path": data / "tokenizer", "eval_data": data / "eval.jsonl",
-              "loss.max_response_length": 64, "max_tokens_per_microbatch": 8192}
+    common = {"rollout.tokenizer_path": data / "tokenizer", "eval.data": data / "eval.jsonl",
+              "loss.max_response_length": 64, "batching.max_tokens_per_microbatch": 8192}
     base = train(out, "base", {**common, "train_data": data / "pretrain.jsonl",
                                "loss.loss_mode": "sft", "loss.aggregation": "token_mean",
                                "prompts_per_step": sizes["pre_prompts"],
                                "train_iters": sizes["pre_iters"], "optimizer.lr": 2e-3,
-                               "eval_interval": 0, "seed": 1})
+                               "eval.interval": 0, "seed": 1})
     base_ckpt = base / "ckpt"
     results: Dict[str, List[float]] = {"base": [json.loads((base / "final.json").read_text())
                                                 ["last_eval"]["eval/accuracy"]]}
@@ -113,7 +113,7 @@ def main(argv: List[str] | None = None) -> int:
                 "loss.loss_mode": method, "prompts_per_step": sizes["prompts"],
                 "train_iters": sizes["iters"], "optimizer.lr": 1e-4 if method != "sft" else 5e-4,
                 "loss.aggregation": "token_mean", "seed": seed,
-                "eval_interval": max(sizes["iters"] // 4, 1)})
+                "eval.interval": max(sizes["iters"] // 4, 1)})
             final = json.loads((run / "final.json").read_text())
             results.setdefault(method, []).append(final["last_eval"]["eval/accuracy"])
     table = ["| method | held-out accuracy (mean ± std over seeds) | runs |", "|---|---|---|"]

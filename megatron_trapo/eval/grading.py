@@ -1,4 +1,4 @@
-"""Grading one evaluation sample, as the paper does (TRAPO.md §5): the answer is the last
+"""Grading one evaluation sample, as the paper does (docs/algorithm.md §5): the answer is the last
 ``\\boxed{…}`` of the response; math-verify judges it, and when math-verify says wrong a second,
 independent grader is consulted — PRM800K's grader (Hendrycks-MATH normalisation + sympy over
 pylatexenc, as packaged by ``mathruler``), which shares no parser with math-verify. The grader

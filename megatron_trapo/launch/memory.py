@@ -104,7 +104,7 @@ def plan_trainer(m: ModelConfig, cfg: TrainConfig, dp: int) -> List[StagePlan]:
                           f"pipeline_model_parallel_size={pp}")
     per_layer = layer_params(m, tp)
     vocab = padded_vocab_size(m, tp) / tp
-    tokens = cfg.max_tokens_per_microbatch
+    tokens = cfg.batching.max_tokens_per_microbatch
     wbytes = _BYTES[m.dtype]
     opt_bytes = 8 + (4 if m.dtype != "fp32" else 0)
     opt_share = 0.0 if cfg.optimizer.optimizer_cpu_offload else \
@@ -147,13 +147,14 @@ def plan_server(m: ModelConfig, total_params: float, tp: int, capacity_gib: floa
 
 _ADVICE = {
     "activations": "set model.recompute_granularity=full model.recompute_method=uniform "
-                   "model.recompute_num_layers=1, lower max_tokens_per_microbatch, or raise "
+                   "model.recompute_num_layers=1, lower batching.max_tokens_per_microbatch, or raise "
                    "parallel.tensor_model_parallel_size / pipeline_model_parallel_size",
     "optimizer": "set optimizer.use_distributed_optimizer=true and add data-parallel ranks "
                  "(more trainer nodes), or optimizer.optimizer_cpu_offload=true",
     "grads": "raise parallel.tensor_model_parallel_size or pipeline_model_parallel_size",
     "weights": "raise parallel.tensor_model_parallel_size or pipeline_model_parallel_size",
-    "logits": "lower max_tokens_per_microbatch or raise parallel.tensor_model_parallel_size",
+    "logits": "lower batching.max_tokens_per_microbatch or raise "
+              "parallel.tensor_model_parallel_size",
 }
 
 

@@ -57,7 +57,7 @@ def build_plan(cfg: TrainConfig, nodes: Optional[int] = None, prompt_tokens: int
     group = cfg.sampler.group_size
     step_tokens = cfg.prompts_per_step * group * seq  # upper bound: every sample at full length
     per_rank = -(-step_tokens // lay.dp)
-    microbatches = -(-per_rank // cfg.max_tokens_per_microbatch)
+    microbatches = -(-per_rank // cfg.batching.max_tokens_per_microbatch)
     stages = M.plan_trainer(model, cfg, lay.dp)
     total = num_parameters(model)
     server = M.plan_server(model, total, launch.server_tp_size, capacity,
@@ -80,7 +80,7 @@ def build_plan(cfg: TrainConfig, nodes: Optional[int] = None, prompt_tokens: int
                    "gpus_per_trainer_node": len(placement.trainer.gpus)},
         "microbatching": {"sequence_tokens": seq, "step_tokens_max": step_tokens,
                           "tokens_per_dp_rank_max": per_rank,
-                          "max_tokens_per_microbatch": cfg.max_tokens_per_microbatch,
+                          "max_tokens_per_microbatch": cfg.batching.max_tokens_per_microbatch,
                           "microbatches_per_step_max": microbatches},
         "stages": [{"pp_rank": s.pp_rank, "layers": s.layers,
                     "params_million": round(s.params / 1e6, 2),

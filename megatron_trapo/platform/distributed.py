@@ -148,6 +148,15 @@ def host_group():
     return _HOST_GROUP
 
 
+def broadcast_object(obj, src: int = 0, group=None):
+    """``obj`` of rank ``src`` on every rank of ``group`` (default: the host group, for what
+    rank 0 makes while the others wait)."""
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=src,
+                                            group=host_group() if group is None else group)
+    return holder[0]
+
+
 def destroy_distributed() -> None:
     """Tear down Megatron's groups and the default process group."""
     from megatron.core import parallel_state

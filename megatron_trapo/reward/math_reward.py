@@ -1,5 +1,5 @@
 """Binary math reward: 1 if the last ``\\boxed{…}`` of prefix + completion is equivalent to the
-ground truth under math-verify, else 0 (TRAPO.md §3; no format reward).
+ground truth under math-verify, else 0 (docs/algorithm.md §3; no format reward).
 
 math-verify's own timeouts use signals, which only work in a process's main thread, and a
 pathological answer (``\\boxed{10^{10^{10}}}``) can take seconds or hang in sympy. So answers are

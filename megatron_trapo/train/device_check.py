@@ -19,7 +19,8 @@ from typing import Callable, ContextManager, Dict, List
 import torch
 
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
-from megatron_trapo.config import LossConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_trapo.config import (BatchingConfig, LossConfig, ModelConfig, ParallelConfig,
+                                   TrainConfig)
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     num_query_groups=2, vocab_size=300, max_position_embeddings=128,
@@ -60,7 +61,8 @@ def run_device_check(packed: bool, loss_mode: str = "trapo",
     from megatron_trapo.train.loss_func import global_normaliser
     from megatron_trapo.train.step import build_microbatches
 
-    cfg = TrainConfig(model=MODEL, pack_sequences=packed, max_tokens_per_microbatch=48,
+    cfg = TrainConfig(model=MODEL, batching=BatchingConfig(pack_sequences=packed,
+                                                          max_tokens_per_microbatch=48),
                       loss=LossConfig(loss_mode=loss_mode, max_response_length=16, tis_cap=2.0,
                                       logprob_chunk_size=7))
     seqs = build_sequences(sample_trajectories(), cfg.loss)

@@ -33,6 +33,7 @@ import torch
 from megatron_trapo.algorithms import losses as L
 from megatron_trapo.algorithms.methods import clip_range, method
 from megatron_trapo.config import LossConfig
+from megatron_trapo.platform.distributed import broadcast_object
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 
 
@@ -150,7 +151,5 @@ def reduce_loss_metrics(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, flo
                 pair = stacked.sum(0)
                 torch.distributed.all_reduce(pair, group=group)
                 result[key] = float(pair[0] / pair[1]) if pair[1] > 0 else float(pair[0])
-    holder = [result]
-    torch.distributed.broadcast_object_list(holder, src=ps.get_pipeline_model_parallel_last_rank(),
-                                            group=ps.get_pipeline_model_parallel_group())
-    return holder[0]
+    return broadcast_object(result, src=ps.get_pipeline_model_parallel_last_rank(),
+                            group=ps.get_pipeline_model_parallel_group())

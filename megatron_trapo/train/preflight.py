@@ -79,9 +79,9 @@ def check_data(path: str, tokenizer, cfg: TrainConfig, max_positions: int,
             report.skip(f"with a prompt that does not fit the model's {max_positions} "
                         "positions", line)
         elif sft and item.traces and n + len(item.traces[0]) + 1 > min(
-                max_positions, cfg.max_tokens_per_microbatch):
+                max_positions, cfg.batching.max_tokens_per_microbatch):
             report.skip("whose prompt + expert solution exceed the model's positions or "
-                        "max_tokens_per_microbatch", line)
+                        "batching.max_tokens_per_microbatch", line)
         else:
             items.append(item)
     report.kept = len(items)
@@ -163,7 +163,7 @@ def check_paths(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
 
 
 def check_all_data(cfg: TrainConfig, tokenizer, max_positions: int):
-    """``(train items, eval items, {"train"/"eval": report})`` of ``train_data``, ``eval_data``."""
+    """``(train items, eval items, {"train"/"eval": report})`` of ``train_data``, ``eval.data``."""
     if not cfg.train_data:
         raise ConfigError("train_data is required")
     reports, train, evals = {}, [], []
@@ -171,7 +171,7 @@ def check_all_data(cfg: TrainConfig, tokenizer, max_positions: int):
         train, reports["train"] = check_data(cfg.train_data, tokenizer, cfg, max_positions,
                                              any(m.needs_solution for m in
                                                  stages(cfg.loss.loss_mode)), "train_data")
-    if cfg.eval_data:
-        evals, reports["eval"] = check_data(cfg.eval_data, tokenizer, cfg, max_positions, False,
-                                            "eval_data")
+    if cfg.eval.data:
+        evals, reports["eval"] = check_data(cfg.eval.data, tokenizer, cfg, max_positions, False,
+                                            "eval.data")
     return train, evals, reports

@@ -1,4 +1,4 @@
-"""The foundation's end-to-end job: a tiny GPT learns arithmetic progressions on Megatron-Core.
+"""The language-model smoke job: a tiny GPT learns arithmetic progressions on Megatron-Core.
 
 Until the TRAPO trainer lands this is the README's main command: it runs the whole stack
 below it — layout validation, process groups, model, DDP, optimizer, pipeline schedule,
@@ -71,7 +71,7 @@ def run_smoke(cfg: SmokeConfig, resume: bool = False) -> Dict[str, float]:
     ddp, optimizer, scheduler = build_training_state(chunks, cfg.optimizer, cfg.train_iters)
 
     start = 0
-    ckpt_root = cfg.checkpoint.load or cfg.checkpoint.save
+    ckpt_root = cfg.checkpoint.save  # --resume continues the run in it
     if resume:
         if ckpt_root is None or latest_iteration(ckpt_root) is None:
             if rank == 0:

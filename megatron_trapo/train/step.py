@@ -13,7 +13,7 @@ import torch
 from megatron_trapo.algorithms.methods import method
 from megatron_trapo.algorithms.sampler import Groups, flatten, reward_scorer, sample_groups
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
-from megatron_trapo.platform.distributed import host_group
+from megatron_trapo.platform.distributed import broadcast_object
 from megatron_trapo.rollout.types import SamplingParams
 from megatron_trapo.train.batch import (build_sequences, make_microbatches, model_forward,
                                         pack_microbatches, row_multiple, split_for_rank,
@@ -38,22 +38,21 @@ def trapo_step(run, step: int) -> StepResult:
     # 1-3. this step's prompts, their micro-group rollouts and rewards (sync rank), shared
     groups = None
     if run.rollout is not None:  # the sync rank
-        sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+        sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.loss.max_response_length,
                                   stop_token_ids=run.stop_ids)
         side = run.rollout
         items = side.data.batch(step)
         groups = sample_groups(items, side.engine, reward_scorer(items, run.tokenizer, side.reward),
                                m, cfg.sampler, sampling, run.eos_id, seed=cfg.seed * 7919 + step,
-                               off_policy=cfg.luffy_off_policy)
+                               off_policy=cfg.loss.luffy.off_policy)
     health = run.engine.health_metrics() if run.engine is not None else {}
-    holder: List = [groups]
-    torch.distributed.broadcast_object_list(holder, src=0, group=host_group())
-    groups = holder[0]
+    groups = broadcast_object(groups)  # every rank builds the same batch
     trajs = flatten(groups)
     # 4. group-relative advantages over each prompt's samples
     group = m.advantage_group(cfg.sampler.group_size)
-    assign_advantages(trajs, group, cfg.normalize_adv_std, cfg.luffy_on_policy_stats_only)
+    assign_advantages(trajs, group, cfg.advantage.normalize_std,
+                      cfg.loss.luffy.on_policy_stats_only)
     # 5. per-token masks and weights, this rank's share, micro-batches under a token budget
     seqs = build_sequences(trajs, cfg.loss)
     mine = split_for_rank(seqs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
@@ -63,7 +62,7 @@ def trapo_step(run, step: int) -> StepResult:
     seq_len = max(mb["tokens"].shape[1] for mb in mbs)
     mb_size = max(mb["tokens"].shape[0] for mb in mbs)
     # 6. old logprobs from the trainer itself (rollout logprobs stay for TIS)
-    if cfg.recompute_old_logprobs and m.needs_old_logprobs:
+    if cfg.batching.recompute_old_logprobs and m.needs_old_logprobs:
         fill_old_logprobs(run.ddp, mbs, cfg.loss.logprob_chunk_size, seq_len, mb_size)
     # 7. Megatron forward/backward over the micro-batches, one optimizer step
     out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
@@ -87,17 +86,18 @@ def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,
     pp = ps.get_pipeline_model_parallel_world_size() > 1  # pipelines need one micro-batch shape
     multiple = row_multiple(ps.get_tensor_model_parallel_world_size(), cfg.parallel.sequence_parallel,
                             fp8, ps.get_context_parallel_world_size())
-    pack = cfg.pack_sequences
+    pack = cfg.batching.pack_sequences
     if pack is None:
         from megatron_trapo.models.provider import have_transformer_engine
 
         pack = have_transformer_engine()
     if pack:
-        return pack_microbatches(mine, cfg.max_tokens_per_microbatch, pad_id, fixed_width=pp,
-                                 multiple=multiple)
+        return pack_microbatches(mine, cfg.batching.max_tokens_per_microbatch, pad_id,
+                                 fixed_width=pp, multiple=multiple)
     width = -(-max(s["tokens"].numel() for s in seqs) // multiple) * multiple
-    fixed = (max(1, cfg.max_tokens_per_microbatch // width), width) if pp else None
-    return make_microbatches(mine, cfg.max_tokens_per_microbatch, pad_id, fixed, multiple)
+    fixed = (max(1, cfg.batching.max_tokens_per_microbatch // width), width) if pp else None
+    return make_microbatches(mine, cfg.batching.max_tokens_per_microbatch, pad_id, fixed,
+                            multiple)
 
 
 def _logprob_loss(chunk_size, batch, output):

@@ -61,7 +61,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
         for rep in reports.values():  # skipped rows are worth a warning
             (logger.warning if rep.skipped else logger.info)("data: %s", rep.summary())
         data = PromptData(train_items, cfg.prompts_per_step, cfg.seed) if train_items else None
-        evals = eval_items[:cfg.eval_max_problems] if cfg.eval_max_problems else eval_items
+        evals = eval_items[:cfg.eval.max_problems] if cfg.eval.max_problems else eval_items
         # the embedded engine without model_path starts with this architecture, unfilled: the
         # first weight sync below fills it
         engine = make_engine(dataclasses.replace(cfg.rollout, tokenizer_path=tokenizer_folder(cfg)),
@@ -87,7 +87,7 @@ def evaluate(run: Run) -> Dict[str, float]:
     side = run.rollout
     if side is not None and side.eval_items:
         reqs = [RolloutRequest(it.prompt_ids, SamplingParams(
-            temperature=run.cfg.eval_temperature, max_new_tokens=run.cfg.loss.max_response_length,
+            temperature=run.cfg.eval.temperature, max_new_tokens=run.cfg.loss.max_response_length,
             stop_token_ids=run.stop_ids, seed=run.cfg.seed + i)) for i, it in enumerate(side.eval_items)]
         samples = side.engine.generate(reqs)
         texts = [run.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in samples]
@@ -101,10 +101,9 @@ def evaluate(run: Run) -> Dict[str, float]:
         if len(by_source) > 1:
             metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in by_source.items()})
         result = [metrics]
-    from megatron_trapo.platform.distributed import host_group
+    from megatron_trapo.platform.distributed import broadcast_object
 
-    torch.distributed.broadcast_object_list(result, src=0, group=host_group())
-    return result[0] or {}
+    return broadcast_object(result[0]) or {}
 
 
 def peak_memory_gb() -> float:
@@ -165,7 +164,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
         continue_log(Path(cfg.log_dir) / "metrics.jsonl", start)
     metrics = MetricsLogger(cfg.log_dir, enabled=rank0, config=to_dict(cfg))
     final: Dict[str, float] = {}
-    has_eval = cfg.eval_data is not None  # known on every rank (items live on rank 0)
+    has_eval = cfg.eval.data is not None  # known on every rank (items live on rank 0)
 
     def save(iteration: int) -> None:
         save_checkpoint(cfg.checkpoint.save, iteration, run.ddp, run.optimizer, run.scheduler,
@@ -189,7 +188,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
             m["train/tokens_per_s"] = m.get("train/tokens", 0.0) / max(m["step_time_s"], 1e-9)
             m["memory/peak_gb"] = peak_memory_gb()
             last = step + 1 == cfg.train_iters
-            if has_eval and (last or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0)):
+            if has_eval and (last or (cfg.eval.interval and (step + 1) % cfg.eval.interval == 0)):
                 m.update(evaluate(run))
             metrics.log(step + 1, m)
             final = m

@@ -60,7 +60,7 @@ def _train_cmd(task, run_dir, iters, extra=()):
             f"--master-port={free_port()}", "-m", "megatron_trapo.cli", "train",
             *args(task, **{"train_iters": iters, "checkpoint.save": run_dir / "ckpt",
                            "checkpoint.save_interval": 2, "log_dir": run_dir / "runs",
-                           "eval_data": task / "eval.jsonl", "eval_interval": 2}), *extra]
+                           "eval.data": task / "eval.jsonl", "eval.interval": 2}), *extra]
 
 
 def _metrics(run_dir):

@@ -38,7 +38,8 @@ launch:
 train_data: {files['train']}
 prompts_per_step: 2
 train_iters: {iters}
-recompute_old_logprobs: false
+batching:
+  recompute_old_logprobs: false
 loss:
   max_response_length: 24
 optimizer:

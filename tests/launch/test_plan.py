@@ -18,7 +18,7 @@ SMALL = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=12
          "model.params_dtype=bf16", "model.untie_embeddings_and_output_weights=true",
          "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
          "parallel.sequence_parallel=true", "optimizer.use_distributed_optimizer=true",
-         "max_tokens_per_microbatch=1024", "launch.gpus_per_node=4", "launch.trainer_nodes=2",
+         "batching.max_tokens_per_microbatch=1024", "launch.gpus_per_node=4", "launch.trainer_nodes=2",
          "launch.gpu=a100-40gb", "launch.server_mem_fraction=0.5", "rollout.engine=sglang",
          "prompts_per_step=2", "loss.max_response_length=100"]
 

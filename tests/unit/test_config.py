@@ -103,3 +103,29 @@ def test_config_files_and_sections_that_cannot_be_read_are_named(tmp_path):
     scalar.write_text("model: 7\n")
     with pytest.raises(ConfigError, match=r"model in .*scalar.yaml is a section"):
         load_config(SmokeConfig, scalar)
+
+
+def test_old_flat_keys_are_read_for_one_release_with_the_new_name(tmp_path, capsys):
+    import megatron_trapo.config as C
+    from megatron_trapo.config import BatchingConfig, TrainConfig
+
+    C._warned.clear()
+    old = tmp_path / "old.yaml"
+    old.write_text("eval_data: e.jsonl\nmax_tokens_per_microbatch: 512\ntemperature: 0.7\n"
+                   "loss:\n  loss_mode: luffy\n  luffy_gamma: 0.3\nrollout:\n  engine: hf\n")
+    cfg = load_config(TrainConfig, old, ["luffy_off_policy=2", "eval_interval=5",
+                                         "recompute_old_logprobs=false"])
+    assert (cfg.eval.data, cfg.eval.interval) == ("e.jsonl", 5)
+    assert cfg.batching.max_tokens_per_microbatch == 512
+    assert cfg.batching.recompute_old_logprobs is False
+    assert cfg.rollout.temperature == 0.7 and cfg.rollout.engine == "hf"
+    assert (cfg.loss.luffy.gamma, cfg.loss.luffy.off_policy, cfg.loss.loss_mode) == (0.3, 2, "luffy")
+    err = capsys.readouterr().err
+    assert "config key eval_data is deprecated: use eval.data" in err
+    assert "config key loss.luffy_gamma is deprecated: use loss.luffy.gamma" in err
+    assert err.count("\n") == 7  # one line for each of the 7 old keys
+    new = load_config(TrainConfig, None, ["eval.data=e.jsonl", "eval.interval=5",
+                                          "batching.max_tokens_per_microbatch=512"])
+    assert new.eval == cfg.eval and new.batching == BatchingConfig(max_tokens_per_microbatch=512)
+    with pytest.raises(ConfigError, match="checkpoint.load=x is not available"):
+        load_config(TrainConfig, None, ["checkpoint.load=x"])

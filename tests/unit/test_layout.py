@@ -1,6 +1,7 @@
 """Invalid parallel layouts fail before any process group exists, naming the numbers."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,16 @@ def test_cli_reports_bad_layout_without_traceback():
                          "4", "parallel.tensor_model_parallel_size=2"],
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "dp=2" in ok.stdout
+
+
+def test_layout_validates_a_training_config():
+    """`layout` reads a TrainConfig (the 32B example, its architecture from
+    launch.model_preset since the checkpoint is not here), as `train` would run it."""
+    cmd = [sys.executable, "-m", "megatron_trapo.cli", "layout", "--config",
+           "examples/configs/trapo_qwen2.5_32b.yaml", "--world-size"]
+    root = Path(__file__).resolve().parents[2]
+    ok = subprocess.run(cmd + ["32"], capture_output=True, text=True, cwd=root)
+    assert ok.returncode == 0 and "tp=8 pp=2" in ok.stdout and "dp=2" in ok.stdout
+    assert "preset qwen2.5-32b" in ok.stdout
+    bad = subprocess.run(cmd + ["12"], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "world size 12 is not divisible" in bad.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_trapo.algorithms import losses as L
-from megatron_trapo.config import ConfigError, LossConfig
+from megatron_trapo.config import ConfigError, LossConfig, LuffyConfig
 from megatron_trapo.train.loss_func import token_losses
 
 LP = torch.log(torch.tensor([0.5, 0.05, 0.3, 0.6, 0.2, 0.9]))
@@ -19,8 +19,8 @@ BATCH = {
 }
 
 
-def run(**kw):
-    cfg = LossConfig(**kw)
+def run(luffy_gamma=0.1, luffy_clip_ratio=0.2, **kw):
+    cfg = LossConfig(luffy=LuffyConfig(gamma=luffy_gamma, clip_ratio=luffy_clip_ratio), **kw)
     loss, metrics = token_losses(cfg, LP.clone(), ENT, BATCH)
     return loss, metrics
 

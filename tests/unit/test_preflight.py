@@ -159,6 +159,7 @@ def test_sft_skips_a_solution_longer_than_the_model(tmp_path, tok_dir):
     long = {**GOOD, "solutions": ["step " * 300]}
     train, _, rep = check(tmp_path, tok_dir, [GOOD, long], "loss.loss_mode=sft")
     assert len(train) == 1 and list(rep["train"].skipped) == [
-        "whose prompt + expert solution exceed the model's positions or max_tokens_per_microbatch"]
+        "whose prompt + expert solution exceed the model's positions or "
+        "batching.max_tokens_per_microbatch"]
     train, _, _ = check(tmp_path, tok_dir, [GOOD, long], "loss.loss_mode=trapo")
     assert len(train) == 2  # TRAPO cuts prefixes to the response budget: the row is usable
