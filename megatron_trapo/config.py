@@ -38,6 +38,13 @@ def _check(cond: bool, msg: str) -> None:
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})  # servers on this machine
 
 
+# The choice lists, each defined once (the code that implements them checks against these).
+AGGREGATIONS = ("constant", "token_mean", "seq_mean_token_mean")  # algorithms/losses.py
+ENGINES = ("hf", "sglang", "vllm")  # rollout/__init__.py: make_engine
+SERVER_IMPLS = ("embedded", "sglang")  # rollout/servers.py: server_command
+WEIGHT_SYNC_MODES = ("inprocess", "disk", "distributed")  # rollout/weight_sync.py: STRATEGIES
+
+
 def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     _check(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
 
@@ -284,8 +291,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _choice("loss.loss_mode", self.loss_mode, LOSS_MODES)
-        _choice("loss.aggregation", self.aggregation,
-                ["constant", "token_mean", "seq_mean_token_mean"])
+        _choice("loss.aggregation", self.aggregation, AGGREGATIONS)
         _check(0.0 <= self.trust_region_alpha <= 1.0,
                f"loss.trust_region_alpha must be in [0, 1], got {self.trust_region_alpha}")
         _check(self.max_response_length >= 1, "loss.max_response_length must be >= 1")
@@ -330,9 +336,9 @@ class RolloutConfig:
     concurrency_per_server: int = 256
 
     def __post_init__(self) -> None:
-        _choice("rollout.engine", self.engine, ["hf", "sglang", "vllm"])
-        _choice("rollout.server_impl", self.server_impl, ["embedded", "sglang"])
-        _choice("rollout.weight_sync", self.weight_sync, ["auto", "inprocess", "disk", "distributed"])
+        _choice("rollout.engine", self.engine, ENGINES)
+        _choice("rollout.server_impl", self.server_impl, SERVER_IMPLS)
+        _choice("rollout.weight_sync", self.weight_sync, ("auto", *WEIGHT_SYNC_MODES))
         _choice("rollout.dtype", self.dtype, ["fp32", "bf16", "fp16"])
         _check(self.num_servers >= 1, f"rollout.num_servers must be >= 1, got {self.num_servers}")
         _check(self.engine != "vllm" or bool(self.server_urls),

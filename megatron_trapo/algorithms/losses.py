@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from megatron_trapo.config import AGGREGATIONS  # the one list of aggregation modes
+
 
 def trsft_loss(logprobs: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """Trust-region SFT: ``-p / max(sg(p), alpha)``.
@@ -89,9 +91,6 @@ def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
     the same weights); a constant, so it carries no gradient.
     """
     return (old_logprobs - rollout_logprobs).exp().clamp(max=cap).detach()
-
-
-AGGREGATIONS = ("constant", "token_mean", "seq_mean_token_mean")
 
 
 def aggregation_weights(sample_ids: torch.Tensor, loss_mask: torch.Tensor, mode: str,

@@ -59,16 +59,6 @@ def open_engine(plan: Plan, model_dir: Path):
                                            tokenizer_path=tokenizer_dir(plan, model_dir)))
 
 
-def describe_engine(engine) -> str:
-    """One line for the task log: which engine, which servers, launched here or attached."""
-    pool = getattr(engine, "pool", None)
-    if pool is None:
-        return f"rollout engine {engine.name} (in this process)"
-    where = "launched by this task" if pool.processes else "attached"
-    router = f", router {pool.router.url}" if pool.router is not None else ""
-    return f"rollout engine {engine.name}: servers {pool.urls} {where}{router}"
-
-
 def load_tokenizer(plan: Plan, model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -210,7 +200,7 @@ def _run_shards(plan: Plan, shards: List[Shard], desc: str) -> None:
     with open_engine(plan, model_dir) as engine, \
             Grader(plan.cfg.grader_workers, plan.cfg.grader_timeout_s) as grader, \
             tqdm(total=sum(s.size for s in shards), desc=desc, unit="sample") as bar:
-        bar.write(describe_engine(engine), file=sys.stderr)
+        bar.write(engine.describe(), file=sys.stderr)
         for shard in shards:
             run_shard(plan, shard, engine, tokenizer, grader, bar, model_context(model_dir))
 

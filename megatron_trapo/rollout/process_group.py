@@ -9,7 +9,7 @@ store in ``PrefixStore(group_name, store)``, and creates a *named* process group
 ``torch.distributed``'s ``_new_process_group_helper`` (which prefixes the store again with the
 group name and the device). :func:`init_weight_update_group` follows that protocol step by
 step, so the trainer's rank 0 and every SGLang TP worker (rank ``rank_offset + tp_rank``)
-meet under the same keys; ``tests/distributed/test_weight_group.py`` forms a group with
+meet under the same keys; ``tests/servers/test_weight_group.py`` forms a group with
 SGLang's own function from its wheel on the other side. The helper is private API; it is the
 only way to create a named, non-default group from a given store, and it is what SGLang uses.
 """

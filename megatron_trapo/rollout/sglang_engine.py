@@ -66,6 +66,11 @@ class SGLangEngine(RolloutEngine):
     def server_urls(self) -> List[str]:
         return list(self.pool.urls)
 
+    def describe(self) -> str:
+        where = "launched by this task" if self.pool.processes else "attached"
+        router = f", router {self.pool.router.url}" if self.pool.router is not None else ""
+        return f"rollout engine {self.name}: servers {self.pool.urls} {where}{router}"
+
     def drop_dead_servers(self) -> List[str]:
         dropped = []
         with self._check_lock:

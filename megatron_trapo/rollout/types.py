@@ -116,6 +116,10 @@ class RolloutEngine(abc.ABC):
                                     weight_version: str) -> None:
         raise NotImplementedError(f"{self.name} cannot receive weights in-process")
 
+    def describe(self) -> str:
+        """One line for a log: which engine, which servers."""
+        return f"rollout engine {self.name} (in this process)"
+
     def health_metrics(self) -> Dict[str, float]:
         """Per-step metrics of the engine's servers (live, dead, retried requests); none for an
         in-process engine."""

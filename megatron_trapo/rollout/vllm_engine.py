@@ -159,6 +159,9 @@ class VLLMEngine(RolloutEngine):
     def server_urls(self) -> List[str]:
         return list(self.urls)
 
+    def describe(self) -> str:
+        return f"rollout engine {self.name}: servers {self.urls} attached"
+
     def pause(self) -> None:
         """Let in-flight requests finish and hold new ones (``mode=wait``) on every server."""
         for url in self.urls:

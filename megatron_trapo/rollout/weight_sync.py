@@ -285,7 +285,7 @@ def _counted_buckets(named, bucket_bytes: int, stats: Dict[str, float]):
         yield bucket
 
 
-STRATEGIES = {"inprocess": InProcessSync, "disk": DiskSync, "distributed": BroadcastSync}
+STRATEGIES = {"inprocess": InProcessSync, "disk": DiskSync, "distributed": BroadcastSync}  # keys: config.WEIGHT_SYNC_MODES
 
 
 class WeightSync:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, TypedDict
 
 import torch
 
@@ -22,7 +22,36 @@ from megatron_trapo.algorithms.trajectory import Trajectory
 from megatron_trapo.config import LossConfig
 
 
-def to_device(batch: Dict[str, Any], device: Optional[torch.device] = None) -> Dict[str, Any]:
+class MicroBatch(TypedDict, total=False):
+    """One micro-batch, the contract between this module, the loss function and the schedules.
+    Per-token fields are ``[b, s]`` (padded rows) or ``[1, T]`` (packed rows), indexed by label
+    position: position k carries the loss of token k+1.
+
+    A TypedDict (NeMo-RL's choice for its loss data) rather than a dataclass: megatron's
+    schedules, ``to_device`` and pipeline sends handle it as the plain dict it is."""
+
+    tokens: torch.Tensor  # long: input token ids (pad_id on padding)
+    labels: torch.Tensor  # long: the next token of each position
+    position_ids: torch.Tensor  # long: restarts at 0 for each packed sequence
+    expert_mask: torch.Tensor  # 0/1: expert-prefix labels flagged for the expert-token loss
+    generated_mask: torch.Tensor  # 0/1: the policy's own labels (policy gradient)
+    advantages: torch.Tensor  # float: the sample's group-relative advantage on each label
+    old_logprobs: torch.Tensor  # float: log π_old(label) (the trainer's recompute, or rollout)
+    rollout_logprobs: torch.Tensor  # float: the engine's logprobs, for TIS
+    agg_weight: torch.Tensor  # float: w_t, the token's weight in Σ w·ℓ / N
+    agg_norm: torch.Tensor  # float: c_t, its share of the step's normaliser N = Σ c
+    sample_ids: torch.Tensor  # long: the step-wide sequence index of each position
+    segment_ids: torch.Tensor  # long, packed rows: the sequence within the row (−1: padding)
+    cu_seqlens: torch.Tensor  # int32, packed rows: cumulative sequence lengths (THD attention)
+    max_seqlen: int  # packed rows: the longest sequence in the row
+
+
+# the per-token fields every micro-batch has (packing adds segment_ids, cu_seqlens, max_seqlen)
+FIELDS = ("tokens", "labels", "position_ids", "expert_mask", "generated_mask", "advantages",
+          "old_logprobs", "rollout_logprobs", "agg_weight", "agg_norm", "sample_ids")
+
+
+def to_device(batch: MicroBatch, device: Optional[torch.device] = None) -> MicroBatch:
     """The one place a micro-batch moves to where the model lives (the current CUDA device, or
     the CPU); non-tensor entries (``max_seqlen``) travel as they are. Builders make CPU
     tensors; everything after this call — forward, masks, loss, old logprobs, metrics — runs
@@ -34,7 +63,7 @@ def to_device(batch: Dict[str, Any], device: Optional[torch.device] = None) -> D
             for k, v in batch.items()}
 
 
-def packed_attention(batch: Dict[str, Any]):
+def packed_attention(batch: MicroBatch):
     """Megatron forward kwargs that keep packed sequences apart.
 
     Transformer Engine: ``PackedSeqParams`` (THD) from the row's ``cu_seqlens`` (int32, on the
@@ -60,7 +89,7 @@ def packed_attention(batch: Dict[str, Any]):
     return {"attention_mask": (~(same & causal)).unsqueeze(1)}  # [b, 1, s, s]
 
 
-def model_forward(model, batch: Dict[str, Any]) -> torch.Tensor:
+def model_forward(model, batch: MicroBatch) -> torch.Tensor:
     """Megatron forward of one micro-batch, packed (see :func:`packed_attention`) or padded."""
     kwargs = packed_attention(batch)
     return model(batch["tokens"], batch["position_ids"], kwargs.pop("attention_mask", None),
@@ -82,10 +111,6 @@ def row_multiple(tp: int = 1, sequence_parallel: bool = False, fp8: bool = False
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-FIELDS = ("tokens", "labels", "position_ids", "expert_mask", "generated_mask", "advantages",
-          "old_logprobs", "rollout_logprobs", "agg_weight", "agg_norm", "sample_ids")
 
 
 def build_sequences(trajs: Sequence[Trajectory], cfg: LossConfig) -> List[Dict[str, torch.Tensor]]:
@@ -133,7 +158,7 @@ def split_for_rank(seqs: Sequence[dict], dp_rank: int, dp_size: int) -> List[dic
 
 
 def pack_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
-                      fixed_width: bool = False, multiple: int = 1) -> List[Dict[str, Any]]:
+                      fixed_width: bool = False, multiple: int = 1) -> List[MicroBatch]:
     """Sequence packing: first-fit of whole sequences (longest first) into rows of at most
     ``max_tokens`` tokens, one [1, W] micro-batch per row, with ``segment_ids`` (−1 on padding)
     so that attention stays within each sequence, and ``cu_seqlens`` / ``max_seqlen`` for
@@ -162,7 +187,7 @@ def pack_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
     widest = _round_up(max(used, default=0), multiple)
     for group, total in zip(bins, used):
         width = widest if fixed_width else _round_up(total, multiple)
-        mb: Dict[str, Any] = {}
+        mb: MicroBatch = {}
         for key in FIELDS:
             fill = pad_id if key in ("tokens", "labels") else 0
             row = torch.full((width,), fill, dtype=group[0][key].dtype)
@@ -182,7 +207,7 @@ def pack_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
 
 def make_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
                       fixed_shape: Optional[tuple] = None,
-                      multiple: int = 1) -> List[Dict[str, torch.Tensor]]:
+                      multiple: int = 1) -> List[MicroBatch]:
     """Group sequences (longest first) into padded [b, s] micro-batches with b·s ≤ max_tokens,
     ``s`` rounded up to ``multiple`` (see :func:`row_multiple`). ``fixed_shape=(b, s)`` pads
     every micro-batch to one shape (pipeline parallelism)."""
@@ -204,7 +229,7 @@ def make_microbatches(seqs: Sequence[dict], max_tokens: int, pad_id: int = 0,
 
 
 def _pad(group: Sequence[dict], pad_id: int, fixed_shape: Optional[tuple],
-         multiple: int) -> Dict[str, torch.Tensor]:
+         multiple: int) -> MicroBatch:
     rows = fixed_shape[0] if fixed_shape else len(group)
     width = fixed_shape[1] if fixed_shape else _round_up(
         max(s["tokens"].numel() for s in group), multiple)

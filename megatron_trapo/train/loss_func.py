@@ -16,12 +16,8 @@ Contract with Megatron (models are built with ``calculate_per_token_loss=True``)
 - ``metrics``: name → ``tensor([numerator, denominator])``, summed over micro-batches and
   DP×CP by :func:`reduce_loss_metrics`; names ending in ``_max`` are maxima.
 
-Per-token fields of a micro-batch (all ``[b, s]``, or ``[1, T]`` packed):
-``tokens``, ``position_ids``, ``labels`` (next token), ``expert_mask`` (expert tokens flagged
-for a loss: TrSFT / SFT / LUFFY shaping), ``generated_mask`` (the policy's own tokens: policy
-gradient), ``advantages``, ``old_logprobs``, ``rollout_logprobs`` (optional, for TIS),
-``agg_weight`` and ``agg_norm`` (``w_t``, ``c_t``). Prompt tokens, padding and unflagged prefix
-tokens have both masks 0.
+The micro-batch's fields, their shapes and meanings are :class:`megatron_trapo.train.batch.
+MicroBatch`; prompt tokens, padding and unflagged prefix tokens have both masks 0.
 """
 from __future__ import annotations
 
@@ -34,11 +30,12 @@ from megatron_trapo.algorithms import losses as L
 from megatron_trapo.algorithms.methods import clip_range, method
 from megatron_trapo.config import LossConfig
 from megatron_trapo.platform.distributed import broadcast_object
+from megatron_trapo.train.batch import MicroBatch
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 
 
 def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
-                 batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                 batch: MicroBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-token loss of the configured mode, and its metric numerators/denominators."""
     m = method(cfg.loss_mode)
     zeros = torch.zeros_like(logprobs)
@@ -91,7 +88,7 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
     return loss, metrics
 
 
-def trapo_loss_func(cfg: LossConfig, batch: Dict[str, torch.Tensor], normaliser: float,
+def trapo_loss_func(cfg: LossConfig, batch: MicroBatch, normaliser: float,
                     output_tensor: torch.Tensor):
     """Megatron ``loss_func``; see the module docstring for the contract."""
     logprobs, entropy = vocab_parallel_logprobs_entropy(output_tensor, batch["labels"],
@@ -113,7 +110,7 @@ def make_forward_step(cfg: LossConfig, normaliser: float) -> Callable:
     return forward_step
 
 
-def global_normaliser(microbatches: Sequence[Dict[str, torch.Tensor]]) -> float:
+def global_normaliser(microbatches: Sequence[MicroBatch]) -> float:
     """N = Σ c_t over this step's micro-batches on every data-/context-parallel rank.
 
     Computed from the CPU micro-batches before they move to the GPU, over megatron's gloo

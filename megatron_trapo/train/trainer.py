@@ -10,29 +10,37 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 from megatron_trapo.algorithms.methods import PIPELINES, is_pipeline
 from megatron_trapo.config import ConfigError, TrainConfig, runtime_model, to_dict
 from megatron_trapo.data.items import PromptData
+from megatron_trapo.data.tokenizer import stop_token_ids
+from megatron_trapo.metrics import MetricsLogger, continue_log
+from megatron_trapo.models.hf.mapping import model_to_hf_config
+from megatron_trapo.models.provider import build_model
+from megatron_trapo.platform.distributed import broadcast_object, initialize_distributed
+from megatron_trapo.plotting import plot_curves
+from megatron_trapo.reward.math_reward import MathReward
+from megatron_trapo.rollout import make_engine
+from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
+from megatron_trapo.rollout.weight_sync import WeightSync
+from megatron_trapo.train.checkpoint import (checkpoint_optimizer_metadata, latest_iteration,
+                                             load_checkpoint, save_checkpoint)
+from megatron_trapo.train.optimizer import build_training_state
+from megatron_trapo.train.preemption import Preempted, StopRequest
+from megatron_trapo.train.preflight import (check_all_data, check_paths, load_tokenizer,
+                                            tokenizer_folder)
+from megatron_trapo.train.pretrained import model_config_from_checkpoint
 from megatron_trapo.train.run import RolloutSide, Run
+from megatron_trapo.train.step import trapo_step
 
 logger = logging.getLogger(__name__)
 
 
 def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
-    from megatron_trapo.data.tokenizer import stop_token_ids
-    from megatron_trapo.models.hf.mapping import model_to_hf_config
-    from megatron_trapo.train.pretrained import model_config_from_checkpoint
-    from megatron_trapo.models.provider import build_model
-    from megatron_trapo.platform.distributed import initialize_distributed
-    from megatron_trapo.reward.math_reward import MathReward
-    from megatron_trapo.rollout import make_engine
-    from megatron_trapo.rollout.weight_sync import WeightSync
-    from megatron_trapo.train.checkpoint import latest_iteration, load_checkpoint
-    from megatron_trapo.train.optimizer import build_training_state
-    from megatron_trapo.train.preflight import (check_all_data, check_paths, load_tokenizer,
-                                                tokenizer_folder)
-
+    """``(run, first step, trainer state)``: a fresh run, or the one in ``checkpoint.save``
+    continued (``resume``)."""
     # preflight, on every rank and before any model is built: paths, tokenizer, data rows
     check_paths(cfg, resume, overwrite)
     model = runtime_model(model_config_from_checkpoint(cfg.load), cfg.model) if cfg.load \
@@ -81,8 +89,6 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
 
 def evaluate(run: Run) -> Dict[str, float]:
     """Held-out accuracy (rank 0 generates and scores; every rank returns the result)."""
-    from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
-
     result = [None]
     side = run.rollout
     if side is not None and side.eval_items:
@@ -101,8 +107,6 @@ def evaluate(run: Run) -> Dict[str, float]:
         if len(by_source) > 1:
             metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in by_source.items()})
         result = [metrics]
-    from megatron_trapo.platform.distributed import broadcast_object
-
     return broadcast_object(result[0]) or {}
 
 
@@ -132,7 +136,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         cfg, loss=dataclasses.replace(cfg.loss, loss_mode=mode), train_iters=iters, load=load,
         checkpoint=dataclasses.replace(cfg.checkpoint, save=str(root / name)),
         log_dir=str(logs / name) if logs else None)
-    from megatron_trapo.train.checkpoint import latest_iteration
 
     load, final = cfg.load, {}
     parts = PIPELINES[cfg.loss.loss_mode]
@@ -150,14 +153,6 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
                control_dir: Optional[str] = None) -> Dict[str, float]:
     """One training run. ``control_dir``: where the stop file and ``preempted.json`` live (the
     run's top checkpoint folder; for sft_then_rl the same for both stages)."""
-    from tqdm import tqdm
-
-    from megatron_trapo.metrics import MetricsLogger, continue_log
-    from megatron_trapo.plotting import plot_curves
-    from megatron_trapo.train.checkpoint import checkpoint_optimizer_metadata, save_checkpoint
-    from megatron_trapo.train.preemption import Preempted, StopRequest
-    from megatron_trapo.train.step import trapo_step
-
     run, start, _ = setup(cfg, resume, overwrite)
     rank0 = torch.distributed.get_rank() == 0
     if rank0 and cfg.log_dir:  # the log continues at the resumed step, without repeated rows

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from eval_helpers import EVAL_ARGS, cli, teach_answers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rollout_models import tiny_qwen2  # noqa: E402
+from rollout_models import tiny_qwen2
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,10 @@
+"""Fixtures of the launch tests: a tiny Qwen2 (HF and Megatron) and training problems."""
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import subprocess  # noqa: E402
-
-import pytest  # noqa: E402
-from rollout_models import tiny_qwen2  # noqa: E402
+import pytest
+from rollout_models import tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[2]
 

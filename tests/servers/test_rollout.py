@@ -6,22 +6,19 @@ and clear errors."""
 import json
 import os
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rollout_models import tiny_qwen2  # noqa: E402
+from rollout_models import tiny_qwen2
 
-from launch import run_tool, run_worker  # noqa: E402
-from megatron_trapo.rollout.hf_engine import HFEngine  # noqa: E402
-from megatron_trapo.rollout.servers import ServerPool  # noqa: E402
-from megatron_trapo.rollout.sglang_engine import SGLangEngine  # noqa: E402
-from megatron_trapo.rollout.types import RolloutError, RolloutRequest, SamplingParams  # noqa: E402
-from megatron_trapo.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from launch import run_tool, run_worker
+from megatron_trapo.rollout.hf_engine import HFEngine
+from megatron_trapo.rollout.servers import ServerPool
+from megatron_trapo.rollout.sglang_engine import SGLangEngine
+from megatron_trapo.rollout.types import RolloutError, RolloutRequest, SamplingParams
+from megatron_trapo.rollout.vllm_engine import VLLMEngine
 
 PROMPTS = [[5, 6, 7, 8], [30, 31], [100, 101, 102, 103, 104, 105], [9]]
 

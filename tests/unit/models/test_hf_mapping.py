@@ -11,7 +11,7 @@ from megatron_trapo.config import ConfigError, ModelConfig
 from megatron_trapo.models.hf.mapping import (fuse_qkv, hf_to_model_config, model_to_hf_config,
                                               split_qkv, to_hf, to_mcore)
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+TOOLS = Path(__file__).resolve().parents[3] / "tools"
 
 
 def test_qkv_interleaves_per_query_group():

@@ -79,7 +79,7 @@ def test_layout_validates_a_training_config():
     launch.model_preset since the checkpoint is not here), as `train` would run it."""
     cmd = [sys.executable, "-m", "megatron_trapo.cli", "layout", "--config",
            "examples/configs/trapo_qwen2.5_32b.yaml", "--world-size"]
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     ok = subprocess.run(cmd + ["32"], capture_output=True, text=True, cwd=root)
     assert ok.returncode == 0 and "tp=8 pp=2" in ok.stdout and "dp=2" in ok.stdout
     assert "preset qwen2.5-32b" in ok.stdout

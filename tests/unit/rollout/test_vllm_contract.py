@@ -23,7 +23,7 @@ import pytest
 from megatron_trapo.rollout.types import RolloutError
 from megatron_trapo.rollout.vllm_engine import TESTED_VLLM, VLLMEngine
 
-ROOT = Path(__file__).resolve().parents[2] / ".cache" / f"vllm-{TESTED_VLLM}"
+ROOT = Path(__file__).resolve().parents[3] / ".cache" / f"vllm-{TESTED_VLLM}"
 DEV_ONLY = ("vllm/entrypoints/serve/dev/", "vllm/entrypoints/rl/")  # VLLM_SERVER_DEV_MODE=1
 
 

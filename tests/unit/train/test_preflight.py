@@ -5,16 +5,14 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rollout_models import tiny_qwen2  # noqa: E402
+from rollout_models import tiny_qwen2
 
-from megatron_trapo.config import ConfigError, TrainConfig, load_config  # noqa: E402
-from megatron_trapo.metrics import continue_log  # noqa: E402
-from megatron_trapo.train.preflight import check_all_data, check_paths, load_tokenizer  # noqa: E402
+from megatron_trapo.config import ConfigError, TrainConfig, load_config
+from megatron_trapo.metrics import continue_log
+from megatron_trapo.train.preflight import check_all_data, check_paths, load_tokenizer
 
 GOOD = {"problem": "What is 2 plus 2?", "answer": "4", "solutions": ["2 + 2 = 4. \\boxed{4}"]}
 

@@ -66,7 +66,7 @@ def test_eval_defaults_follow_the_paper_and_example_configs_load():
     cfg = EvalConfig()
     assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.k) == (0.6, 1.0, 8192, None)
     assert cfg.benchmarks == ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
-    examples = Path(__file__).resolve().parents[2] / "examples" / "configs"
+    examples = Path(__file__).resolve().parents[3] / "examples" / "configs"
     kinds = {"smoke": SmokeConfig, "trapo": TrainConfig, "eval": EvalConfig}
     for path in sorted(examples.glob("*.yaml")):
         cls = kinds[path.name.split("_")[0]]

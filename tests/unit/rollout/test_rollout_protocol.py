@@ -110,3 +110,15 @@ def test_vllm_engine_sends_one_call_per_seeded_sample():
     assert [s.token_ids for s in out[0]] == [[500, 0], [501, 0], [502, 0]]
     assert len(out[1]) == 2 and all(b["model"] == "served-name" for b in bodies)
     engine.close()
+
+
+def test_each_choice_list_matches_what_implements_it():
+    from megatron_trapo import config
+    from megatron_trapo.rollout.servers import server_command
+    from megatron_trapo.rollout.weight_sync import STRATEGIES
+
+    assert tuple(STRATEGIES) == config.WEIGHT_SYNC_MODES
+    for impl in config.SERVER_IMPLS:  # each is launchable; anything else is refused
+        assert server_command(impl, "/m", 30000)[0]
+    with pytest.raises(RolloutError, match="server_impl"):
+        server_command("trtllm", "/m", 30000)

@@ -11,7 +11,7 @@ from megatron_trapo.data.convert import convert_rows
 from megatron_trapo.data.prompts import INSTRUCTION, expert_text
 from megatron_trapo.data.records import Record, load_records, save_records
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "prepare_data.py"
+TOOL = Path(__file__).resolve().parents[3] / "tools" / "prepare_data.py"
 
 OPENR1 = [
     {"uuid": "a", "problem": "1+1?", "answer": "2",

@@ -4,18 +4,15 @@ once; a full queue answers 503; /health_generate says when the engine is busy; a
 request is cancelled — and after all of it a good request is served within a second, with the
 same greedy output as before."""
 import json
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rollout_models import tiny_qwen2  # noqa: E402
+from rollout_models import tiny_qwen2
 
-from megatron_trapo.rollout.servers import ServerPool  # noqa: E402
+from megatron_trapo.rollout.servers import ServerPool
 
 GOOD = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
 # batches of 8 rows: the 256-sample request below takes far longer than its client waits
