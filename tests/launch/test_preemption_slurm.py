@@ -52,7 +52,10 @@ def test_usr1_saves_requeues_and_the_resumed_run_equals_an_uninterrupted_one(fil
     deadline = time.time() + 900
     try:
         while time.time() < deadline:
-            if not signalled and len(metrics(run_dir)) >= 1:  # step 1 logged: preempt
+            # the trainer has built its model and opened its log (step 1 at the latest): preempt.
+            # Waiting for a logged step instead raced the run on a fast machine: the signal
+            # could land in the last step, which finishes the run instead.
+            if not signalled and (run_dir / "metrics.jsonl").exists():
                 subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
                 signalled = True
             info = job_info(job_id)
