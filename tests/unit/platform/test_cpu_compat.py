@@ -100,23 +100,3 @@ def test_rng_tracker_on_cpu(probe):
     assert probe["fork_stream_continues"]
     assert probe["set_state_replays"]
     assert probe["streams_ok"]
-
-
-def test_parent_guard_exits_a_worker_whose_torchrun_died_before_the_guard_started(monkeypatch):
-    """torchrun killed while its workers were still importing: they were re-parented before the
-    guard noted torchrun's pid, and ran on forever (seen as orphans after the kill/resume test)."""
-    import os
-
-    from megatron_trapo.platform import parent_guard
-
-    exits = []
-    monkeypatch.setattr(parent_guard, "_STARTED", False)
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
-    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(
-        SystemExit(code)))
-    monkeypatch.setattr(os, "getppid", lambda: 1)  # init: the launcher is gone
-    with pytest.raises(SystemExit):
-        parent_guard.start()
-    assert exits == [1]
-    assert parent_guard._is_torchrun(os.getpid()) is False  # pytest is no torchrun
