@@ -13,8 +13,16 @@ import os
 import sys
 from typing import List, Optional
 
+import torch
+
 from megatron_trapo.config import ConfigError, SmokeConfig, TrainConfig, load_config
-from megatron_trapo.platform import quiet_known_warnings
+from megatron_trapo.eval.commands import add_parsers
+from megatron_trapo.eval.commands import run as run_eval
+from megatron_trapo.launch.job import build_job, run_job
+from megatron_trapo.launch.plan import build_plan, render, resolve_model
+from megatron_trapo.platform import parent_guard, quiet_known_warnings
+from megatron_trapo.platform.distributed import destroy_distributed, validate_layout
+from megatron_trapo.train.preemption import PREEMPTED_EXIT, Preempted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +40,6 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="start over even though checkpoint.save holds a run (it is removed)")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
-    from megatron_trapo.eval.commands import add_parsers
-
     add_parsers(sub)
     launch = sub.add_parser("launch", help="run a whole job: inference servers on their nodes, "
                             "then the trainer (inside a Slurm allocation, or on this machine)")
@@ -76,8 +82,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     quiet_known_warnings()
     if args.command in ("train", "smoke"):  # under torchrun: exit when torchrun dies
-        from megatron_trapo.platform import parent_guard
-
         parent_guard.start()
     if args.command == "train":
         return _train(args)
@@ -86,37 +90,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "plan":
         return _plan(args)
     if args.command.startswith("eval"):
-        from megatron_trapo.eval.commands import run
-
-        return run(args)
+        return run_eval(args)
     try:
         if args.command == "layout":
             return _layout(args)
         cfg = load_config(SmokeConfig, args.config, args.overrides)
-        from megatron_trapo.platform.distributed import validate_layout
-
         validate_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), cfg.model,
                         cfg.seq_length)
     except ConfigError as exc:
         print(f"megatron-trapo: error: {exc}", file=sys.stderr)
         return 2
+    # lazy: the smoke trainer imports megatron-core (~3 s); other subcommands do not need it
     from megatron_trapo.train.smoke import run_smoke
 
     result = run_smoke(cfg, resume=args.resume)
-    import torch
-
     if torch.distributed.get_rank() == 0:
         print(f"smoke done: loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} "
               f"(started at iteration {result['start_iteration']})")
-    from megatron_trapo.platform.distributed import destroy_distributed
-
     destroy_distributed()
     return 0
 
 
 def _plan(args) -> int:
-    from megatron_trapo.launch.plan import build_plan, render
-
     overrides = list(args.overrides)
     if args.gpus_per_node:
         overrides.append(f"launch.gpus_per_node={args.gpus_per_node}")
@@ -133,10 +128,6 @@ def _plan(args) -> int:
 
 
 def _launch(args) -> int:
-    from megatron_trapo.launch.job import build_job, run_job
-
-    from megatron_trapo.launch.plan import build_plan, render
-
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         job = build_job(cfg, args.config, args.overrides, hosts=args.hosts, resume=args.resume,
@@ -159,9 +150,6 @@ def _layout(args) -> int:
     """The layout a training config would run at ``--world-size`` processes, for the
     architecture ``plan`` uses (``load=`` when readable here, else ``launch.model_preset``, else
     ``model``)."""
-    from megatron_trapo.launch.plan import resolve_model
-    from megatron_trapo.platform.distributed import validate_layout
-
     cfg = load_config(TrainConfig, args.config, args.overrides)
     model, source = resolve_model(cfg)
     lay = validate_layout(cfg.parallel, args.world_size, model)
@@ -171,16 +159,12 @@ def _layout(args) -> int:
 
 
 def _train(args) -> int:
-    import torch
-
-    from megatron_trapo.train.preemption import PREEMPTED_EXIT, Preempted
-
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
-        from megatron_trapo.platform.distributed import validate_layout
-
         if cfg.load is None:
             validate_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), cfg.model)
+        # lazy: the trainer imports megatron-core (~3 s) and transformers; a config error is
+        # reported before either loads, and other subcommands never load them
         from megatron_trapo.train.trainer import run_training
 
         final = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -190,15 +174,11 @@ def _train(args) -> int:
     except Preempted as exc:  # a clean stop: the launcher / the Slurm script requeues on 75
         if torch.distributed.get_rank() == 0:
             print(f"megatron-trapo: {exc}", file=sys.stderr, flush=True)
-        from megatron_trapo.platform.distributed import destroy_distributed
-
         destroy_distributed()
         return PREEMPTED_EXIT
     if torch.distributed.get_rank() == 0:
         print(json.dumps({k: round(v, 5) for k, v in final.items()
                           if isinstance(v, float)}))
-    from megatron_trapo.platform.distributed import destroy_distributed
-
     destroy_distributed()
     return 0
 

@@ -14,19 +14,27 @@ import dataclasses
 import json
 import os
 import resource
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+import torch.multiprocessing as mp
 
 from megatron_trapo.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_trapo.models.hf.files import (HFCheckpointReader, HFCheckpointWriter,
                                             copy_tokenizer_files, load_hf_config)
-from megatron_trapo.models.sharding import global_tensors, local_shards
 from megatron_trapo.models.hf.mapping import (all_tensor_names, expand, hf_to_model_config,
-                                              model_to_hf_config, rule_for_key, rules_for,
-                                              to_hf, to_mcore)
+                                              model_to_hf_config, rule_for_key, rules_for, to_hf,
+                                              to_mcore)
+from megatron_trapo.models.provider import build_model, padded_vocab_size
+from megatron_trapo.models.sharding import global_tensors, local_shards
+from megatron_trapo.platform import quiet_known_warnings
+from megatron_trapo.platform.distributed import (destroy_distributed, free_port,
+                                                 initialize_distributed, validate_layout)
+from megatron_trapo.train.checkpoint import save_checkpoint
+from megatron_trapo.train.pretrained import load_pretrained, model_config_from_checkpoint
 
 HF_SUBDIR = "hf"  # config.json + tokenizer files kept beside a converted checkpoint
 
@@ -64,10 +72,8 @@ def fill_from_hf(chunks, reader: HFCheckpointReader, model: ModelConfig, padded_
 def _init_worker(rank: int, world: int, port: int, parallel: ParallelConfig, model: ModelConfig):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from megatron_trapo.platform import quiet_known_warnings
 
     quiet_known_warnings()
-    from megatron_trapo.platform.distributed import initialize_distributed
 
     initialize_distributed(parallel, model, seed=0)
 
@@ -77,10 +83,6 @@ def _peak_rss_mib() -> float:
 
 
 def _hf_to_mcore_worker(rank, world, port, hf_dir, out_dir, parallel, model, meta, result_dir):
-    from megatron_trapo.models.provider import build_model, padded_vocab_size
-    from megatron_trapo.platform.distributed import destroy_distributed
-    from megatron_trapo.train.checkpoint import save_checkpoint
-
     _init_worker(rank, world, port, parallel, model)
     chunks = build_model(model, parallel, perform_initialization=False)
     reader = HFCheckpointReader(hf_dir)
@@ -93,9 +95,6 @@ def _hf_to_mcore_worker(rank, world, port, hf_dir, out_dir, parallel, model, met
 
 def _mcore_to_hf_worker(rank, world, port, mcore_dir, out_dir, model, base_hf, max_shard_bytes,
                         iteration, result_dir):
-    from megatron_trapo.train.pretrained import load_pretrained
-    from megatron_trapo.platform.distributed import destroy_distributed
-
     parallel = ParallelConfig()
     _init_worker(rank, world, port, parallel, model)
     chunks, _ = load_pretrained(mcore_dir, parallel, iteration, model.params_dtype)
@@ -118,10 +117,6 @@ def _mcore_to_hf_worker(rank, world, port, mcore_dir, out_dir, model, base_hf, m
 def _spawn(fn, world: int, args: tuple) -> None:
     """Run ``fn(rank, world, port, *args)`` in ``world`` CPU processes (CUDA hidden: conversion
     needs no GPU and must not claim one)."""
-    import torch.multiprocessing as mp
-
-    from megatron_trapo.platform.distributed import free_port
-
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
@@ -148,11 +143,6 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     config's, to extend the context (the reference's 16k Qwen2.5-Math-7B base is the 4k model
     with 16384 positions and θ = 40000); recorded in ``hf/config.json`` too, so that exports and
     servers started from it agree."""
-    import tempfile
-
-    from megatron_trapo.models.provider import padded_vocab_size
-    from megatron_trapo.platform.distributed import validate_layout
-
     t0 = time.time()
     hf_cfg = load_hf_config(hf_dir)
     unknown = set(context_overrides or {}) - {"max_position_embeddings", "rope_theta"}
@@ -193,10 +183,6 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
 def convert_mcore_to_hf(mcore_dir: str, out_dir: str, dtype: Optional[str] = None,
                         max_shard_bytes: int = 5 * 1024**3, iteration: Optional[int] = None) -> Dict:
     """A checkpoint of any layout → HF safetensors + config + tokenizer (vocab unpadded)."""
-    import tempfile
-
-    from megatron_trapo.train.pretrained import model_config_from_checkpoint
-
     t0 = time.time()
     model = model_config_from_checkpoint(mcore_dir, iteration)
     if dtype is not None:

@@ -28,6 +28,7 @@ class MetricsLogger:
         self._file = open(self.dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             try:
+                # lazy: optional dependency (extra [tensorboard])
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.dir / "tensorboard"))
@@ -36,6 +37,7 @@ class MetricsLogger:
         project = wandb_project or os.environ.get("WANDB_PROJECT")
         if project:
             try:
+                # lazy: optional dependency (extra [wandb])
                 import wandb
 
                 self._wandb = wandb.init(project=project, name=run_name, config=config or {},

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from matplotlib.figure import Figure
+
 from megatron_trapo.metrics import read_metrics
 
 DEFAULT_KEYS = ("loss", "rollout/reward_unguided", "eval/accuracy", "rollout/guided_fraction",
@@ -12,14 +14,10 @@ DEFAULT_KEYS = ("loss", "rollout/reward_unguided", "eval/accuracy", "rollout/gui
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path,
                 keys: Sequence[str] = DEFAULT_KEYS, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = read_metrics(metrics_path)
     keys = [k for k in keys if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3.2))
+    fig = Figure(figsize=(4 * max(len(keys), 1), 3.2))
+    axes = fig.subplots(1, max(len(keys), 1))
     axes = axes if hasattr(axes, "__len__") else [axes]
     for ax, key in zip(axes, keys):
         pts = [(r["step"], r[key]) for r in records if key in r]
@@ -31,5 +29,4 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path,
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
     return Path(out_png)

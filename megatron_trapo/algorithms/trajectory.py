@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Sequence
 
+import torch
+
 from megatron_trapo.algorithms.losses import group_advantages
 
 
@@ -31,8 +33,6 @@ def assign_advantages(trajs: Sequence[Trajectory], group_size: int, normalize_st
                       on_policy_stats_only: bool = False) -> None:
     """Group-relative advantages over each prompt's G samples (guided ones included). With
     ``on_policy_stats_only`` (LUFFY's code) the mean/std come from unguided samples only."""
-    import torch
-
     if not on_policy_stats_only:
         rewards = torch.tensor([t.reward for t in trajs])
         for t, a in zip(trajs, group_advantages(rewards, group_size, normalize_std).tolist()):

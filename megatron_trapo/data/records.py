@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from megatron_trapo.config import ConfigError
 
 
@@ -54,8 +57,6 @@ def scan_rows(path: str | Path) -> Tuple[List[Tuple[int, dict]], List[Tuple[int,
     those are skipped or fatal."""
     path = Path(path)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(path)
         except Exception as exc:  # pyarrow raises several types for a damaged file
@@ -116,9 +117,6 @@ def save_records(records: Iterable[Record], path: str | Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [asdict(r) for r in records]
     if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         pq.write_table(pa.Table.from_pylist(rows), path)
     else:
         with open(path, "w") as f:

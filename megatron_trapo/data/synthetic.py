@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from typing import List, Sequence
 
+from megatron_trapo.data.prompts import INSTRUCTION, SYSTEM
 from megatron_trapo.data.records import Record
 
 _OPS = (("Add", "+"), ("Subtract", "-"), ("Multiply by", "*"))
@@ -41,8 +42,6 @@ def make_split(n: int, seed: int, steps: Sequence[int], split: str) -> List[Reco
 
 
 def tokenizer_corpus(records: Sequence[Record]) -> List[str]:
-    from megatron_trapo.data.prompts import INSTRUCTION, SYSTEM
-
     texts = [SYSTEM, INSTRUCTION]
     for r in records:
         texts += [r.problem] + r.solutions

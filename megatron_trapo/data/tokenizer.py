@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, List
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -20,9 +23,6 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
     """Train, wrap as ``PreTrainedTokenizerFast`` (eos ``<|endoftext|>``, Qwen-style chat
     template), save to ``out_dir`` and return it. ``individual_digits`` splits numbers into
     digits (as Qwen's and Llama 3's tokenizers do), which small models need for arithmetic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),

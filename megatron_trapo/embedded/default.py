@@ -24,6 +24,12 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from matplotlib.figure import Figure
+
+from megatron_trapo.data.records import save_records
+from megatron_trapo.data.synthetic import make_split, tokenizer_corpus
+from megatron_trapo.data.tokenizer import train_bpe_tokenizer
+
 METHODS = ["sft", "grpo", "trapo", "trapo_plain_sft"]
 
 MODEL = {"model_preset": "tiny", "model.num_layers": 4, "model.hidden_size": 128,
@@ -41,10 +47,6 @@ def _sizes(quick: bool) -> dict:
 
 
 def prepare(out: Path, sizes: dict) -> None:
-    from megatron_trapo.data.records import save_records
-    from megatron_trapo.data.synthetic import make_split, tokenizer_corpus
-    from megatron_trapo.data.tokenizer import train_bpe_tokenizer
-
     data = out / "data"
     if (data / "eval.jsonl").is_file():
         return
@@ -131,12 +133,8 @@ def main(argv: List[str] | None = None) -> int:
 
 
 def plot_runs(out: Path, results: Dict[str, List[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    axes = fig.subplots(1, 2)
     for method in [m for m in results if m != "base"]:
         metrics = out / "runs" / f"{method}_seed1" / "logs" / "metrics.jsonl"
         if not metrics.is_file():
@@ -156,7 +154,6 @@ def plot_runs(out: Path, results: Dict[str, List[float]]) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ def add_parsers(sub) -> None:
 
 
 def _follow(plan, jobs, timeout) -> int:
+    # lazy: `megatron-trapo --help` and the other subcommands build this parser without eval's
+    # stack
     from megatron_trapo.eval import slurm
     from megatron_trapo.eval.summary import collect
 
@@ -53,6 +55,8 @@ def _follow(plan, jobs, timeout) -> int:
 
 
 def run(args) -> int:
+    # lazy: `megatron-trapo --help` and the other subcommands build this parser without eval's
+    # stack
     from megatron_trapo.eval import runner, slurm
     from megatron_trapo.eval.summary import aggregate
     from megatron_trapo.rollout.types import RolloutError

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from megatron_trapo.config import ConfigError, EvalConfig
+from megatron_trapo.eval import registry
 
 FILE = "fingerprint.json"
 _WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "config.json", "*.index.json")
@@ -42,13 +43,13 @@ def _sha256(path: Path) -> str:
 
 
 def compute(cfg: EvalConfig) -> Dict:
-    from megatron_trapo.eval import registry
-
     fp: Dict = {"benchmarks": {name: _sha256(registry.get(name).path) for name in cfg.benchmarks}}
     if cfg.model_path:
         fp["model"] = {"model_path": str(Path(cfg.model_path).resolve()),
                        "files": _files(Path(cfg.model_path))}
     elif cfg.load:
+        # lazy: megatron-core takes ~3 s to import; only a load= evaluation needs the checkpoint
+        # reader
         from megatron_trapo.train.checkpoint import iteration_dir, latest_iteration
 
         it = cfg.load_iteration if cfg.load_iteration is not None else latest_iteration(cfg.load)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
+from mathruler.grader import grade_answer
+
 from megatron_trapo.reward.math_reward import VerifierPool, last_boxed, math_verify_equal
 
 
 def second_grader_equal(answer: str, ground_truth: str) -> bool:
     """PRM800K's grader (via mathruler) on an extracted answer."""
-    from mathruler.grader import grade_answer
-
     return bool(grade_answer(answer, ground_truth))
 
 

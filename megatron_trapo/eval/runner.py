@@ -16,11 +16,20 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
 from megatron_trapo.config import ConfigError, EvalConfig
-from megatron_trapo.eval import registry
+from megatron_trapo.data.prompts import plain_prompt, render_prompt
+from megatron_trapo.data.tokenizer import stop_token_ids
+from megatron_trapo.eval import fingerprint, registry
+from megatron_trapo.eval.grading import Grader
 from megatron_trapo.eval.plan import Plan, hf_model_dir, load_plan, missing_shards, prepare
-from megatron_trapo.eval.shards import (Shard, append_jsonl, partial_path, read_jsonl,
-                                        sample_seed, shard_path, write_atomic, write_shard)
+from megatron_trapo.eval.shards import (Shard, append_jsonl, partial_path, read_jsonl, sample_seed,
+                                        shard_path, write_atomic, write_shard)
+from megatron_trapo.eval.summary import aggregate
+from megatron_trapo.rollout import make_engine
+from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +43,7 @@ def ensure_hf_model(plan: Plan) -> Path:
         return path
     if not plan.cfg.load:
         raise ConfigError(f"model_path {path}: no config.json (an HF model folder is needed)")
+    # lazy: megatron-core takes ~3 s to import; only a load= evaluation converts
     from megatron_trapo.conversion import convert_mcore_to_hf
 
     tmp = path.with_name(path.name + ".converting")
@@ -53,22 +63,16 @@ def tokenizer_dir(plan: Plan, model_dir: Path) -> str:
 
 
 def open_engine(plan: Plan, model_dir: Path):
-    from megatron_trapo.rollout import make_engine
-
     return make_engine(dataclasses.replace(plan.cfg.rollout, model_path=str(model_dir),
                                            tokenizer_path=tokenizer_dir(plan, model_dir)))
 
 
 def load_tokenizer(plan: Plan, model_dir: Path):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(tokenizer_dir(plan, model_dir))
 
 
 def prompt_ids(cfg: EvalConfig, tokenizer, problem: str) -> List[int]:
     """The prompt's token ids under ``prompt_template``."""
-    from megatron_trapo.data.prompts import plain_prompt, render_prompt
-
     if cfg.prompt_template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("prompt_template=chat but the tokenizer has no chat template; "
@@ -86,8 +90,6 @@ def prompt_ids(cfg: EvalConfig, tokenizer, problem: str) -> List[int]:
 
 def _requests(cfg: EvalConfig, shard: Shard, problems, prompts, done, stop_ids):
     """(problem, first sample, request) for every contiguous run of samples not yet done."""
-    from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
-
     out = []
     for prob in problems:
         todo = [s for s in range(shard.sample_start, shard.sample_end)
@@ -136,8 +138,6 @@ def run_shard(plan: Plan, shard: Shard, engine, tokenizer, grader, progress=None
     """Generate and grade the samples of one shard that are not yet written, saving each
     batch to the shard's partial file; then write the shard atomically. ``context``: the
     model's positions; a prompt that does not fit gets ``prompt_too_long`` samples."""
-    from megatron_trapo.data.tokenizer import stop_token_ids
-
     cfg, out = plan.cfg, plan.out_dir
     final = shard_path(out, shard)
     if final.is_file():
@@ -191,10 +191,6 @@ def run_shard(plan: Plan, shard: Shard, engine, tokenizer, grader, progress=None
 
 
 def _run_shards(plan: Plan, shards: List[Shard], desc: str) -> None:
-    from tqdm import tqdm
-
-    from megatron_trapo.eval.grading import Grader
-
     model_dir = ensure_hf_model(plan)
     tokenizer = load_tokenizer(plan, model_dir)
     with open_engine(plan, model_dir) as engine, \
@@ -211,7 +207,6 @@ def run_one_shard(out_dir: str | Path, index: int) -> Path:
     if not 0 <= index < len(plan.shards):
         raise ConfigError(f"shard index {index} is outside 0..{len(plan.shards) - 1}")
     shard = plan.shards[index]
-    from megatron_trapo.eval import fingerprint
 
     fingerprint.verify(plan.out_dir, plan.cfg)  # the weights did not change under the array
     if plan.cfg.load and not (hf_model_dir(plan) / "config.json").is_file():
@@ -223,8 +218,6 @@ def run_one_shard(out_dir: str | Path, index: int) -> Path:
 
 def run_local(cfg: EvalConfig, progress_desc: str = "eval", force: bool = False) -> Dict:
     """All shards in this process (skipping finished ones), then the summary."""
-    from megatron_trapo.eval.summary import aggregate
-
     plan = prepare(cfg, force)
     todo = missing_shards(plan)
     if todo:
@@ -234,8 +227,6 @@ def run_local(cfg: EvalConfig, progress_desc: str = "eval", force: bool = False)
 
 def convert_only(out_dir: str | Path) -> Optional[Path]:
     """The Slurm conversion job: make ``output_dir/hf_model`` from ``load``."""
-    from megatron_trapo.eval import fingerprint
-
     plan = load_plan(out_dir)
     fingerprint.verify(plan.out_dir, plan.cfg)
     return ensure_hf_model(plan)

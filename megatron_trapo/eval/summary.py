@@ -13,6 +13,7 @@ from megatron_trapo.config import ConfigError
 from megatron_trapo.eval.metrics import summarize
 from megatron_trapo.eval.plan import load_plan, missing_shards
 from megatron_trapo.eval.shards import read_jsonl, shard_path, write_atomic
+from megatron_trapo.metrics import MetricsLogger
 
 
 class IncompleteResults(ConfigError):
@@ -104,8 +105,6 @@ def aggregate(out_dir: str | Path) -> Dict:
 
 
 def _log_metrics(out: Path, summary: Dict) -> None:
-    from megatron_trapo.metrics import MetricsLogger
-
     flat = {f"eval/{name}/{m}": v for name, s in summary["benchmarks"].items()
             for m, v in s.items() if isinstance(v, float)}
     flat.update({f"eval/average/{m}": v for m, v in summary["average"].items()})

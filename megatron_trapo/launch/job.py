@@ -32,8 +32,8 @@ from megatron_trapo.launch import commands as C
 from megatron_trapo.launch.hosts import in_slurm, job_hosts
 from megatron_trapo.launch.node_agent import stop
 from megatron_trapo.launch.placement import Placement, place
-from megatron_trapo.train.preemption import (PREEMPTED_EXIT, read_record, request_stop,
-                                             stop_file)
+from megatron_trapo.platform.distributed import validate_layout
+from megatron_trapo.train.preemption import PREEMPTED_EXIT, read_record, request_stop, stop_file
 
 STOP_GRACE_S = 40.0  # the agents' own grace (20 s) plus srun's signal forwarding
 
@@ -97,8 +97,6 @@ def build_job(cfg: TrainConfig, config_path: Optional[str], overrides: Sequence[
               hosts: Optional[str] = None, env: Mapping[str, str] = os.environ,
               resume: bool = False, overwrite: bool = False) -> Job:
     """Resolve hosts, roles and command lines; every error names what to change."""
-    from megatron_trapo.platform.distributed import validate_layout
-
     if cfg.rollout.engine != "sglang":
         raise ConfigError(f"rollout.engine={cfg.rollout.engine}: launch starts SGLang-protocol "
                           "servers (rollout.server_impl=sglang, or embedded on CPU); use "

@@ -10,15 +10,16 @@ from typing import Dict, List, Optional
 from megatron_trapo.config import ConfigError, ModelConfig, TrainConfig, runtime_model
 from megatron_trapo.launch import memory as M
 from megatron_trapo.launch.placement import place
-from megatron_trapo.models.presets import num_parameters
+from megatron_trapo.models.presets import num_parameters, preset
+from megatron_trapo.platform.distributed import validate_layout
 
 
 def resolve_model(cfg: TrainConfig) -> tuple[ModelConfig, str]:
     """The architecture: the checkpoint's when ``load=`` is readable here, else the preset
     ``launch.model_preset`` names, else the config's own model fields."""
-    from megatron_trapo.models.presets import preset
-
     if cfg.load and (Path(cfg.load) / "latest_checkpointed_iteration.txt").is_file():
+        # lazy: megatron-core takes ~3 s to import; plan and layout read a checkpoint only when
+        # load= is readable here
         from megatron_trapo.train.pretrained import model_config_from_checkpoint
 
         return runtime_model(model_config_from_checkpoint(cfg.load), cfg.model), cfg.load
@@ -36,8 +37,6 @@ def resolve_model(cfg: TrainConfig) -> tuple[ModelConfig, str]:
 def build_plan(cfg: TrainConfig, nodes: Optional[int] = None, prompt_tokens: int = 1024,
                hosts: Optional[List[str]] = None) -> Dict:
     """The plan for ``nodes`` nodes (named node0…), or for the real ``hosts`` of a job."""
-    from megatron_trapo.platform.distributed import validate_layout
-
     launch = cfg.launch
     model, source = resolve_model(cfg)
     if model.params_dtype == "auto":

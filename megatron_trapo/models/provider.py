@@ -55,6 +55,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
                        use_cpu_initialization: Optional[bool] = None,
                        perform_initialization: bool = True):
     """The megatron ``TransformerConfig`` for this model and layout."""
+    # lazy: megatron-core takes ~3 s to import; the planner and the launcher use this module's
+    # cheap helpers
     from megatron.core.transformer import TransformerConfig
 
     impl = resolve_transformer_impl(model)
@@ -124,6 +126,7 @@ def grad_accumulation_fusion_available() -> bool:
     """megatron fuses the wgrad GEMM into ``main_grad`` only with apex's
     ``fused_weight_gradient_mlp_cuda``; asking for it without raises at model build (a
     TE-only or pip install has no apex)."""
+    # lazy: megatron-core takes ~3 s to import (see transformer_config)
     from megatron.core.tensor_parallel import layers
 
     return bool(getattr(layers, "_grad_accum_fusion_available", False))
@@ -131,6 +134,8 @@ def grad_accumulation_fusion_available() -> bool:
 
 def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None):
     """Transformer Engine spec on GPU, local spec with SP-capable torch norms on CPU."""
+    # lazy: megatron-core takes ~3 s to import (see transformer_config); norms subclass
+    # megatron's modules
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -163,6 +168,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
     Requires :func:`megatron_trapo.platform.distributed.initialize_distributed` first.
     ``perform_initialization=False`` skips random init (weights about to be loaded).
     """
+    # lazy: megatron-core takes ~3 s to import (see transformer_config)
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 

@@ -9,6 +9,9 @@ from collections import defaultdict
 from typing import Dict, Iterator, List, Tuple
 
 import torch
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.utils import unwrap_model
 
 from megatron_trapo.config import ConfigError
 
@@ -20,10 +23,6 @@ def local_shards(chunks) -> Dict[str, List[Shard]]:
 
     The local views alias the parameters: writing into them writes the model.
     """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-    from megatron.core.utils import unwrap_model
-
     by_key: Dict[str, List[Shard]] = defaultdict(list)
     for chunk in chunks:
         sd = unwrap_model(chunk).sharded_state_dict()

@@ -1,11 +1,13 @@
 """Where the code meets the hardware: the CPU layer for megatron-core and process groups."""
+import warnings
+
+import torch
+
 from megatron_trapo.platform.cpu_compat import activate_cpu_compat, cpu_compat_active
 
 
 def activate() -> str:
     """The one activation point. Returns the device type training will use ("cuda" or "cpu")."""
-    import torch
-
     if torch.cuda.is_available():
         return "cuda"
     activate_cpu_compat()
@@ -15,8 +17,6 @@ def activate() -> str:
 def compute_device():
     """Where the model and every tensor of a training step live: this process's CUDA device
     (set from LOCAL_RANK by ``initialize_distributed``), or the CPU."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -24,8 +24,6 @@ def compute_device():
 
 def quiet_known_warnings() -> None:
     """Silence megatron-core's import-time notices that only say TE/apex are absent."""
-    import warnings
-
     for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed",
                     "full scope is deprecated", ".*deprecating ShardedTensor",
                     ".*`load_state_dict` is deprecated",

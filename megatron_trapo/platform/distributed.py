@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from megatron_trapo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_trapo.models.provider import have_transformer_engine
+from megatron_trapo.platform import activate
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,6 @@ def validate_layout(parallel: ParallelConfig, world_size: int,
 
 
 def _have_te_attention() -> bool:
-    from megatron_trapo.models.provider import have_transformer_engine
-
     return have_transformer_engine()
 
 
@@ -101,10 +102,10 @@ def initialize_distributed(parallel: ParallelConfig, model: Optional[ModelConfig
     Activates the CPU layer first when there is no GPU. Safe to call in a single process
     without torchrun: it then forms a world of one.
     """
+    # lazy: megatron-core takes ~3 s to import; the CLI, launcher and servers use this module's
+    # layout and port helpers
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_trapo.platform import activate
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -159,6 +160,7 @@ def broadcast_object(obj, src: int = 0, group=None):
 
 def destroy_distributed() -> None:
     """Tear down Megatron's groups and the default process group."""
+    # lazy: megatron-core takes ~3 s to import (see initialize_distributed)
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
@@ -169,8 +171,6 @@ def destroy_distributed() -> None:
 
 def free_port() -> int:
     """A TCP port free on this machine now (for rendezvous, servers, routers)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -36,8 +36,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+import megatron.core.distributed as mcore_distributed
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
+from torch.utils import backend_registration as br
+
+from megatron_trapo.platform import cpu_compat
 
 FAKE_DEVICE_TYPE = "fakegpu"
 _REGISTERED = False
@@ -47,8 +52,6 @@ def _register_backend() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from torch.utils import backend_registration as br
-
     if torch._C._get_privateuse1_backend_name() not in ("privateuseone", FAKE_DEVICE_TYPE):
         raise RuntimeError("fake_cuda: the PrivateUse1 backend is already taken by "
                            f"{torch._C._get_privateuse1_backend_name()!r}")
@@ -88,8 +91,6 @@ class FakeCudaMode(TorchFunctionMode):
         self.fake_mode = fake_mode
 
     def _fake(self, t: torch.Tensor) -> torch.Tensor:
-        from torch._subclasses.fake_tensor import FakeTensor
-
         return t if isinstance(t, FakeTensor) else self.fake_mode.from_tensor(t)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -158,16 +159,11 @@ _COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[Any]:
     """Run the body as if on one CUDA GPU; yields the ``FakeTensorMode``."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from megatron_trapo.platform import cpu_compat
-
     _register_backend()
     saved_cuda = {name: getattr(torch.cuda, name) for name in
                   ("is_available", "current_device", "device_count")}
     saved_dist = {name: getattr(torch.distributed, name) for name in _COLLECTIVES}
     saved_module_cuda = torch.nn.Module.cuda
-    import megatron.core.distributed as mcore_distributed
 
     saved_finalize = mcore_distributed.finalize_model_grads
     mcore_distributed.finalize_model_grads = _finalize_without_token_count(saved_finalize)

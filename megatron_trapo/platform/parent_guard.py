@@ -24,6 +24,14 @@ def start(interval_s: float = 1.0) -> bool:
     if _STARTED or "LOCAL_RANK" not in os.environ:
         return False
     parent = os.getppid()
+    if "TORCHELASTIC_RUN_ID" in os.environ and parent == 1 and not _is_torchrun(parent):
+        # torchrun died while this worker was still starting: it was re-parented to init before
+        # the guard could note torchrun's pid, so a change would never be seen. Only init counts
+        # as proof: a user's own wrapper around torch.distributed.run's main() is a fine parent,
+        # and torchrun may itself be pid 1 (a container's entrypoint).
+        print(f"megatron-trapo: the launcher is gone (parent is pid {parent}); rank "
+              f"{os.environ.get('RANK', '?')} exits", flush=True)
+        os._exit(1)
 
     def watch():
         while True:
@@ -37,3 +45,13 @@ def start(interval_s: float = 1.0) -> bool:
     threading.Thread(target=watch, name="parent-guard", daemon=True).start()
     _STARTED = True
     return True
+
+
+def _is_torchrun(pid: int) -> bool:
+    """Whether ``pid`` is a torchrun launcher (``torchrun`` or ``python -m torch.distributed.run``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return True  # no /proc (not Linux): cannot tell, trust the parent
+    return "torch.distributed.run" in cmd or "torchrun" in cmd

@@ -9,8 +9,12 @@ timeout, and a hard per-answer deadline kills a stuck worker (pebble replaces it
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from math_verify import parse, verify
+from pebble import ProcessPool
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ def _as_latex(answer: str) -> str:
 
 def math_verify_equal(answer: str, ground_truth: str, timeout_s: int = 3) -> bool:
     """math-verify's judgement of an extracted answer against the ground truth."""
-    from math_verify import parse, verify
-
     if not answer.strip():
         return False
     gold = parse(_as_latex(ground_truth), parsing_timeout=timeout_s)
@@ -63,8 +65,6 @@ def _own_session() -> None:
     SIGTERM on, ``kill -- -PGID``) is for the trainer, which finishes its step and needs its
     verifiers for that. Pebble still stops a worker by its pid, and an idle worker exits when
     its parent's pipe closes."""
-    import os
-
     os.setsid()
 
 
@@ -80,8 +80,6 @@ class VerifierPool:
         self.timeouts = 0  # tasks killed at the hard deadline (metric)
 
     def _new_pool(self):
-        from pebble import ProcessPool
-
         return ProcessPool(max_workers=self.num_workers, initializer=_own_session)
 
     def _schedule(self, fn: Callable, args: Sequence[tuple]) -> list:

@@ -16,6 +16,8 @@ def make_engine(cfg, weight_updates: bool = False, hf_config: Optional[dict] = N
     ``hf_config``: engine=hf without model_path starts from this architecture with unfilled
     weights (the trainer's first weight sync fills them)."""
     if cfg.engine == "hf":
+        # lazy: importing any rollout module runs this __init__; an engine's stack (transformers,
+        # httpx) loads only when it is chosen
         from megatron_trapo.rollout.hf_engine import HFEngine
 
         if not cfg.model_path and hf_config is not None:
@@ -26,6 +28,7 @@ def make_engine(cfg, weight_updates: bool = False, hf_config: Optional[dict] = N
         return HFEngine(cfg.model_path, device=cfg.device, dtype=cfg.dtype,
                         max_batch_size=cfg.max_batch_size, tokenizer_path=cfg.tokenizer_path)
     if cfg.engine == "sglang":
+        # lazy: see engine=hf above
         from megatron_trapo.rollout.servers import ServerPool
         from megatron_trapo.rollout.sglang_engine import SGLangEngine
 
@@ -39,6 +42,7 @@ def make_engine(cfg, weight_updates: bool = False, hf_config: Optional[dict] = N
                                      extra_args=list(cfg.server_args))
         return SGLangEngine(pool, cfg.request_timeout_s, cfg.max_retries,
                             concurrency_per_server=cfg.concurrency_per_server)
+    # lazy: see engine=hf above
     from megatron_trapo.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(list(cfg.server_urls), model=cfg.model_path or "",

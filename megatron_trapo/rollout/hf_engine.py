@@ -11,13 +11,17 @@ computes exactly what it would alone.
 from __future__ import annotations
 
 import inspect
+import json
 import random
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from megatron_trapo.models.hf.files import HFCheckpointReader
 from megatron_trapo.rollout.types import (RolloutEngine, RolloutError, RolloutRequest, Sample,
                                           SamplingParams, empty_sample)
 
@@ -65,8 +69,6 @@ class HFEngine(RolloutEngine):
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "fp32",
                  max_batch_size: int = 64, tokenizer_path: Optional[str] = None,
                  weight_version: str = "0"):
-        from transformers import AutoModelForCausalLM
-
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         if not (Path(model_path) / "config.json").is_file():
             raise RolloutError(f"model_path {model_path}: no config.json (an HF model folder "
@@ -94,12 +96,8 @@ class HFEngine(RolloutEngine):
     def from_hf_config(cls, hf_config: Dict, **kwargs) -> "HFEngine":
         """An engine with this architecture and uninitialised weights, to be filled by an
         in-process weight sync (no checkpoint on disk needed)."""
-        import json
-        import tempfile
-
         folder = Path(tempfile.mkdtemp(prefix="trapo_hf_engine_"))
         (folder / "config.json").write_text(json.dumps(hf_config))
-        from transformers import AutoConfig, AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
                                                  dtype=torch.float32, attn_implementation="sdpa")
@@ -156,8 +154,6 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def _generate_batch(self, rows, cancelled=None) -> List[Sample]:
-        from transformers import DynamicCache
-
         n = len(rows)
         length = max(len(r[2]) for r in rows)
         ids = torch.zeros(n, length, dtype=torch.long)
@@ -232,8 +228,6 @@ class HFEngine(RolloutEngine):
             self._version = str(weight_version)
 
     def update_weights_from_disk(self, path: str, weight_version: str) -> None:
-        from megatron_trapo.models.hf.files import HFCheckpointReader
-
         reader = HFCheckpointReader(path)
         self.update_weights_from_tensors({n: reader.get(n) for n in reader.names()}, weight_version)
         self.model_path = str(path)
@@ -241,8 +235,6 @@ class HFEngine(RolloutEngine):
 
 def check_tokenizer(tokenizer_path: str, model_vocab: int) -> None:
     """Refuse a tokenizer whose ids do not fit the model's vocabulary."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
     if len(tok) > model_vocab:
         raise RolloutError(f"tokenizer at {tokenizer_path} has {len(tok)} tokens but the model's "

@@ -19,6 +19,8 @@ import datetime
 from typing import Optional
 
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper,
+                                                _world)
 
 
 def init_weight_update_group(master_address: str, master_port: int, rank: int, world_size: int,
@@ -30,9 +32,6 @@ def init_weight_update_group(master_address: str, master_port: int, rank: int, w
     Works without a default process group (an engine-side stand-in) and beside one (the
     trainer); ranks inside the group are the group's own (0 = the trainer's sync rank).
     """
-    from torch.distributed.distributed_c10d import (Backend, PrefixStore,
-                                                    _new_process_group_helper, _world)
-
     if not group_name:
         raise ValueError("group_name must not be empty")
     if not 0 <= rank < world_size:

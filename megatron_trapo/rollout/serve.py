@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -22,8 +24,10 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request  # module level: FastAPI resolves annotations
 from fastapi.responses import JSONResponse
+from transformers import AutoTokenizer
 
 from megatron_trapo.rollout import protocol
 from megatron_trapo.rollout.hf_engine import HFEngine
@@ -147,8 +151,6 @@ def _stand_in_rank(conn, address: str, port: int, rank: int, world: int, name: s
                    backend: str) -> None:
     """A TP worker's part of the weight group: join, then receive every broadcast it is told
     about (and drop it: the server's rank 0 loads the weights into the one model)."""
-    import os
-
     parent = os.getppid()
 
     def exit_with_parent():  # a server killed by SIGKILL must not leave its ranks behind
@@ -177,8 +179,6 @@ class TPRankStandIn:
     """One stand-in TP rank (its own process, like an SGLang TP worker)."""
 
     def __init__(self, address: str, port: int, rank: int, world: int, name: str, backend: str):
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_stand_in_rank, daemon=True,
@@ -215,8 +215,6 @@ class ServerContext:
         self.groups: Dict[str, Any] = {}  # weight-update group name → (group, stand-in ranks)
         self.tokenizer = None
         if tokenizer_path:
-            from transformers import AutoTokenizer
-
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
 
     def decode(self, ids: List[int]) -> str:
@@ -530,7 +528,6 @@ def main(argv: Optional[List[str]] = None) -> None:
                     help="ranks this server takes in weight-update groups, as an SGLang server "
                          "of that TP size does (the extra ranks receive and check the tensors)")
     args = ap.parse_args(argv)
-    import uvicorn
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     engine = HFEngine(args.model_path, device=args.device, dtype=args.dtype,

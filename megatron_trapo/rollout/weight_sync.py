@@ -11,18 +11,30 @@ update and the servers flush their caches.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
+from urllib.parse import urlparse
 
+import psutil
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megatron_trapo.config import LOOPBACK_HOSTS, ModelConfig
-from megatron_trapo.models.hf.mapping import rule_for_key, expand, to_hf
+from megatron_trapo.models.hf.files import HFCheckpointWriter
+from megatron_trapo.models.hf.mapping import expand, model_to_hf_config, rule_for_key, to_hf
 from megatron_trapo.models.sharding import local_shards
+from megatron_trapo.platform import compute_device
+from megatron_trapo.platform.distributed import free_port, host_group
+from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
+                                                  init_weight_update_group)
 from megatron_trapo.rollout.types import BroadcastReceiver, RolloutEngine, RolloutError
 
 logger = logging.getLogger(__name__)
@@ -32,8 +44,6 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.floa
 
 def _stage_hf_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
     """HF tensors of this PP stage, on TP rank 0 (other TP ranks take part in the gathers)."""
-    from megatron.core import parallel_state as ps
-
     tp_group = ps.get_tensor_model_parallel_group()
     tp = ps.get_tensor_model_parallel_world_size()
     shards = local_shards(chunks)
@@ -68,10 +78,6 @@ def hf_named_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.Te
     receives into device buffers, so the p2p works on NCCL (which carries no CPU tensors);
     each tensor is preceded by its name/shape/dtype and sent as soon as it is gathered, so no
     stage buffers its whole share anywhere."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_trapo.platform import compute_device
-
     if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
         return  # replicas hold the same weights
     pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -107,10 +113,6 @@ def sync_address(server_urls: List[str], configured: Optional[str] = None) -> st
     too); else the address of the interface that routes to the first server (a UDP "connect"
     sends nothing). ``gethostname()`` is not used: it often resolves to 127.0.1.1 or to a
     management network."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
     if configured or os.environ.get("TRAPO_WEIGHT_SYNC_ADDR"):
         return configured or os.environ["TRAPO_WEIGHT_SYNC_ADDR"]
     hosts = [urlparse(u).hostname for u in server_urls]
@@ -118,8 +120,6 @@ def sync_address(server_urls: List[str], configured: Optional[str] = None) -> st
         return "127.0.0.1"
     ifname = os.environ.get("NCCL_SOCKET_IFNAME", "")
     if ifname and not ifname.startswith("^"):
-        import psutil
-
         wanted = [n.lstrip("=") for n in ifname.split(",")]
         for name, addrs in psutil.net_if_addrs().items():
             if any(name == w or (not ifname.startswith("=") and name.startswith(w))
@@ -158,8 +158,6 @@ GROUP_NAME = "weight_update_group"
 def _wait_for_sync_rank() -> None:
     """Every rank waits for rank 0's HTTP updates on the gloo host group (long timeout), not
     in an NCCL barrier under the watchdog."""
-    from megatron_trapo.platform.distributed import host_group
-
     dist.barrier(group=host_group())
 
 
@@ -186,11 +184,6 @@ class DiskSync:
         self.sync = sync
 
     def push(self, named, weight_version: str, stats: Dict[str, float]) -> None:
-        import json
-
-        from megatron_trapo.models.hf.files import HFCheckpointWriter
-        from megatron_trapo.models.hf.mapping import model_to_hf_config
-
         sync = self.sync
         if sync.disk_dir is None:  # servers on this machine only (config refuses others)
             sync.disk_dir = tempfile.mkdtemp(prefix="trapo_weights_")
@@ -210,8 +203,6 @@ class DiskSync:
     def _prune_versions(self, root: Path, keep: Path) -> None:
         """Delete all but the newest ``keep_versions`` weight folders (a 32B model is 61 GiB a
         version); the one the engines just loaded is always kept."""
-        import shutil
-
         versions = sorted((p for p in root.glob("v*") if p.is_dir() and p != keep),
                           key=lambda p: p.stat().st_mtime, reverse=True)
         for old in versions[max(self.sync.keep_versions - 1, 0):]:
@@ -236,10 +227,6 @@ class BroadcastSync:
         """Form the group with the live servers; when the set changed since the last sync (a
         server died), destroy the old group on both sides first — its ranks include the dead
         server's, and a broadcast would wait for them until the NCCL timeout."""
-        from megatron_trapo.platform.distributed import free_port
-        from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
-                                                          init_weight_update_group)
-
         sync = self.sync
         members = tuple(self.engine.server_urls())
         if not members:
@@ -263,8 +250,6 @@ class BroadcastSync:
         self._members = members
 
     def push(self, named, weight_version: str, stats: Dict[str, float]) -> None:
-        from megatron_trapo.platform import compute_device
-
         self._ensure_group()
         for bucket in _counted_buckets(named, self.sync.bucket_bytes, stats):
             names = [n for n, _ in bucket]

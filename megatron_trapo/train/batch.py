@@ -16,10 +16,13 @@ import math
 from typing import Dict, List, Optional, Sequence, TypedDict
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_trapo.algorithms.losses import aggregation_weights
 from megatron_trapo.algorithms.trajectory import Trajectory
 from megatron_trapo.config import LossConfig
+from megatron_trapo.models.provider import have_transformer_engine
+from megatron_trapo.platform import compute_device
 
 
 class MicroBatch(TypedDict, total=False):
@@ -56,8 +59,6 @@ def to_device(batch: MicroBatch, device: Optional[torch.device] = None) -> Micro
     the CPU); non-tensor entries (``max_seqlen``) travel as they are. Builders make CPU
     tensors; everything after this call — forward, masks, loss, old logprobs, metrics — runs
     on the device."""
-    from megatron_trapo.platform import compute_device
-
     device = device or compute_device()
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
@@ -75,11 +76,8 @@ def packed_attention(batch: MicroBatch):
     seg = batch.get("segment_ids")
     if seg is None:
         return {}
-    from megatron_trapo.models.provider import have_transformer_engine
 
     if have_transformer_engine():
-        from megatron.core.packed_seq_params import PackedSeqParams
-
         cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
         return {"packed_seq_params": PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,

@@ -29,6 +29,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.utils import unwrap_model
 
 from megatron_trapo.train.optimizer import init_optimizer_state, untie_optimizer_steps
@@ -84,8 +89,6 @@ def _model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> Dict[str, An
 
 
 def _layout() -> Dict[str, int]:
-    from megatron.core import parallel_state as ps
-
     return {
         "world_size": torch.distributed.get_world_size(),
         "tp": ps.get_tensor_model_parallel_world_size(),
@@ -97,8 +100,6 @@ def _layout() -> Dict[str, int]:
 
 
 def _rng_state() -> Dict[str, Any]:
-    from megatron.core import tensor_parallel
-
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -111,8 +112,6 @@ def _rng_state() -> Dict[str, Any]:
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -122,8 +121,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def _rng_sharded_object(states: List[Any]):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     # Every rank's state, gathered; rank 0 writes it once (replica_id != 0 elsewhere).
     return ShardedObject("rng_state", states, (1,), (0,),
                          replica_id=torch.distributed.get_rank())
@@ -137,8 +134,6 @@ def save_checkpoint(root: str | Path, iteration: int, chunks: Sequence[torch.nn.
     ``optim_metadata``: see :func:`optimizer_metadata` (default: fully reshardable, gathered
     over gloo); it is recorded in the checkpoint and used again when loading."""
     optim_metadata = optim_metadata or optimizer_metadata()
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
     dist = torch.distributed
     rank = dist.get_rank()
@@ -212,9 +207,6 @@ def load_checkpoint(root: str | Path, chunks: Sequence[torch.nn.Module], optimiz
     ``refresh_optimizer``: an optimizer whose state is *not* loaded (fine-tuning from weights)
     but whose fp32 main parameters must be refreshed from the loaded weights.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     root = Path(root)
     if iteration is None:
         iteration = latest_iteration(root)

@@ -14,6 +14,7 @@ Requires an initialised world of one process (TP = PP = 1).
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Callable, ContextManager, Dict, List
 
 import torch
@@ -21,6 +22,14 @@ import torch
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
 from megatron_trapo.config import (BatchingConfig, LossConfig, ModelConfig, ParallelConfig,
                                    TrainConfig)
+from megatron_trapo.models.provider import build_model
+from megatron_trapo.platform import compute_device, quiet_known_warnings
+from megatron_trapo.platform.distributed import initialize_distributed
+from megatron_trapo.train.batch import build_sequences, to_device
+from megatron_trapo.train.forward_backward import run_forward_backward
+from megatron_trapo.train.loss_func import global_normaliser, make_forward_step
+from megatron_trapo.train.optimizer import wrap_ddp
+from megatron_trapo.train.step import build_microbatches, fill_old_logprobs
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     num_query_groups=2, vocab_size=300, max_position_embeddings=128,
@@ -57,10 +66,6 @@ def run_device_check(packed: bool, loss_mode: str = "trapo",
     """Build micro-batches (CPU, real data), then inside ``on_device()`` (``fake_cuda`` on
     CPU machines, nothing on a GPU) build the model, move, forward, backward; returns where
     each kind of tensor ended up."""
-    from megatron_trapo.train.batch import build_sequences
-    from megatron_trapo.train.loss_func import global_normaliser
-    from megatron_trapo.train.step import build_microbatches
-
     cfg = TrainConfig(model=MODEL, batching=BatchingConfig(pack_sequences=packed,
                                                           max_tokens_per_microbatch=48),
                       loss=LossConfig(loss_mode=loss_mode, max_response_length=16, tis_cap=2.0,
@@ -74,14 +79,6 @@ def run_device_check(packed: bool, loss_mode: str = "trapo",
 
 def _forward_backward_on_device(cfg: TrainConfig, cpu_mbs: List[dict], normaliser: float,
                                 packed: bool) -> Dict[str, object]:
-    from megatron_trapo.models.provider import build_model
-    from megatron_trapo.platform import compute_device
-    from megatron_trapo.train.batch import to_device
-    from megatron_trapo.train.forward_backward import run_forward_backward
-    from megatron_trapo.train.loss_func import make_forward_step
-    from megatron_trapo.train.optimizer import wrap_ddp
-    from megatron_trapo.train.step import fill_old_logprobs
-
     device = compute_device()
     # megatron's NaN check reads gradient values on the host: a fake device has none
     chunks = wrap_ddp(build_model(MODEL, ParallelConfig(), perform_initialization=False),
@@ -119,11 +116,6 @@ def main() -> int:
     """``python -m megatron_trapo.train.device_check``: the real-device twin of the CI dry run
     (``scripts/gpu_smoke.sh`` runs it on a GPU); prints one JSON line per case and fails when
     any tensor is not on the model's device."""
-    import json
-
-    from megatron_trapo.platform import compute_device, quiet_known_warnings
-    from megatron_trapo.platform.distributed import initialize_distributed
-
     quiet_known_warnings()
     initialize_distributed(ParallelConfig(), MODEL)
     want = compute_device().type

@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
 def _configure_hooks(chunks: Sequence[torch.nn.Module], optimizer) -> None:
-    from megatron.core.distributed import finalize_model_grads
-
     config = chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
     if optimizer is not None:
@@ -34,9 +35,6 @@ def run_forward_backward(chunks: Sequence[torch.nn.Module], microbatches: List[D
     ``forward_step(batch, model) -> (output_tensor, loss_func)`` as megatron expects, except
     that it receives the micro-batch itself rather than an iterator.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     chunks = list(chunks)
     pp = ps.get_pipeline_model_parallel_world_size()
     if len(chunks) > 1 and len(microbatches) % pp != 0:

@@ -22,11 +22,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 
 def _tp_group():
-    from megatron.core import parallel_state as ps
-
     if not ps.model_parallel_is_initialized():
         return None
     return ps.get_tensor_model_parallel_group()

@@ -25,12 +25,13 @@ from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
+from megatron.core import parallel_state as ps
 
 from megatron_trapo.algorithms import losses as L
 from megatron_trapo.algorithms.methods import clip_range, method
 from megatron_trapo.config import LossConfig
 from megatron_trapo.platform.distributed import broadcast_object
-from megatron_trapo.train.batch import MicroBatch
+from megatron_trapo.train.batch import MicroBatch, model_forward
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 
 
@@ -103,8 +104,6 @@ def make_forward_step(cfg: LossConfig, normaliser: float) -> Callable:
     """A ``forward_step(batch, model)`` for :func:`run_forward_backward` with the TRAPO loss."""
 
     def forward_step(batch, model):
-        from megatron_trapo.train.batch import model_forward
-
         return model_forward(model, batch), partial(trapo_loss_func, cfg, batch, normaliser)
 
     return forward_step
@@ -116,8 +115,6 @@ def global_normaliser(microbatches: Sequence[MicroBatch]) -> float:
     Computed from the CPU micro-batches before they move to the GPU, over megatron's gloo
     twin of the DP×CP group: a Python float is needed before the schedule starts, and this
     way getting it costs no device synchronisation."""
-    from megatron.core import parallel_state as ps
-
     local = torch.zeros((), dtype=torch.float64)
     for mb in microbatches:
         local += mb["agg_norm"].double().sum().cpu()
@@ -132,8 +129,6 @@ def global_normaliser(microbatches: Sequence[MicroBatch]) -> float:
 def reduce_loss_metrics(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
     """Sum (or max) the loss function's metrics over micro-batches and DP×CP ranks; the result
     is broadcast from the last pipeline stage so every rank returns the same dict."""
-    from megatron.core import parallel_state as ps
-
     result: Dict[str, float] = {}
     if ps.is_pipeline_last_stage():
         keys = sorted({k for out in outputs for k in out})

@@ -17,6 +17,11 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_trapo.config import OptimizerConfig
 
@@ -27,8 +32,6 @@ def wrap_ddp(chunks: List[torch.nn.Module], use_distributed_optimizer: bool,
              check_for_nan_in_grad: Optional[bool] = None) -> List[torch.nn.Module]:
     """Wrap each model chunk in megatron's DDP (contiguous fp32 grad buffers). NaN checks of
     the reduced gradients default to on with CUDA (bf16 has no loss scaler to catch them)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     if check_for_nan_in_grad is None:
         check_for_nan_in_grad = torch.cuda.is_available()
     ddp_config = DistributedDataParallelConfig(
@@ -59,7 +62,6 @@ def _patch_distributed_optimizer_state_copy() -> None:
     global _PATCHED
     if _PATCHED:
         return
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
@@ -78,9 +80,6 @@ def _patch_distributed_optimizer_state_copy() -> None:
 
 def build_optimizer(ddp_chunks: List[torch.nn.Module], cfg: OptimizerConfig):
     """Megatron optimizer (fp32 / mixed precision / distributed) for the DDP-wrapped chunks."""
-    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-    from megatron.core.optimizer import get_megatron_optimizer
-
     _patch_distributed_optimizer_state_copy()
     model_config = ddp_chunks[0].config
     mcfg = MegatronOptimizerConfig(
@@ -104,8 +103,6 @@ def build_optimizer(ddp_chunks: List[torch.nn.Module], cfg: OptimizerConfig):
 
 def build_scheduler(optimizer, cfg: OptimizerConfig, train_iters: int):
     """Megatron's ``OptimizerParamScheduler`` (step-based, one step per optimizer update)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     decay = cfg.lr_decay_iters or max(train_iters, 1)
     return OptimizerParamScheduler(
         optimizer,

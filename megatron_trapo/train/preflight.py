@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
+from transformers import AutoTokenizer
+
 from megatron_trapo.algorithms.methods import stages
 from megatron_trapo.config import ConfigError, TrainConfig
+from megatron_trapo.data.items import encode
+from megatron_trapo.data.records import data_file, record_problem, scan_rows, to_record
+from megatron_trapo.train.checkpoint import (CheckpointError, LATEST_FILE, iteration_dir,
+                                             latest_iteration, read_meta)
 
 # methods whose samples are built from an expert solution (TRAPO's guided micro-groups, SFT's
 # targets, LUFFY's off-policy sample)
@@ -54,9 +60,6 @@ class DataReport:
 def check_data(path: str, tokenizer, cfg: TrainConfig, max_positions: int,
                needs_solution: bool, what: str):
     """The file's usable rows as encoded prompt items, and the report of the others."""
-    from megatron_trapo.data.records import data_file, record_problem, scan_rows, to_record
-    from megatron_trapo.data.items import encode
-
     rows, bad = scan_rows(data_file(path, what))
     report = DataReport(str(path))
     for line, why in bad:
@@ -118,8 +121,6 @@ def tokenizer_folder(cfg: TrainConfig) -> str:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
     path = tokenizer_folder(cfg)
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -130,9 +131,6 @@ def load_tokenizer(cfg: TrainConfig):
 
 def check_paths(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
     """Checkpoints to load readable, folders to write writable, no finished run overwritten."""
-    from megatron_trapo.train.checkpoint import (LATEST_FILE, CheckpointError, iteration_dir,
-                                                 latest_iteration, read_meta)
-
     if cfg.load:
         try:
             it = latest_iteration(cfg.load)

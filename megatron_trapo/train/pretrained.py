@@ -8,12 +8,13 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron_trapo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_trapo.models.provider import build_model
+from megatron_trapo.train.checkpoint import (iteration_dir, latest_iteration, load_checkpoint,
+                                             read_meta)
 
 
 def model_config_from_checkpoint(mcore_dir: str, iteration: Optional[int] = None) -> ModelConfig:
     """The ModelConfig recorded in a megatron_trapo checkpoint's ``trapo_meta.json``."""
-    from megatron_trapo.train.checkpoint import iteration_dir, latest_iteration, read_meta
-
     it = latest_iteration(mcore_dir) if iteration is None else iteration
     if it is None:
         raise ConfigError(f"{mcore_dir}: no latest_checkpointed_iteration.txt")
@@ -29,9 +30,6 @@ def load_pretrained(mcore_dir: str, parallel: ParallelConfig, iteration: Optiona
 
     Requires initialised process groups for ``parallel``.
     """
-    from megatron_trapo.models.provider import build_model
-    from megatron_trapo.train.checkpoint import load_checkpoint
-
     model = model_config_from_checkpoint(mcore_dir, iteration)
     if params_dtype not in (None, "auto"):
         model = dataclasses.replace(model, params_dtype=params_dtype)

@@ -15,16 +15,26 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+from megatron.core import parallel_state as ps
+from tqdm import tqdm
 
 from megatron_trapo.config import SmokeConfig, save_yaml, to_dict
+from megatron_trapo.metrics import MetricsLogger
+from megatron_trapo.models.provider import build_model
+from megatron_trapo.platform import compute_device
+from megatron_trapo.platform.distributed import initialize_distributed
+from megatron_trapo.train.batch import to_device
+from megatron_trapo.train.checkpoint import (checkpoint_optimizer_metadata, latest_iteration,
+                                             load_checkpoint, save_checkpoint)
+from megatron_trapo.train.forward_backward import train_step
+from megatron_trapo.train.lm_loss import lm_forward_step, shift_batch
+from megatron_trapo.train.optimizer import build_training_state
 
 logger = logging.getLogger(__name__)
 
 
 def progression_batch(step: int, dp_rank: int, cfg: SmokeConfig) -> List[Dict[str, torch.Tensor]]:
     """The micro-batches of one step for one data-parallel rank."""
-    from megatron_trapo.train.lm_loss import shift_batch
-
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + dp_rank)
     n, b, s, vocab = cfg.num_microbatches, cfg.micro_batch_size, cfg.seq_length, cfg.model.vocab_size
     start = torch.randint(0, vocab, (n, b, 1), generator=g)
@@ -35,10 +45,6 @@ def progression_batch(step: int, dp_rank: int, cfg: SmokeConfig) -> List[Dict[st
 
 def _global_loss(losses) -> float:
     """Token-mean loss over the whole step (all data-parallel ranks)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_trapo.platform import compute_device
-
     total = torch.zeros(2, dtype=torch.float64, device=compute_device())
     owner = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
              and ps.get_context_parallel_rank() == 0)
@@ -50,19 +56,6 @@ def _global_loss(losses) -> float:
 
 def run_smoke(cfg: SmokeConfig, resume: bool = False) -> Dict[str, float]:
     """Train ``cfg.train_iters`` steps; returns the first and last losses."""
-    from megatron.core import parallel_state as ps
-    from tqdm import tqdm
-
-    from megatron_trapo.metrics import MetricsLogger
-    from megatron_trapo.models.provider import build_model
-    from megatron_trapo.platform.distributed import initialize_distributed
-    from megatron_trapo.train.batch import to_device
-    from megatron_trapo.train.checkpoint import (checkpoint_optimizer_metadata, latest_iteration,
-                                                 load_checkpoint, save_checkpoint)
-    from megatron_trapo.train.forward_backward import train_step
-    from megatron_trapo.train.lm_loss import lm_forward_step
-    from megatron_trapo.train.optimizer import build_training_state
-
     layout = initialize_distributed(cfg.parallel, cfg.model, seed=cfg.seed,
                                     seq_length=cfg.seq_length)
     rank = torch.distributed.get_rank()

@@ -9,15 +9,16 @@ from functools import partial
 from typing import Dict, List
 
 import torch
+from megatron.core import parallel_state as ps
 
 from megatron_trapo.algorithms.methods import method
 from megatron_trapo.algorithms.sampler import Groups, flatten, reward_scorer, sample_groups
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
+from megatron_trapo.models.provider import have_transformer_engine
 from megatron_trapo.platform.distributed import broadcast_object
 from megatron_trapo.rollout.types import SamplingParams
 from megatron_trapo.train.batch import (build_sequences, make_microbatches, model_forward,
-                                        pack_microbatches, row_multiple, split_for_rank,
-                                        to_device)
+                                        pack_microbatches, row_multiple, split_for_rank, to_device)
 from megatron_trapo.train.forward_backward import run_forward_backward, train_step
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
@@ -31,8 +32,6 @@ class StepResult:
 
 def trapo_step(run, step: int) -> StepResult:
     """One step of any method. ``run`` is a :class:`megatron_trapo.train.trainer.Run`."""
-    from megatron.core import parallel_state as ps
-
     cfg = run.cfg
     m = method(cfg.loss.loss_mode)
     # 1-3. this step's prompts, their micro-group rollouts and rewards (sync rank), shared
@@ -81,15 +80,11 @@ def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,
                        fp8: bool = False) -> List[dict]:
     """This rank's sequences as packed rows or padded micro-batches (CPU tensors), every row
     a multiple of what TP + sequence parallel, CP and FP8 need; one shape with pipelines."""
-    from megatron.core import parallel_state as ps
-
     pp = ps.get_pipeline_model_parallel_world_size() > 1  # pipelines need one micro-batch shape
     multiple = row_multiple(ps.get_tensor_model_parallel_world_size(), cfg.parallel.sequence_parallel,
                             fp8, ps.get_context_parallel_world_size())
     pack = cfg.batching.pack_sequences
     if pack is None:
-        from megatron_trapo.models.provider import have_transformer_engine
-
         pack = have_transformer_engine()
     if pack:
         return pack_microbatches(mine, cfg.batching.max_tokens_per_microbatch, pad_id,

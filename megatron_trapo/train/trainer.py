@@ -4,11 +4,13 @@ periodic checkpoints and held-out evaluation, exact resume, and the training-cur
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -114,7 +116,6 @@ def peak_memory_gb() -> float:
     """Peak GPU memory allocated by this process (CUDA), else its resident set size."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import psutil
 
     return psutil.Process().memory_info().rss / 2**30
 
@@ -204,7 +205,6 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
                 bar.close()
                 raise Preempted(step + 1, reason, bool(cfg.checkpoint.save))
     metrics.close()
-    import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:  # e.g. a bare GPU image: JSONL only
         logger.warning("matplotlib is not installed: no curves.png")

@@ -2,7 +2,8 @@
 in test_launch_slurm), then SIGUSR1 to the batch script — what ``#SBATCH --signal=B:USR1@300``
 sends before a time limit. The trainer finishes its step, saves, exits 75; the launcher requeues
 the job; the requeued job resumes — and the run equals the same job run without interruption
-(every step's loss, gradient norm, reward and sampled tokens' logprob ratio)."""
+(every step's loss, gradient norm, reward and sampled tokens' lengths; the logprob ratio only to
+rounding, see ROUNDING_ONLY)."""
 import json
 import os
 import subprocess
@@ -15,7 +16,11 @@ from slurm_cluster import require_slurm
 
 ITERS = 4
 COMPARED = ("loss", "grad_norm", "rollout/reward_unguided", "rollout/samples",
-            "rollout/length_unguided", "pg/ratio_max")
+            "rollout/length_unguided")
+# max exp(lp - old_lp) over sampled tokens is 1 plus float rounding between two forward passes; the
+# rounding differs with the thread count a Slurm step gets (CI saw 1+1.5e-5 against 1+1.2e-6), so
+# it is compared as "1 to rounding" in both runs, not digit for digit.
+ROUNDING_ONLY = {"pg/ratio_max": 1e-3}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,6 +90,8 @@ def test_usr1_saves_requeues_and_the_resumed_run_equals_an_uninterrupted_one(fil
     for got, want in zip(rows, expected):
         for key in COMPARED:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+        for key, tol in ROUNDING_ONLY.items():
+            assert abs(got[key] - want[key]) < tol, (got["step"], key, got[key], want[key])
     state = json.loads((run_dir / "launch" / "job.json").read_text())
     assert state["state"] == "done" and state["exit_code"] == 0
     assert leftovers(str(run_dir)) == [] and leftovers(str(cfg)) == []

@@ -86,3 +86,38 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert cycles == []
+
+
+def _function_imports_without_reason(path: Path) -> list:
+    """Imports inside functions whose group (consecutive import statements) has no ``# lazy:``
+    comment right above it."""
+    lines = path.read_text().splitlines()
+    missing = []
+    for fn in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for body in (getattr(n, f, None) for n in ast.walk(fn)
+                     for f in ("body", "orelse", "finalbody")):
+            if not isinstance(body, list):
+                continue
+            for i, node in enumerate(body):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                if i and isinstance(body[i - 1], (ast.Import, ast.ImportFrom)):
+                    continue  # the group's first import carries the reason
+                above, k = [], node.lineno - 2
+                while k >= 0 and lines[k].strip().startswith("#"):
+                    above.append(lines[k])
+                    k -= 1
+                if not any("# lazy:" in c for c in above):
+                    missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    return missing
+
+
+def test_imports_inside_functions_say_why():
+    """Imports sit at module level; one inside a function says why (``# lazy: …``: an optional
+    dependency, megatron-core's import cost on a light path, a package __init__ every submodule
+    import runs)."""
+    missing = [m for path in sorted(PACKAGE.rglob("*.py"))
+               for m in _function_imports_without_reason(path)]
+    assert missing == []

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from megatron_trapo.config import ConfigError
 
@@ -32,8 +34,6 @@ class HFCheckpointReader:
     """Tensor names and lazy tensor reads of an HF model folder (safetensors)."""
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
@@ -86,8 +86,6 @@ class HFCheckpointWriter:
         self._total += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         idx = len(self._shards)
         save_file(self._buffer, str(self.dir / f".shard-{idx}.tmp"), metadata={"format": "pt"})
         self._shards.append(list(self._buffer))

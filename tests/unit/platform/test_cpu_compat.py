@@ -100,3 +100,39 @@ def test_rng_tracker_on_cpu(probe):
     assert probe["fork_stream_continues"]
     assert probe["set_state_replays"]
     assert probe["streams_ok"]
+
+
+def test_parent_guard_exits_a_worker_whose_torchrun_died_before_the_guard_started(monkeypatch):
+    """torchrun killed while its workers were still importing: they were re-parented before the
+    guard noted torchrun's pid, and ran on forever (seen as orphans after the kill/resume test)."""
+    import os
+
+    from megatron_trapo.platform import parent_guard
+
+    exits = []
+    monkeypatch.setattr(parent_guard, "_STARTED", False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(
+        SystemExit(code)))
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # init: the launcher is gone
+    monkeypatch.setattr(parent_guard, "_is_torchrun", lambda pid: False)  # init is no torchrun
+    with pytest.raises(SystemExit):
+        parent_guard.start()
+    assert exits == [1]
+    monkeypatch.undo()
+    assert parent_guard._is_torchrun(os.getpid()) is False  # pytest is no torchrun
+
+
+def test_parent_guard_keeps_a_worker_whose_parent_is_a_wrapper_not_init(monkeypatch):
+    """A user's own launcher that calls torch.distributed.run's main() is no 'torchrun' by name;
+    only a worker re-parented to init is taken for an orphan."""
+    import os
+
+    from megatron_trapo.platform import parent_guard
+
+    monkeypatch.setattr(parent_guard, "_STARTED", False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert os.getppid() != 1 and not parent_guard._is_torchrun(os.getppid())
+    assert parent_guard.start(interval_s=3600) is True  # watches; did not exit

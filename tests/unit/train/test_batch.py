@@ -104,7 +104,7 @@ def test_packed_rows_are_aligned_and_padding_is_a_segment(monkeypatch):
                 assert sum(lengths[:int(mb["segment_ids"].max()) + 1]) == real
                 assert mb["max_seqlen"] == max(lengths)
     # the THD path hands exactly these (device-resident) cu_seqlens to PackedSeqParams
-    monkeypatch.setattr("megatron_trapo.models.provider.have_transformer_engine", lambda: True)
+    monkeypatch.setattr("megatron_trapo.train.batch.have_transformer_engine", lambda: True)
     mb = B.pack_microbatches(seqs, max_tokens=32, multiple=16)[0]
     params = B.packed_attention(B.to_device(mb))["packed_seq_params"]
     assert params.cu_seqlens_q is not None and params.cu_seqlens_q.dtype == torch.int32
