@@ -12,14 +12,15 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+import megatron.core.distributed as mcore_distributed
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
 def _configure_hooks(chunks: Sequence[torch.nn.Module], optimizer) -> None:
     config = chunks[0].config
-    config.finalize_model_grads_func = finalize_model_grads
+    # read from the module at call time: the fake-CUDA dry run swaps it (platform/fake_cuda.py)
+    config.finalize_model_grads_func = mcore_distributed.finalize_model_grads
     if optimizer is not None:
         config.grad_scale_func = optimizer.scale_loss
     no_sync = [c.no_sync for c in chunks if hasattr(c, "no_sync")]
