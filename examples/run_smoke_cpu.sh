@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded CPU default: train a tiny Megatron GPT with TP=2 + sequence parallel on two gloo
+# The CPU demo: train a tiny Megatron GPT with TP=2 + sequence parallel on two gloo
 # processes, save checkpoints, log metrics to runs/smoke_tiny/metrics.jsonl.
 # Extra arguments are config overrides, e.g. `train_iters=100` or `--resume`.
 set -euo pipefail

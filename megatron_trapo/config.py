@@ -41,7 +41,7 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})  # servers on this
 # The choice lists, each defined once (the code that implements them checks against these).
 AGGREGATIONS = ("constant", "token_mean", "seq_mean_token_mean")  # algorithms/losses.py
 ENGINES = ("hf", "sglang", "vllm")  # rollout/__init__.py: make_engine
-SERVER_IMPLS = ("embedded", "sglang")  # rollout/servers.py: server_command
+SERVER_IMPLS = ("hf", "sglang")  # rollout/servers.py: server_command
 WEIGHT_SYNC_MODES = ("inprocess", "disk", "distributed")  # rollout/weight_sync.py: STRATEGIES
 
 
@@ -305,12 +305,13 @@ class LossConfig:
 class RolloutConfig:
     """Which engine generates rollouts, and how the trainer's weights reach it."""
 
-    engine: str = "hf"  # hf (embedded) | sglang | vllm
+    engine: str = "hf"  # hf (in-process transformers) | sglang | vllm
     temperature: float = 1.0  # sampling of the training rollouts (the paper: 1.0)
     top_p: float = 1.0
     model_path: Optional[str] = None  # HF folder the engine starts from
     tokenizer_path: Optional[str] = None
-    server_impl: str = "embedded"  # for engine=sglang: launch "sglang" or our "embedded" server
+    # for engine=sglang: launch "sglang", or "hf" (our SGLang-protocol server over the HF engine)
+    server_impl: str = "hf"
     num_servers: int = 1
     server_urls: List[str] = field(default_factory=list)  # attach instead of launching
     server_args: List[str] = field(default_factory=list)  # extra flags of launched servers
@@ -337,6 +338,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _choice("rollout.engine", self.engine, ENGINES)
+        self.server_impl = _renamed_value("rollout.server_impl", self.server_impl)
         _choice("rollout.server_impl", self.server_impl, SERVER_IMPLS)
         _choice("rollout.weight_sync", self.weight_sync, ("auto", *WEIGHT_SYNC_MODES))
         _choice("rollout.dtype", self.dtype, ["fp32", "bf16", "fp16"])
@@ -388,7 +390,7 @@ class SmokeConfig:
     """The language-model smoke job: a tiny GPT learns a synthetic sequence task.
 
     It exercises everything below the TRAPO trainer — parallel layout, model, optimizer,
-    pipeline schedule, checkpoints, resume, metrics — on the embedded CPU default.
+    pipeline schedule, checkpoints, resume, metrics — on the CPU demo.
     """
 
     model_preset: Optional[str] = "tiny"
@@ -701,6 +703,18 @@ _REMOVED_WHY = {"checkpoint.async_save": "saves are synchronous (atomic rename a
                 "checkpoint.load": "use load= for the initial weights, --resume to continue "
                                    "checkpoint.save"}
 _warned: set = set()
+# Values renamed (the in-process engine has one name, "hf"): accepted for one release, told once.
+RENAMED_VALUES = {("rollout.server_impl", "embedded"): "hf"}
+
+
+def _renamed_value(key: str, value: Any) -> Any:
+    new = RENAMED_VALUES.get((key, value)) if isinstance(value, str) else None
+    if new is None:
+        return value
+    if (key, value) not in _warned and os.environ.get("RANK", "0") == "0":
+        _warned.add((key, value))
+        print(f"megatron-trapo: {key}={value} is deprecated: use {key}={new}", file=sys.stderr)
+    return new
 
 
 def _renamed(key: str) -> Optional[str]:

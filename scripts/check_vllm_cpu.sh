@@ -37,7 +37,7 @@ reqs = [RolloutRequest(p, SamplingParams(temperature=0, max_new_tokens=12)) for 
 
 
 def compare(reference, label):
-    """vLLM's greedy samples and sampled logprobs against the embedded engine on `reference`."""
+    """vLLM's greedy samples and sampled logprobs against the HF engine on `reference`."""
     a = [s[0].token_ids for s in vllm.generate(reqs)]
     b = [s[0].token_ids for s in reference.generate(reqs)]
     print(f"{label}: vllm greedy", a); print(f"{label}: hf   greedy", b)

@@ -1,6 +1,6 @@
 """The GPU smoke's training part: a 3-step TP=1 TRAPO run of a tiny Qwen2-shaped model (local
-layer spec, bf16) with the embedded rollout engine on the same GPU and in-process weight
-sync, on the embedded default's synthetic task; prints step time, tokens/s and peak memory.
+layer spec, bf16) with the HF rollout engine on the same GPU and in-process weight
+sync, on the CPU demo's synthetic task; prints step time, tokens/s and peak memory.
 Run by scripts/gpu_smoke.sh after the device check."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_trapo.embedded.default import MODEL, _sizes, prepare
+from megatron_trapo.cpu_demo.compare import MODEL, _sizes, prepare
 
 
 def main() -> int:

@@ -5,7 +5,7 @@
 # No Transformer Engine, SGLang or vLLM is assumed: megatron's local spec, bf16.
 #   1. the device check's real-CUDA twin: a TRAPO forward/backward (padded and packed, four
 #      loss modes) where every tensor must be on cuda (CI runs it on a fake GPU);
-#   2. a 3-step TP=1 TRAPO run of a tiny Qwen2-shaped model, embedded engine on the GPU,
+#   2. a 3-step TP=1 TRAPO run of a tiny Qwen2-shaped model, HF engine on the GPU,
 #      in-process weight sync; prints step time, tokens/s and peak memory.
 #   GPU_SMOKE_ALLOW_CPU=1 runs the same on a CPU machine (to check the script itself).
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""The embedded default's task: multi-step arithmetic problems whose expert solutions show every
+"""The CPU demo's task: multi-step arithmetic problems whose expert solutions show every
 step and end in \\boxed{…} — generated here, so a laptop needs no dataset download.
 
 Difficulty is the number of steps (1–4). Easy problems (1–2 steps) "pretrain" the tiny base

@@ -1,6 +1,6 @@
 """Train a small byte-level BPE tokenizer locally (no download) and save it in HF format.
 
-Used by the embedded CPU default and by tests, which must not fetch a tokenizer from a hub.
+Used by the CPU demo and by tests, which must not fetch a tokenizer from a hub.
 """
 from __future__ import annotations
 

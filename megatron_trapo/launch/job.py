@@ -99,8 +99,8 @@ def build_job(cfg: TrainConfig, config_path: Optional[str], overrides: Sequence[
     """Resolve hosts, roles and command lines; every error names what to change."""
     if cfg.rollout.engine != "sglang":
         raise ConfigError(f"rollout.engine={cfg.rollout.engine}: launch starts SGLang-protocol "
-                          "servers (rollout.server_impl=sglang, or embedded on CPU); use "
-                          "`megatron-trapo train` for the embedded engine")
+                          "servers (rollout.server_impl=sglang, or hf on CPU); use "
+                          "`megatron-trapo train` for the HF engine")
     if not cfg.rollout.model_path:
         raise ConfigError("rollout.model_path is not set: the HF folder every inference server "
                           "loads (the trainer then syncs its own weights at step 0)")

@@ -1,4 +1,4 @@
-"""Rollout engines behind one interface (``types.RolloutEngine``): the embedded HF engine,
+"""Rollout engines behind one interface (``types.RolloutEngine``): the in-process HF engine,
 SGLang servers behind sglang-router, vLLM servers; our SGLang-protocol server; weight sync."""
 from typing import Optional
 

@@ -1,4 +1,4 @@
-"""The embedded engine: HF transformers in-process, batched, with a KV cache.
+"""The HF engine: HF transformers in-process, batched, with a KV cache.
 
 Why a sampling loop of our own rather than ``model.generate``: the logprobs must be the raw
 ``log_softmax`` of the logits the token was sampled from (``generate``'s ``output_scores``

@@ -1,4 +1,4 @@
-"""A server that speaks SGLang's HTTP protocol on top of the embedded engine.
+"""A server that speaks SGLang's HTTP protocol on top of the HF engine.
 
     python -m megatron_trapo.rollout.serve --model-path DIR --port 30000
 
@@ -504,7 +504,7 @@ def _vllm_routes(app: FastAPI, ctx: ServerContext) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="SGLang-protocol server over the embedded engine")
+    ap = argparse.ArgumentParser(description="SGLang-protocol server over the HF engine")
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--tokenizer-path", default=None)
     ap.add_argument("--host", default="127.0.0.1")

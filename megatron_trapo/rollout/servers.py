@@ -1,7 +1,7 @@
 """Launching and supervising inference servers and the sglang-router, as subprocesses.
 
 A server is either real SGLang (``python -m sglang.launch_server``, GPU clusters) or our
-protocol server over the embedded engine (``python -m megatron_trapo.rollout.serve``, any
+protocol server over the HF engine (``python -m megatron_trapo.rollout.serve``, any
 machine). Readiness is ``GET /health_generate`` answering 200; a server that exits or never
 gets there fails with its last log lines, not a hang.
 """
@@ -51,7 +51,7 @@ class ManagedProcess:
 def server_command(impl: str, model_path: str, port: int, host: str = "127.0.0.1",
                    tokenizer_path: Optional[str] = None, extra: Optional[List[str]] = None
                    ) -> List[str]:
-    if impl == "embedded":
+    if impl == "hf":
         cmd = [sys.executable, "-m", "megatron_trapo.rollout.serve", "--model-path", model_path,
                "--host", host, "--port", str(port)]
         if tokenizer_path:
@@ -62,7 +62,7 @@ def server_command(impl: str, model_path: str, port: int, host: str = "127.0.0.1
         if tokenizer_path:
             cmd += ["--tokenizer-path", tokenizer_path]
     else:
-        raise RolloutError(f"server_impl must be 'embedded' or 'sglang', got {impl!r}")
+        raise RolloutError(f"server_impl must be 'hf' or 'sglang', got {impl!r}")
     return cmd + list(extra or [])
 
 

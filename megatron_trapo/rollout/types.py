@@ -5,7 +5,7 @@ token ``i`` — ``log_softmax(logits)`` of the model at that position, *before* 
 top-p and top-k — the same quantity the trainer computes, so importance ratios and TIS compare
 like with like at any sampling temperature. (SGLang servers are launched with
 ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` to return exactly this; vLLM returns raw logprobs by
-default; the embedded engine computes it from the fp32 logits it samples from.)
+default; the HF engine computes it from the fp32 logits it samples from.)
 
 A request's ``prefix_ids`` (an expert-solution prefix) are appended to the prompt and consumed
 from the ``max_new_tokens`` budget; they are *not* returned as generated tokens.

@@ -2,7 +2,7 @@
 converted to HF names and layouts with the per-family mapping of ``models/hf/mapping.py``,
 streamed in size-bounded buckets.
 
-Modes: ``inprocess`` (the embedded engine in the sync rank's process), ``disk`` (safetensors +
+Modes: ``inprocess`` (the HF engine in the sync rank's process), ``disk`` (safetensors +
 ``/update_weights_from_disk``), ``distributed`` (``/init_weights_update_group`` once, then
 ``/update_weights_from_distributed`` per bucket while the sync rank broadcasts each tensor over
 a process group — NCCL on GPUs, gloo on CPU). Every rank calls :meth:`WeightSync.sync`; only
@@ -162,7 +162,7 @@ def _wait_for_sync_rank() -> None:
 
 
 class InProcessSync:
-    """``inprocess``: the embedded engine in this process takes the tensors bucket by bucket."""
+    """``inprocess``: the HF engine in this process takes the tensors bucket by bucket."""
 
     rebuilds = 0  # no group to form again
 

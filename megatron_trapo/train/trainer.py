@@ -72,7 +72,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
             (logger.warning if rep.skipped else logger.info)("data: %s", rep.summary())
         data = PromptData(train_items, cfg.prompts_per_step, cfg.seed) if train_items else None
         evals = eval_items[:cfg.eval.max_problems] if cfg.eval.max_problems else eval_items
-        # the embedded engine without model_path starts with this architecture, unfilled: the
+        # the HF engine without model_path starts with this architecture, unfilled: the
         # first weight sync below fills it
         engine = make_engine(dataclasses.replace(cfg.rollout, tokenizer_path=tokenizer_folder(cfg)),
                              weight_updates=True, hf_config=model_to_hf_config(model))

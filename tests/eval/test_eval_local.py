@@ -84,10 +84,10 @@ def test_bad_input_is_named(tiny_model, tmp_path):
 def test_vllm_engine_against_running_servers_gives_the_local_samples(tiny_model, reference_run,
                                                                       tmp_path):
     """engine=vllm attached to a server started beforehand (our server's /v1/completions):
-    same samples as the embedded engine, the seeds being per sample."""
+    same samples as the HF engine, the seeds being per sample."""
     from megatron_trapo.rollout.servers import ServerPool
 
-    pool = ServerPool.launch("embedded", str(tiny_model), 1, use_router=False,
+    pool = ServerPool.launch("hf", str(tiny_model), 1, use_router=False,
                              startup_timeout_s=120)
     try:
         out = tmp_path / "out"

@@ -49,7 +49,7 @@ def test_a_failed_shard_cancels_aggregation_and_resubmitting_it_completes(
             "echo injected failure; exit 3; fi")
     proc = cli("eval", f"model_path={tiny_model}", f"output_dir={out}", *EVAL_ARGS,
                *SLURM_ARGS, f"slurm.setup=['{fail}']", "rollout.engine=sglang",
-               "rollout.server_impl=embedded", check=False)
+               "rollout.server_impl=hf", check=False)
     first = json.loads(proc.stdout.splitlines()[0])
     assert proc.returncode == 2
     assert "1 of 8 shards have no results: 3 (00003_gsm8k_p2-3_s1-2)" in proc.stderr

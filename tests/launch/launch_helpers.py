@@ -21,7 +21,7 @@ def write_config(path: Path, files, run_dir: Path, iters: int = ITERS, servers: 
 load: {files['mc']}
 rollout:
   engine: sglang
-  server_impl: embedded
+  server_impl: hf
   model_path: {files['hf']}
   tokenizer_path: {files['hf']}
   weight_sync: distributed

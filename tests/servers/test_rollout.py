@@ -1,5 +1,5 @@
 """Rollout engines against one contract, on a tiny random Qwen2 with a locally trained
-tokenizer: the embedded engine in-process, the SGLang client through the real sglang-router in
+tokenizer: the HF engine in-process, the SGLang client through the real sglang-router in
 front of two protocol servers, and the vLLM client against the servers' /v1/completions.
 Plus failover (a server killed mid-batch), weight sync (TP=2 and PP=2 trainers, three modes)
 and clear errors."""
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(model_dir):
-    pool = ServerPool.launch("embedded", str(model_dir), 2, use_router=True,
+    pool = ServerPool.launch("hf", str(model_dir), 2, use_router=True,
                              tokenizer_path=str(model_dir), startup_timeout_s=120)
     hf = HFEngine(str(model_dir), tokenizer_path=str(model_dir))
     sg = SGLangEngine(pool)
@@ -147,12 +147,12 @@ def test_server_that_never_becomes_healthy(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
     t0 = time.time()
     with pytest.raises(RolloutError, match="exited with code .* before becoming healthy"):
-        ServerPool.launch("embedded", str(tmp_path), 1, use_router=False, startup_timeout_s=120)
+        ServerPool.launch("hf", str(tmp_path), 1, use_router=False, startup_timeout_s=120)
     assert time.time() - t0 < 120
 
 
 def test_server_killed_mid_batch_every_sample_exactly_once(model_dir):
-    pool = ServerPool.launch("embedded", str(model_dir), 2, use_router=True, startup_timeout_s=120)
+    pool = ServerPool.launch("hf", str(model_dir), 2, use_router=True, startup_timeout_s=120)
     engine = SGLangEngine(pool, request_timeout_s=60, max_retries=4)
     try:
         prompts = [[i % 250 + 3, (7 * i) % 250 + 3, 11] for i in range(96)]
@@ -176,15 +176,15 @@ def test_server_killed_mid_batch_every_sample_exactly_once(model_dir):
 
 
 def test_weight_sync_tp2_pp2_three_modes(model_dir, tmp_path):
-    """TP=2 and PP=2 trainers sync to the embedded engine, to a server from disk (through
+    """TP=2 and PP=2 trainers sync to the HF engine, to a server from disk (through
     SGLang's endpoints, then vLLM's pause / reload / cache reset / resume), and by
     broadcast to two protocol servers of TP size 2 each (ranks 1-2 and 3-4 of a group of 5);
     one of those then dies and the next sync completes on the survivor. PP=2 syncs run with
     host copies and CPU-tensor p2p refused."""
     mc = tmp_path / "mc"
     run_tool("convert_hf_to_mcore.py", "--hf-dir", str(model_dir), "--out-dir", str(mc), "--tp", "2")
-    disk = ServerPool.launch("embedded", str(model_dir), 1, use_router=False, startup_timeout_s=120)
-    tp2 = ServerPool.launch("embedded", str(model_dir), 2, use_router=False, startup_timeout_s=120,
+    disk = ServerPool.launch("hf", str(model_dir), 1, use_router=False, startup_timeout_s=120)
+    tp2 = ServerPool.launch("hf", str(model_dir), 2, use_router=False, startup_timeout_s=120,
                             extra_args=["--tp-size", "2"])
     try:
         r = run_worker("weight_sync.py", 2, tmp_path, env={

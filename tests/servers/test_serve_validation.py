@@ -59,7 +59,7 @@ BAD = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = tiny_qwen2(tmp_path_factory.mktemp("serve") / "hf")
-    pool = ServerPool.launch("embedded", str(model), 1, use_router=False, startup_timeout_s=120,
+    pool = ServerPool.launch("hf", str(model), 1, use_router=False, startup_timeout_s=120,
                              extra_args=LIMITS)
     yield pool.urls[0]
     pool.close()

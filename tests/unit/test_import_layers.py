@@ -13,7 +13,7 @@ LAYERS = [
     {"rollout"},
     {"train"},
     {"conversion"},
-    {"eval", "launch", "embedded"},
+    {"eval", "launch", "cpu_demo"},
     {"cli", ""},
 ]
 

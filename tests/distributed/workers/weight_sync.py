@@ -1,5 +1,5 @@
 """Weight sync on 2 gloo processes: perturb a TP=2 (then PP=2) Megatron model, sync it to the
-embedded engine (in-process), to one protocol server from disk and to another by broadcast, and
+HF engine (in-process), to one protocol server from disk and to another by broadcast, and
 record the engines' logprobs next to Megatron's own for the same tokens."""
 from __future__ import annotations
 

@@ -129,3 +129,9 @@ def test_old_flat_keys_are_read_for_one_release_with_the_new_name(tmp_path, caps
     assert new.eval == cfg.eval and new.batching == BatchingConfig(max_tokens_per_microbatch=512)
     with pytest.raises(ConfigError, match="checkpoint.load=x is not available"):
         load_config(TrainConfig, None, ["checkpoint.load=x"])
+    # a renamed value: the in-process engine's server was "embedded", now "hf" like the engine
+    old = load_config(TrainConfig, None, ["rollout.engine=sglang", "rollout.server_impl=embedded",
+                                          "rollout.model_path=m"])
+    assert old.rollout.server_impl == "hf"
+    assert ("rollout.server_impl=embedded is deprecated: use rollout.server_impl=hf"
+            in capsys.readouterr().err)

@@ -1,12 +1,12 @@
-"""The README's main job: set up the embedded CPU default and compare TRAPO with its baselines.
+"""The README's main job: set up the CPU demo and compare TRAPO with its baselines.
 
-    python -m megatron_trapo.embedded.default --out runs/embedded [--quick] [--seeds 1]
+    python -m megatron_trapo.cpu_demo.compare --out runs/cpu_demo [--quick] [--seeds 1]
 
 1. generate the synthetic arithmetic task (pretraining split of 1–2-step problems; training
    and held-out splits of 1–4 steps) and train a tokenizer on it;
 2. "pretrain" a tiny GPT on the easy split with SFT (Megatron-Core, 2 gloo processes) — the base;
 3. from the base, train each method (SFT, GRPO, TRAPO, and the plain-SFT-interleaving
-   ablation) with rollouts on the embedded engine and in-process weight sync;
+   ablation) with rollouts on the HF engine and in-process weight sync;
 4. evaluate every run on the held-out split, print the accuracy table, write results.json,
    results.md and the training-curve plot.
 Each stage is a ``megatron-trapo train`` run under torchrun; a finished stage is skipped on a
@@ -86,8 +86,8 @@ def train(out: Path, name: str, overrides: Dict[str, object], nproc: int = 2) ->
 
 
 def main(argv: List[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="the embedded CPU default: TRAPO vs baselines")
-    ap.add_argument("--out", default="runs/embedded")
+    ap = argparse.ArgumentParser(description="the CPU demo: TRAPO vs baselines")
+    ap.add_argument("--out", default="runs/cpu_demo")
     ap.add_argument("--quick", action="store_true", help="a small version for CI (~3 min)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--methods", default=",".join(METHODS))

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 
-def test_embedded_default_quick(tmp_path):
+def test_cpu_demo_quick(tmp_path):
     out = tmp_path / "emb"
-    proc = subprocess.run([sys.executable, "-m", "megatron_trapo.embedded.default", "--out",
+    proc = subprocess.run([sys.executable, "-m", "megatron_trapo.cpu_demo.compare", "--out",
                            str(out), "--quick"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     results = json.loads((out / "results.json").read_text())

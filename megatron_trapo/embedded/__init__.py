@@ -1,2 +1,0 @@
-"""The embedded CPU default: a synthetic task, a local tokenizer, a tiny base model, and
-TRAPO and its baselines trained and compared on it — all on a laptop's CPU."""
