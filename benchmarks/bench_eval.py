@@ -15,7 +15,7 @@ from pathlib import Path
 
 def bench_grading(workers: int, rows: int) -> None:
     from megatron_trapo.eval import registry
-    from megatron_trapo.eval.grading import Grader
+    from megatron_trapo.reward.grading import Grader
 
     pairs = []
     for name in ("math500", "olympiadbench", "minerva", "gsm8k"):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import List, Sequence
 
 from megatron_trapo.config import ConfigError
-from megatron_trapo.data.prompts import expert_text, render_prompt
+from megatron_trapo.data.prompts import expert_text, prompt_ids
 from megatron_trapo.data.records import Record
 
 
@@ -23,7 +23,7 @@ class PromptItem:
 def encode(records: Sequence[Record], tokenizer) -> List[PromptItem]:
     items = []
     for r in records:
-        prompt = tokenizer(render_prompt(tokenizer, r.problem), add_special_tokens=False)["input_ids"]
+        prompt = prompt_ids(tokenizer, r.problem)
         traces = [tokenizer(expert_text(s), add_special_tokens=False)["input_ids"] for s in r.solutions]
         texts = [[tokenizer.decode([t]) for t in tr] for tr in traces]
         items.append(PromptItem(r, prompt, traces, texts))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from typing import List, Optional
 
+from megatron_trapo.config import ConfigError
+
 SYSTEM = "You are a helpful assistant."
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -33,3 +35,23 @@ def render_prompt(tokenizer, problem: str, system: Optional[str] = SYSTEM) -> st
         return tokenizer.apply_chat_template(messages(problem, system), tokenize=False,
                                              add_generation_prompt=True)
     return plain_prompt(problem, system)
+
+
+def prompt_ids(tokenizer, problem: str, template: str = "auto",
+               system: Optional[str] = SYSTEM) -> List[int]:
+    """The prompt's token ids — one rendering for training, the trainer's held-out evaluation
+    and ``megatron-trapo eval``. ``template``: ``auto`` (the chat template when the tokenizer
+    has one, else the plain prompt with the system line: what training uses), ``chat`` (the
+    chat template, required), ``plain`` (no template, no system line) or a text holding
+    ``{problem}``."""
+    if template == "auto" or template == "chat":
+        if template == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("prompt_template=chat but the tokenizer has no chat template; "
+                              "use prompt_template=plain or a text with {problem}")
+        return tokenizer(render_prompt(tokenizer, problem, system),
+                         add_special_tokens=False)["input_ids"]
+    if template == "plain":
+        text = plain_prompt(problem)
+    else:  # str.replace, not format: templates hold LaTeX braces such as \boxed{}
+        text = template.replace("{problem}", problem)
+    return tokenizer(text)["input_ids"]

@@ -20,10 +20,10 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from megatron_trapo.config import ConfigError, EvalConfig
-from megatron_trapo.data.prompts import plain_prompt, render_prompt
+from megatron_trapo.data.prompts import prompt_ids as render_prompt_ids
 from megatron_trapo.data.tokenizer import stop_token_ids
 from megatron_trapo.eval import fingerprint, registry
-from megatron_trapo.eval.grading import Grader
+from megatron_trapo.reward.grading import Grader
 from megatron_trapo.eval.plan import Plan, hf_model_dir, load_plan, missing_shards, prepare
 from megatron_trapo.eval.shards import (Shard, append_jsonl, partial_path, read_jsonl, sample_seed,
                                         shard_path, write_atomic, write_shard)
@@ -72,18 +72,8 @@ def load_tokenizer(plan: Plan, model_dir: Path):
 
 
 def prompt_ids(cfg: EvalConfig, tokenizer, problem: str) -> List[int]:
-    """The prompt's token ids under ``prompt_template``."""
-    if cfg.prompt_template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("prompt_template=chat but the tokenizer has no chat template; "
-                              "use prompt_template=plain or a text with {problem}")
-        return tokenizer(render_prompt(tokenizer, problem, cfg.system_prompt),
-                         add_special_tokens=False)["input_ids"]
-    if cfg.prompt_template == "plain":
-        text = plain_prompt(problem)
-    else:  # str.replace, not format: templates hold LaTeX braces such as \boxed{}
-        text = cfg.prompt_template.replace("{problem}", problem)
-    return tokenizer(text)["input_ids"]
+    """The prompt's token ids under ``prompt_template`` (the rendering training uses too)."""
+    return render_prompt_ids(tokenizer, problem, cfg.prompt_template, cfg.system_prompt)
 
 
 # --- one shard --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from megatron_trapo.models.hf.mapping import model_to_hf_config
 from megatron_trapo.models.provider import build_model
 from megatron_trapo.platform.distributed import broadcast_object, initialize_distributed
 from megatron_trapo.plotting import plot_curves
+from megatron_trapo.reward.grading import grade_all
 from megatron_trapo.reward.math_reward import MathReward
 from megatron_trapo.rollout import make_engine
 from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
@@ -90,7 +91,10 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
 
 
 def evaluate(run: Run) -> Dict[str, float]:
-    """Held-out accuracy (rank 0 generates and scores; every rank returns the result)."""
+    """Held-out accuracy (rank 0 generates and grades; every rank returns the result). Prompts
+    are rendered as for training (``data.prompts.prompt_ids``) and answers graded as
+    ``megatron-trapo eval`` grades them (``reward.grading``: math-verify, then PRM800K's
+    grader), in the reward's worker pool."""
     result = [None]
     side = run.rollout
     if side is not None and side.eval_items:
@@ -99,9 +103,14 @@ def evaluate(run: Run) -> Dict[str, float]:
             stop_token_ids=run.stop_ids, seed=run.cfg.seed + i)) for i, it in enumerate(side.eval_items)]
         samples = side.engine.generate(reqs)
         texts = [run.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in samples]
-        scores = side.reward.score([(t, it.record.answer) for t, it in zip(texts, side.eval_items)])
+        grades = grade_all(side.reward, [(t, it.record.answer)
+                                         for t, it in zip(texts, side.eval_items)])
+        scores = [float(g["correct"]) for g in grades]
         metrics = {"eval/accuracy": sum(scores) / len(scores),
-                   "eval/length": sum(len(s[0].token_ids) for s in samples) / len(samples)}
+                   "eval/length": sum(len(s[0].token_ids) for s in samples) / len(samples),
+                   "eval/no_answer": sum(g["grader"] == "no_answer" for g in grades) / len(grades),
+                   "eval/second_grader": sum(g["grader"] == "prm800k" for g in grades)
+                   / len(grades)}
         by_source: Dict[str, List[float]] = {}
         for it, score in zip(side.eval_items, scores):  # e.g. accuracy per difficulty
             if it.record.source:

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from megatron_trapo.eval import registry
-from megatron_trapo.eval.grading import Grader, grade_response
+from megatron_trapo.reward.grading import Grader, grade_response
 
 BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "gsm8k"]
 ROWS_PER_BENCHMARK = 25
@@ -83,7 +83,7 @@ def _hang(response, ground_truth, timeout_s):
 def test_a_grading_past_its_deadline_is_recorded_as_timeout(monkeypatch):
     import time
 
-    from megatron_trapo.eval import grading
+    from megatron_trapo.reward import grading
 
     monkeypatch.setattr(grading, "grade_response", _hang)
     with Grader(num_workers=1, timeout_s=1.0) as g:  # workers fork after the patch

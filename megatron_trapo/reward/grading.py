@@ -1,4 +1,5 @@
-"""Grading one evaluation sample, as the paper does (docs/algorithm.md §5): the answer is the last
+"""Grading one evaluation sample, as the paper does (docs/algorithm.md §5) — for
+``megatron-trapo eval`` and for the trainer's held-out evaluation alike: the answer is the last
 ``\\boxed{…}`` of the response; math-verify judges it, and when math-verify says wrong a second,
 independent grader is consulted — PRM800K's grader (Hendrycks-MATH normalisation + sympy over
 pylatexenc, as packaged by ``mathruler``), which shares no parser with math-verify. The grader
@@ -36,15 +37,21 @@ def grade_response(response: str, ground_truth: str, timeout_s: int = 3) -> dict
     return {"extracted": answer, "correct": False, "grader": "both"}
 
 
+def grade_all(pool: VerifierPool, pairs: Sequence[Tuple[str, str]]) -> List[dict]:
+    """:func:`grade_response` of every (response, ground truth) pair, in ``pool``'s workers with
+    its hard deadline — any verifier pool serves (the trainer grades in its reward's pool)."""
+    def failed(reason: str) -> dict:
+        return {"extracted": None, "correct": False, "grader": reason.split(":")[0]}
+
+    out = pool.map(grade_response, [(t, gt, pool.inner_timeout) for t, gt in pairs], failed)
+    for (text, _), g in zip(pairs, out):  # a killed task still names what it was grading
+        if g["extracted"] is None and g["grader"] in ("timeout", "error"):
+            g["extracted"] = last_boxed(text)
+    return out
+
+
 class Grader(VerifierPool):
     """Grades batches of (response, ground truth) in worker processes with a hard deadline."""
 
     def grade(self, pairs: Sequence[Tuple[str, str]]) -> List[dict]:
-        def failed(reason: str) -> dict:
-            return {"extracted": None, "correct": False, "grader": reason.split(":")[0]}
-
-        out = self.map(grade_response, [(t, gt, self.inner_timeout) for t, gt in pairs], failed)
-        for (text, _), g in zip(pairs, out):  # a killed task still names what it was grading
-            if g["extracted"] is None and g["grader"] in ("timeout", "error"):
-                g["extracted"] = last_boxed(text)
-        return out
+        return grade_all(self, pairs)

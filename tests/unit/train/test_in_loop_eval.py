@@ -1,0 +1,62 @@
+"""The trainer's held-out evaluation renders prompts and grades answers as ``megatron-trapo eval``
+does: the same prompt ids as eval's ``chat`` template, and PRM800K's grader consulted when
+math-verify says wrong (before, the in-loop eval used the training reward alone, so an answer
+only the second grader accepts counted wrong here and right in ``megatron-trapo eval``)."""
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_trapo.config import TrainConfig
+from megatron_trapo.data.items import encode
+from megatron_trapo.data.prompts import prompt_ids
+from megatron_trapo.data.records import Record
+from megatron_trapo.data.tokenizer import train_bpe_tokenizer
+from megatron_trapo.reward.math_reward import MathReward
+from megatron_trapo.rollout.types import Sample
+from megatron_trapo.train import trainer
+from megatron_trapo.train.run import RolloutSide
+
+CORPUS = [f"What is {i} divided by 4? The answer is \\boxed{{{i / 4}}}." for i in range(100)]
+
+
+class ScriptedEngine:
+    """Answers each prompt with a fixed response text; remembers the prompts it got."""
+
+    def __init__(self, tokenizer, responses):
+        self.tok, self.responses, self.prompts = tokenizer, responses, []
+
+    def generate(self, requests):
+        out = []
+        for req, text in zip(requests, self.responses):
+            self.prompts.append(list(req.prompt_ids))
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            out.append([Sample(ids, [0.0] * len(ids), "stop", "v0")])
+        return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_bpe_tokenizer(CORPUS, 300, tmp_path_factory.mktemp("tok"))
+
+
+def test_in_loop_eval_renders_and_grades_as_megatron_trapo_eval(tokenizer, monkeypatch):
+    records = [Record("What is 5 divided by 4?", "1.25", source="one"),
+               Record("What is 28 divided by 4?", "7", source="one"),
+               Record("What is 8 divided by 4?", "2", source="two")]
+    responses = ["So the answer is \\boxed{\\text{1.25}}.",  # math-verify: wrong; PRM800K: right
+                 "The answer is \\boxed{7}.",  # math-verify: right
+                 "I do not know."]  # no \boxed{}
+    assert [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"])
+            for t in responses] == responses  # byte-level: the texts survive the round trip
+    engine = ScriptedEngine(tokenizer, responses)
+    monkeypatch.setattr(trainer, "broadcast_object", lambda obj: obj)  # a world of one
+    with MathReward(num_workers=1) as reward:
+        run = SimpleNamespace(cfg=TrainConfig(), tokenizer=tokenizer, stop_ids=[],
+                              rollout=RolloutSide(None, encode(records, tokenizer), engine,
+                                                  reward))
+        metrics = trainer.evaluate(run)
+    assert engine.prompts == [prompt_ids(tokenizer, r.problem, "chat") for r in records]
+    assert metrics["eval/accuracy"] == pytest.approx(2 / 3)
+    assert metrics["eval/second_grader"] == pytest.approx(1 / 3)
+    assert metrics["eval/no_answer"] == pytest.approx(1 / 3)
+    assert metrics["eval/accuracy/one"] == 1.0 and metrics["eval/accuracy/two"] == 0.0
