@@ -7,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from workers.results import from_json
+
 from megatron_trapo.platform.distributed import free_port  # noqa: F401 (used by tests)
 
 WORKERS = Path(__file__).parent / "workers"
 
 
 def run_worker(script: str, nproc: int, tmp_path: Path, timeout: int = 600,
-               env: dict | None = None) -> dict:
+               env: dict | None = None, result=None):
+    """The worker's results: an instance of ``result`` (a dataclass of workers/results.py, read
+    strictly) when given, else the plain JSON."""
     out = tmp_path / "results.json"
     env = dict(os.environ, TRAPO_TEST_OUT=str(out), TRAPO_TEST_CKPT=str(tmp_path / "ckpt"),
                PYTHONWARNINGS="ignore", **(env or {}))
@@ -24,7 +28,7 @@ def run_worker(script: str, nproc: int, tmp_path: Path, timeout: int = 600,
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"{script} failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(out.read_text())
+    return from_json(result, out.read_text()) if result is not None else json.loads(out.read_text())
 
 
 def run_tool(*args: str, timeout: int = 900) -> str:

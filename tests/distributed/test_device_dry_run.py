@@ -3,28 +3,29 @@ old/rollout logprobs, cu_seqlens, metrics, gradients) and the smoke job's must a
 the model's device; the same run without the micro-batch move — the trainer before it had
 one — must raise a device mismatch, so this test can fail on the bug it guards."""
 from launch import run_worker
+from workers.results import DeviceCheck
 
 
 def test_every_tensor_of_a_step_lives_on_the_device(tmp_path):
-    r = run_worker("device_check.py", 1, tmp_path, timeout=600)
+    r = run_worker("device_check.py", 1, tmp_path, timeout=600, result=DeviceCheck)
     for mode in ("trapo", "luffy", "grpo", "sft"):
         for layout in ("padded", "packed"):
-            rep = r[f"{mode}:{layout}"]
+            rep = r.cases[f"{mode}:{layout}"]
             for field in ("batch_fields", "old_logprobs", "metrics", "params", "main_grads"):
-                assert rep[field] == ["fakegpu"], (mode, layout, field, rep[field])
-            assert rep["microbatches"] > 1
+                assert getattr(rep, field) == ["fakegpu"], (mode, layout, field, rep)
+            assert rep.microbatches > 1
             if layout == "packed":
-                assert rep["cu_seqlens"] == ["fakegpu:torch.int32"]
+                assert rep.cu_seqlens == ["fakegpu:torch.int32"]
         if mode != "sft":  # the policy-gradient metrics were computed on the device too
-            assert "pg/ratio_max" in r[f"{mode}:padded"]["loss_metric_names"]
-    assert "expert/outside_trust_region" in r["trapo:packed"]["loss_metric_names"]
-    assert r["smoke"]["metrics"] == ["fakegpu"]
-    assert r["knobs"]["ddp"] == [True, True, 4096, True, True]  # optimizer.* reach megatron's DDP
-    assert r["knobs"]["host_group_backend"] == "gloo"  # rank 0's long waits: not under NCCL
+            assert "pg/ratio_max" in r.cases[f"{mode}:padded"].loss_metric_names
+    assert "expert/outside_trust_region" in r.cases["trapo:packed"].loss_metric_names
+    assert r.smoke_metrics == ["fakegpu"]
+    assert r.knobs.ddp == [True, True, 4096, True, True]  # optimizer.* reach megatron's DDP
+    assert r.knobs.host_group_backend == "gloo"  # rank 0's long waits: not under NCCL
     # ... and not under the default group's 30-minute timeout either
-    assert r["knobs"]["host_group_timeout_s"] == 123 * 60
-    assert r["knobs"]["default_group_timeout_s"] == 30 * 60
+    assert r.knobs.host_group_timeout_s == 123 * 60
+    assert r.knobs.default_group_timeout_s == 30 * 60
     for case in ("padded", "packed", "smoke"):
-        verdict = r[f"unmoved:{case}"]
+        verdict = r.unmoved[case]
         assert verdict.startswith("FakeTensorDeviceMismatchError"), (case, verdict)
         assert "fakegpu:0 and cpu" in verdict

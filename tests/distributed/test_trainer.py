@@ -10,6 +10,7 @@ import time
 import pytest
 
 from launch import free_port, run_worker
+from workers.results import TrapoStep
 from megatron_trapo.algorithms.micro_group import MicroGroupConfig, plan_group
 
 
@@ -38,21 +39,22 @@ def args(task, **extra):
 
 def test_one_trapo_step_masks_follow_sampler(task, tmp_path):
     r = run_worker("trapo_step.py", 2, tmp_path, env={"TRAIN_ARGS": " ".join(args(
-        task, **{"parallel.tensor_model_parallel_size": 2, "log_dir": tmp_path / "runs"}))})
-    m = r["metrics"]
-    assert m["expert/tokens"] == r["expected_expert"] > 0  # TrSFT only on flagged prefixes
-    assert m["pg/tokens"] == r["expected_generated"] > 0  # PG on every generated token
+        task, **{"parallel.tensor_model_parallel_size": 2, "log_dir": tmp_path / "runs"}))},
+        result=TrapoStep)
+    m = r.metrics
+    assert m["expert/tokens"] == r.expected_expert > 0  # TrSFT only on flagged prefixes
+    assert m["pg/tokens"] == r.expected_generated > 0  # PG on every generated token
     assert m["pg/ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # engine weights == trainer's
     cfg = MicroGroupConfig()
     for group in range(3):
-        rows = [row for row in r["levels"] if row[0] == group]
+        rows = [row for row in r.rows if row.prompt_index == group]
         assert len(rows) == 8
-        plan = plan_group(cfg, [row[6] for row in rows], num_traces=2)
+        plan = plan_group(cfg, [row.reward for row in rows], num_traces=2)
         for row, p in zip(rows, plan):
-            assert (row[1], row[2], row[3]) == (p.level, p.guided, p.train_prefix)
-            assert (row[4] > 0) == p.guided  # guided samples carry an expert prefix
+            assert (row.level, row.guided, row.train_prefix) == (p.level, p.guided, p.train_prefix)
+            assert (row.prefix_len > 0) == p.guided  # guided samples carry an expert prefix
             if p.full_solution:
-                assert row[5] == 0  # pure TrSFT sample
+                assert row.completion_len == 0  # pure TrSFT sample
 
 
 def _train_cmd(task, run_dir, iters, extra=()):

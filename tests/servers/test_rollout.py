@@ -14,6 +14,7 @@ import pytest
 from rollout_models import tiny_qwen2
 
 from launch import run_tool, run_worker
+from workers.results import WeightSyncSuite
 from megatron_trapo.rollout.hf_engine import HFEngine
 from megatron_trapo.rollout.servers import ServerPool
 from megatron_trapo.rollout.sglang_engine import SGLangEngine
@@ -189,24 +190,25 @@ def test_weight_sync_tp2_pp2_three_modes(model_dir, tmp_path):
     try:
         r = run_worker("weight_sync.py", 2, tmp_path, env={
             "MC_DIR": str(mc), "HF_DIR": str(model_dir), "DISK_URL": disk.urls[0],
-            "TP2_URLS": ",".join(tp2.urls), "VICTIM_PGID": str(tp2.processes[1].proc.pid)})
+            "TP2_URLS": ",".join(tp2.urls), "VICTIM_PGID": str(tp2.processes[1].proc.pid)},
+            result=WeightSyncSuite)
     finally:
         disk.close()
         tp2.close()
     keys = ["tp2:inprocess", "tp2:disk", "tp2:vllm-disk", "tp2:distributed", "pp2:inprocess",
             "pp2:distributed"]
     for key in keys:
-        after = r[f"{key}:after"]
-        assert after["tokens"] == 10
-        assert after["diff"] <= 1e-4, key
-        assert after["sample_version"] == after["engine_version"] == after["expected_version"]
-        assert after["buckets"] > 1  # streamed in several size-bounded buckets
+        after = r.checks[f"{key}:after"]
+        assert after.tokens == 10
+        assert after.diff <= 1e-4, key
+        assert after.sample_version == after.engine_version == after.expected_version
+        assert after.buckets > 1  # streamed in several size-bounded buckets
         if key.startswith("tp2"):
-            assert r[f"{key}:before"]["diff"] > 1e-2  # the engine had other weights before
+            assert r.checks[f"{key}:before"].diff > 1e-2  # the engine had other weights before
     for server in ("server0", "server1"):
-        assert r[f"tp2:distributed:{server}"]["diff"] <= 1e-4
+        assert r.checks[f"tp2:distributed:{server}"].diff <= 1e-4
     # PP=2: stage 1's tensors reached stage 0 by device-resident p2p, no host copy
-    assert r["pp2:inprocess:device_p2p_calls"] > 0 and r["pp2:distributed:device_p2p_calls"] > 0
-    killed = r["tp2:after_kill"]
-    assert killed["diff"] <= 1e-4 and killed["rebuilds"] == 1 and len(killed["live"]) == 1
-    assert killed["sample_version"] == "tp2-after-kill"
+    assert r.device_p2p_calls["pp2:inprocess"] > 0 and r.device_p2p_calls["pp2:distributed"] > 0
+    killed = r.checks["tp2:after_kill"]
+    assert killed.diff <= 1e-4 and killed.rebuilds == 1 and len(killed.live) == 1
+    assert killed.sample_version == "tp2-after-kill"

@@ -1,10 +1,11 @@
 """Helpers shared by the multi-process test workers (run under torchrun, gloo on CPU)."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
+
+from results import to_json
 
 from megatron_trapo.config import OptimizerConfig, ParallelConfig
 from megatron_trapo.models.names import global_named_main_grads
@@ -96,10 +97,11 @@ def max_diff(a, b) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def write_results(results: dict) -> None:
+def write_results(results) -> None:
+    """Rank 0 writes the suite's typed result (a dataclass of ``results.py``) as JSON."""
     if rank() == 0:
         with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
-            json.dump(results, f, indent=2)
+            f.write(to_json(results))
 
 
 def train(state, microbatches, n):

@@ -3,10 +3,11 @@ smoke job's step, with every tensor on a fake GPU; then the same with the micro-
 switched off (what the trainer did before it had one), which must raise a device mismatch."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
+
+from results import DeviceCheck, DeviceReport, MegatronKnobs, to_json
 
 from megatron_trapo.config import ParallelConfig, SmokeConfig
 from megatron_trapo.platform import quiet_known_warnings
@@ -16,7 +17,7 @@ from megatron_trapo.train import batch as batch_module
 from megatron_trapo.train import device_check, smoke
 
 
-def smoke_step(move: bool) -> dict:
+def smoke_step(move: bool) -> list:
     """The smoke job's micro-batches and loss through megatron's schedule on the device."""
     from megatron_trapo.models.provider import build_model
     from megatron_trapo.train.forward_backward import run_forward_backward
@@ -32,10 +33,10 @@ def smoke_step(move: bool) -> dict:
         mbs = [batch_module.to_device(mb) if move else mb for mb in cpu_mbs]
         out = run_forward_backward(chunks, mbs, lm_forward_step, cfg.seq_length,
                                    cfg.micro_batch_size)
-        return {"metrics": sorted({v.device.type for o in out for v in o.values()})}
+        return sorted({v.device.type for o in out for v in o.values()})
 
 
-def knobs() -> dict:
+def knobs() -> MegatronKnobs:
     """Megatron's memory/overlap flags reach DDP; rank 0's waits use the gloo host group."""
     from megatron_trapo.config import OptimizerConfig
     from megatron_trapo.models.provider import build_model
@@ -47,11 +48,11 @@ def knobs() -> dict:
                           check_for_nan_in_grad=True)
     ddp, _, _ = build_training_state(build_model(device_check.MODEL, ParallelConfig()), cfg, 10)
     dc = ddp[0].ddp_config
-    return {"ddp": [dc.overlap_grad_reduce, dc.overlap_param_gather, dc.bucket_size,
-                    dc.check_for_nan_in_grad, dc.use_distributed_optimizer],
-            "host_group_backend": torch.distributed.get_backend(host_group()),
-            "host_group_timeout_s": _timeout_s(host_group()),
-            "default_group_timeout_s": _timeout_s(None)}
+    return MegatronKnobs(ddp=[dc.overlap_grad_reduce, dc.overlap_param_gather, dc.bucket_size,
+                              dc.check_for_nan_in_grad, dc.use_distributed_optimizer],
+                         host_group_backend=torch.distributed.get_backend(host_group()),
+                         host_group_timeout_s=_timeout_s(host_group()),
+                         default_group_timeout_s=_timeout_s(None))
 
 
 def _timeout_s(group) -> float:
@@ -70,28 +71,27 @@ def expect_mismatch(fn) -> str:
 def main():
     quiet_known_warnings()
     initialize_distributed(ParallelConfig(rollout_wait_timeout_minutes=123), device_check.MODEL)
-    r = {}
+    cases = {}
     for packed in (False, True):
         for mode in ("trapo", "luffy", "grpo", "sft"):
-            r[f"{mode}:{'packed' if packed else 'padded'}"] = device_check.run_device_check(
-                packed, mode, on_device=fake_cuda)
-    r["smoke"] = smoke_step(move=True)
-    r["knobs"] = knobs()
+            cases[f"{mode}:{'packed' if packed else 'padded'}"] = DeviceReport(
+                **device_check.run_device_check(packed, mode, on_device=fake_cuda))
+    r = DeviceCheck(cases=cases, smoke_metrics=smoke_step(move=True), knobs=knobs(), unmoved={})
     # before the fix nothing moved a micro-batch: the same run must fail
     identity = lambda mb, device=None: mb  # noqa: E731
     # patched where the device check looks it up (it imports the name from train/batch.py)
     device_check_to_device = device_check.to_device
     device_check.to_device = identity
     try:
-        r["unmoved:padded"] = expect_mismatch(
+        r.unmoved["padded"] = expect_mismatch(
             lambda: device_check.run_device_check(False, "trapo", on_device=fake_cuda))
-        r["unmoved:packed"] = expect_mismatch(
+        r.unmoved["packed"] = expect_mismatch(
             lambda: device_check.run_device_check(True, "trapo", on_device=fake_cuda))
-        r["unmoved:smoke"] = expect_mismatch(lambda: smoke_step(move=False))
+        r.unmoved["smoke"] = expect_mismatch(lambda: smoke_step(move=False))
     finally:
         device_check.to_device = device_check_to_device
     with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
-        json.dump(r, f, indent=2)
+        f.write(to_json(r))
 
 
 if __name__ == "__main__":

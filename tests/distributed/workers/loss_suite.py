@@ -8,6 +8,7 @@ import os
 import torch
 
 from common import MODEL, max_diff, write_results
+from results import AggregationCase, LossSuite, SplitCase, VocabParallelCheck
 from megatron_trapo.algorithms.losses import aggregation_weights
 from megatron_trapo.config import LossConfig, ParallelConfig
 from megatron_trapo.models.provider import build_model
@@ -22,7 +23,7 @@ from megatron_trapo.train.optimizer import wrap_ddp
 B, S = 8, 16
 
 
-def vocab_parallel_check(r):
+def vocab_parallel_check() -> VocabParallelCheck:
     from megatron.core import parallel_state as ps
 
     initialize_distributed(ParallelConfig(tensor_model_parallel_size=2), MODEL)
@@ -44,8 +45,9 @@ def vocab_parallel_check(r):
     ref_grad = ref_in.grad[:, tp_rank * 32:(tp_rank + 1) * 32]
     diffs = torch.tensor([max_diff(lp, ref_lp), max_diff(ent, ref_h), max_diff(shard.grad, ref_grad)])
     torch.distributed.all_reduce(diffs, op=torch.distributed.ReduceOp.MAX)
-    r["vp_logprob_diff"], r["vp_entropy_diff"], r["vp_grad_diff"] = diffs.tolist()
-    r["vp_ref_grad_max"] = float(ref_in.grad.abs().max())
+    lp_diff, ent_diff, grad_diff = diffs.tolist()
+    return VocabParallelCheck(logprob_diff=lp_diff, entropy_diff=ent_diff, grad_diff=grad_diff,
+                              ref_grad_max=float(ref_in.grad.abs().max()))
 
 
 def mixed_batch():
@@ -129,7 +131,7 @@ def run_layout(name, tp, pp, sp, mbs_per_rank, root, batch_by_mode, r):
 
 def main():
     r = {}
-    vocab_parallel_check(r)
+    vp = vocab_parallel_check()
     root = os.environ["TRAPO_TEST_CKPT"] + "/init"
     par = ParallelConfig(tensor_model_parallel_size=2)
     initialize_distributed(par, MODEL, seed=1)
@@ -149,21 +151,22 @@ def main():
                ("tp2sp_packed", 2, 1, True, 1), ("pp2_packed", 1, 2, False, 1)]
     for name, tp, pp, sp, mbs in layouts:
         run_layout(name, tp, pp, sp, mbs, root, batch_by_mode, r)
-    summary = {k: v for k, v in r.items() if k.startswith("vp_")}
+    aggregations = {}
     for agg in batch_by_mode:
         ref = r[f"{agg}:tp2_mb1"]
         scale = max(float(g.abs().max()) for g in ref["grads"].values())
-        summary[f"{agg}:ref_loss"] = ref["loss"]
-        summary[f"{agg}:grad_scale"] = scale
-        summary[f"{agg}:tokens"] = [ref["expert_tokens"], ref["pg_tokens"]]
+        splits = {}
         for name, *_ in layouts[1:]:
             got = r[f"{agg}:{name}"]
-            summary[f"{agg}:{name}:loss_rel"] = abs(got["loss"] - ref["loss"]) / abs(ref["loss"])
-            summary[f"{agg}:{name}:grad_rel"] = max(
-                max_diff(got["grads"][k], ref["grads"][k]) for k in ref["grads"]) / scale
-            summary[f"{agg}:{name}:grad_nan"] = any(torch.isnan(g).any().item()
-                                                    for g in got["grads"].values())
-    write_results(summary)
+            splits[name] = SplitCase(
+                loss_rel=abs(got["loss"] - ref["loss"]) / abs(ref["loss"]),
+                grad_rel=max(max_diff(got["grads"][k], ref["grads"][k])
+                             for k in ref["grads"]) / scale,
+                grad_nan=any(torch.isnan(g).any().item() for g in got["grads"].values()))
+        aggregations[agg] = AggregationCase(ref_loss=ref["loss"], grad_scale=scale,
+                                            expert_tokens=ref["expert_tokens"],
+                                            pg_tokens=ref["pg_tokens"], splits=splits)
+    write_results(LossSuite(vocab_parallel=vp, aggregations=aggregations))
 
 
 if __name__ == "__main__":  # the checkpoint writer re-imports __main__

@@ -10,13 +10,14 @@ import torch
 
 from common import (fixed_microbatches, full_logits, loss_and_grads, max_diff, rank, setup,
                     train, write_results)
+from results import ParallelSuite, PipelineCase, ResumeCase, SaveGather
 from megatron_trapo.train.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megatron_trapo.train.optimizer import optimizer_steps
 
 
 def main():
     root = os.environ["TRAPO_TEST_CKPT"]
-    r = {}
+    r, pipeline, resume = {}, {}, {}
     mbs = fixed_microbatches()
     t0 = time.time()
 
@@ -46,14 +47,14 @@ def main():
         st = setup(pp=2, vpp=vpp)
         load_checkpoint(f"{root}/pp1", st[0], refresh_optimizer=st[1])
         loss, grads = loss_and_grads(st[0], mbs)
-        r[f"{name}_loss_diff"] = abs(loss - ref_loss)
         # With tied embeddings the last stage holds its own copy of the embedding as
         # output_layer.weight; megatron all-reduces the two grads, so both equal PP=1's.
         tied = grads.pop("output_layer.weight", None)
-        r[f"{name}_grad_keys_match"] = sorted(grads) == sorted(ref_grads)
-        r[f"{name}_tied_output_grad_diff"] = (
-            max_diff(tied, ref_grads["embedding.word_embeddings.weight"]) if tied is not None else None)
-        r[f"{name}_grad_max_diff"] = max(max_diff(grads[k], ref_grads[k]) for k in ref_grads)
+        pipeline[name] = PipelineCase(
+            grad_keys_match=sorted(grads) == sorted(ref_grads), loss_diff=abs(loss - ref_loss),
+            grad_max_diff=max(max_diff(grads[k], ref_grads[k]) for k in ref_grads),
+            tied_output_grad_diff=(max_diff(tied, ref_grads["embedding.word_embeddings.weight"])
+                                   if tied is not None else None))
     r["ref_grad_max_abs"] = max(float(g.abs().max()) for g in ref_grads.values())
     r["pp_num_grads"] = len(ref_grads)
 
@@ -88,19 +89,17 @@ def main():
         first = train(st, mbs, 2)
         save_checkpoint(f"{root}/resume_{tag}", 2, *st, trainer_state={"consumed": 2})
         if tag == "distopt":
-            r["distopt_save_gathers"] = [g for g in gathers if not g["loading"]]
+            r["distopt_save_gathers"] = [SaveGather(**g) for g in gathers if not g["loading"]]
         cont = train(st, mbs, 2)
         weights_cont = full_logits(st[0], mbs)
         st = setup(distopt=distopt, seed=99)  # different init: the load must overwrite it
         info = load_checkpoint(f"{root}/resume_{tag}", *st)
         resumed = train(st, mbs, 2)
-        r[f"resume_{tag}_first"] = first
-        r[f"resume_{tag}_cont"] = cont
-        r[f"resume_{tag}_resumed"] = resumed
-        r[f"resume_{tag}_logits_diff"] = max_diff(full_logits(st[0], mbs), weights_cont)
-        r[f"resume_{tag}_steps"] = sorted(set(optimizer_steps(st[1])))
-        r[f"resume_{tag}_trainer_state"] = info["trainer_state"]
-        r[f"resume_{tag}_rng_restored"] = info["rng_restored"]
+        resume[tag] = ResumeCase(
+            first=first, cont=cont, resumed=resumed,
+            logits_diff=max_diff(full_logits(st[0], mbs), weights_cont),
+            steps=sorted(set(optimizer_steps(st[1]))), trainer_state=info["trainer_state"],
+            rng_restored=info["rng_restored"])
     DistributedOptimizer.get_parameter_state_dp_zero = real_gather
 
     # Atomic save: a save that dies mid-way leaves "latest" on the previous checkpoint.
@@ -127,7 +126,7 @@ def main():
     info = load_checkpoint(f"{root}/resume_plain", *st)
     r["atomic_load_iteration"] = info["iteration"]
     r["seconds"] = time.time() - t0
-    write_results(r)
+    write_results(ParallelSuite(**r, pipeline=pipeline, resume=resume))
 
 
 if __name__ == "__main__":  # required: the checkpoint writer re-imports __main__ (spawn)

@@ -2,10 +2,11 @@
 the loss function's token counts, to check that the masks follow the sampler's decisions."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
+
+from results import SampledRow, TrapoStep, to_json
 
 from megatron_trapo.config import load_config, TrainConfig
 from megatron_trapo.platform import quiet_known_warnings
@@ -21,13 +22,16 @@ def main():
     result = step_mod.trapo_step(run, 0)
     if torch.distributed.get_rank() == 0:
         trajs = [t for group in result.groups for t in group]
-        out = {"metrics": result.metrics,
-               "expected_expert": sum(len(t.prefix_ids) for t in trajs if t.train_prefix),
-               "expected_generated": sum(len(t.completion_ids) for t in trajs),
-               "levels": [[t.prompt_index, t.level, t.guided, t.train_prefix, len(t.prefix_ids),
-                           len(t.completion_ids), t.reward] for t in trajs]}
+        out = TrapoStep(
+            metrics=result.metrics,
+            expected_expert=sum(len(t.prefix_ids) for t in trajs if t.train_prefix),
+            expected_generated=sum(len(t.completion_ids) for t in trajs),
+            rows=[SampledRow(prompt_index=t.prompt_index, level=t.level, guided=t.guided,
+                             train_prefix=t.train_prefix, prefix_len=len(t.prefix_ids),
+                             completion_len=len(t.completion_ids), reward=t.reward)
+                  for t in trajs])
         with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
-            json.dump(out, f)
+            f.write(to_json(out))
     torch.distributed.barrier()
     run.close()
 

@@ -3,11 +3,12 @@ HF engine (in-process), to one protocol server from disk and to another by broad
 record the engines' logprobs next to Megatron's own for the same tokens."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
+
+from results import SyncCheck, WeightSyncSuite, to_json
 
 from megatron_trapo.config import ParallelConfig
 from megatron_trapo.train.pretrained import load_pretrained, model_config_from_checkpoint
@@ -57,9 +58,9 @@ def check(engine, chunks, version, key, r):
     torch.distributed.broadcast_object_list(holder, src=0)
     ids, lps, sample_version, engine_version = holder[0]
     ref = megatron_logprobs(chunks, PROMPT + ids, len(ids))
-    r[key] = {"diff": float((torch.tensor(lps) - ref).abs().max()), "tokens": len(ids),
-              "sample_version": sample_version, "engine_version": engine_version,
-              "expected_version": version}
+    r.checks[key] = SyncCheck(diff=float((torch.tensor(lps) - ref).abs().max()),
+                              tokens=len(ids), sample_version=sample_version,
+                              engine_version=engine_version, expected_version=version)
 
 
 class NoHostCopies:
@@ -122,7 +123,7 @@ def main():
     tp2_urls = os.environ["TP2_URLS"].split(",")  # two protocol servers of TP size 2
     model = model_config_from_checkpoint(mc)
     rank0 = int(os.environ["RANK"]) == 0
-    r = {}
+    r = WeightSyncSuite(checks={}, device_p2p_calls={})
     engines, single = {}, {}
     if rank0:
         engines["inprocess"] = HFEngine(hf)
@@ -152,11 +153,11 @@ def main():
             if layout == "pp2":
                 with NoHostCopies() as guard:
                     stats = sync.sync(chunks, version)
-                r[f"{layout}:{mode}:device_p2p_calls"] = guard.calls
+                r.device_p2p_calls[f"{layout}:{mode}"] = guard.calls
             else:
                 stats = sync.sync(chunks, version)
             check(engines.get(mode), chunks, version, f"{layout}:{mode}:after", r)
-            r[f"{layout}:{mode}:after"]["buckets"] = stats["buckets"]
+            r.checks[f"{layout}:{mode}:after"].buckets = int(stats["buckets"])
             if mode == "distributed" and layout == "tp2":
                 for i, url in enumerate(tp2_urls):  # both servers (2 ranks each) got them
                     check(single.get(url), chunks, version, f"{layout}:distributed:server{i}", r)
@@ -169,14 +170,14 @@ def main():
             syncs["distributed"].sync(chunks, "tp2-after-kill")
             check(engines.get("distributed"), chunks, "tp2-after-kill", "tp2:after_kill", r)
             if rank0:
-                r["tp2:after_kill"]["rebuilds"] = syncs["distributed"].rebuilds
-                r["tp2:after_kill"]["live"] = list(engines["distributed"].pool.urls)
+                r.checks["tp2:after_kill"].rebuilds = syncs["distributed"].rebuilds
+                r.checks["tp2:after_kill"].live = list(engines["distributed"].pool.urls)
     if rank0:
         for e in [engines["disk"], engines["distributed"], *single.values()]:
             e.client.close()
         engines["vllm-disk"].close()
         with open(os.environ["TRAPO_TEST_OUT"], "w") as f:
-            json.dump(r, f, indent=2)
+            f.write(to_json(r))
     torch.distributed.barrier()
 
 
