@@ -44,7 +44,7 @@ def prompt_ids(tokenizer, problem: str, template: str = "auto",
     has one, else the plain prompt with the system line: what training uses), ``chat`` (the
     chat template, required), ``plain`` (no template, no system line) or a text holding
     ``{problem}``."""
-    if template == "auto" or template == "chat":
+    if template in ("auto", "chat"):
         if template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("prompt_template=chat but the tokenizer has no chat template; "
                               "use prompt_template=plain or a text with {problem}")

@@ -23,11 +23,11 @@ from megatron_trapo.config import ConfigError, EvalConfig
 from megatron_trapo.data.prompts import prompt_ids as render_prompt_ids
 from megatron_trapo.data.tokenizer import stop_token_ids
 from megatron_trapo.eval import fingerprint, registry
-from megatron_trapo.reward.grading import Grader
 from megatron_trapo.eval.plan import Plan, hf_model_dir, load_plan, missing_shards, prepare
 from megatron_trapo.eval.shards import (Shard, append_jsonl, partial_path, read_jsonl, sample_seed,
                                         shard_path, write_atomic, write_shard)
 from megatron_trapo.eval.summary import aggregate
+from megatron_trapo.reward.grading import Grader
 from megatron_trapo.rollout import make_engine
 from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
 

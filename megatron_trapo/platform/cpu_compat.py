@@ -157,8 +157,8 @@ def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bo
 
 
 def _make_cpu_tracker_class():
-    # lazy: megatron-core takes ~3 s to import; the rollout server and the CLI import this layer
-    # without it
+    # lazy: megatron-core takes ~3 s to import; the CLI, the launcher and the server pool
+    # (rollout/servers.py) import this layer without needing it
     from megatron.core.tensor_parallel import random as mrandom
 
     class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
@@ -217,8 +217,8 @@ def _install_torch_cuda_shims() -> None:
 
 
 def _install_megatron_rng() -> None:
-    # lazy: megatron-core takes ~3 s to import; the rollout server and the CLI import this layer
-    # without it
+    # lazy: megatron-core takes ~3 s to import; the CLI, the launcher and the server pool
+    # (rollout/servers.py) import this layer without needing it
     from megatron.core.tensor_parallel import random as mrandom
 
     mrandom._get_cuda_rng_state = _cpu_get_rng_state
