@@ -174,17 +174,18 @@ def run_job(job: Job) -> int:
     trainer: Optional[subprocess.Popen] = None
     received: List[int] = []
     save_dir = job.cfg.checkpoint.save
-    stop_deadline: List[float] = []
+    stop_deadline: Optional[float] = None  # set by the first graceful signal
     t_start = time.time()
 
     def on_signal(signum, frame):
+        nonlocal stop_deadline
         received.append(signum)
         graceful = (signum in (signal.SIGTERM, signal.SIGUSR1) and trainer is not None
-                    and save_dir and not stop_deadline)
+                    and save_dir and stop_deadline is None)
         if not graceful:
             raise KeyboardInterrupt
         request_stop(save_dir, signal.Signals(signum).name)
-        stop_deadline.append(time.time() + job.cfg.launch.stop_grace_s)
+        stop_deadline = time.time() + job.cfg.launch.stop_grace_s
         print(f"launch: got {signal.Signals(signum).name}: the trainer stops after its current "
               f"step and saves (waiting up to {job.cfg.launch.stop_grace_s:.0f} s)", flush=True)
 
@@ -209,14 +210,14 @@ def run_job(job: Job) -> int:
                 code = trainer.wait(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
-                if stop_deadline and time.time() > stop_deadline[0]:
+                if stop_deadline is not None and time.time() > stop_deadline:
                     print("launch: the trainer did not stop within launch.stop_grace_s",
                           flush=True)
                     raise KeyboardInterrupt
         if code < 0:  # killed by a signal (e.g. the OOM killer's SIGKILL): report it as a shell does
             code = 128 - code
         record = read_record(save_dir)
-        if stop_deadline and record and record.get("time", 0) >= t_start:
+        if stop_deadline is not None and record and record.get("time", 0) >= t_start:
             print(f"launch: the trainer stopped at step {record['step']} ({record['reason']})"
                   + (", checkpoint saved" if record.get("saved") else ""), flush=True)
             code = PREEMPTED_EXIT

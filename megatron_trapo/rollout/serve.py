@@ -361,8 +361,7 @@ def _sglang_routes(app: FastAPI, ctx: ServerContext) -> None:
 
 def _weight_routes(app: FastAPI, ctx: ServerContext) -> None:
     """SGLang's weight endpoints: from disk, and by broadcast over a weight-update group."""
-    engine, body_of, tp_size = ctx.engine, ctx.body_of, ctx.tp_size
-    state = {"groups": ctx.groups}
+    engine, body_of, tp_size, groups = ctx.engine, ctx.body_of, ctx.tp_size, ctx.groups
 
     @app.post("/update_weight_version")
     async def update_version(request: Request):
@@ -395,13 +394,13 @@ def _weight_routes(app: FastAPI, ctx: ServerContext) -> None:
                 m.joined()
         except Exception as exc:  # reported like SGLang does: success false, message
             return {"success": False, "message": f"{type(exc).__name__}: {exc}"}
-        state["groups"][b.group_name] = (group, members)
+        groups[b.group_name] = (group, members)
         return {"success": True, "message": "ok"}
 
     @app.post("/update_weights_from_distributed")
     async def update_distributed(request: Request):
         _, body = await body_of(request, DistributedUpdateBody)
-        entry = state["groups"].get(body.group_name)
+        entry = groups.get(body.group_name)
         if entry is None:
             return {"success": False, "message": "no weight update group; call "
                                                  "/init_weights_update_group first"}
@@ -430,7 +429,7 @@ def _weight_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/destroy_weights_update_group")
     async def destroy_group(request: Request):
         _, body = await body_of(request, GroupNameBody)
-        entry = state["groups"].pop(body.group_name, None)
+        entry = groups.pop(body.group_name, None)
         if entry is None:
             return {"success": False, "message": "The group to be destroyed does not exist."}
         group, members = entry

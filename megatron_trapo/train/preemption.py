@@ -26,6 +26,9 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL (sysexits.h): "try again later" — the scrip
 STOP_FILE = "STOP"
 RECORD_FILE = "preempted.json"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# the ranks agree on a stop by an all-reduce MAX of one code: a signal number, or this for the
+# stop file (above every signal number, so a signal on any rank names the reason)
+STOP_FILE_CODE = 1000
 
 
 class Preempted(Exception):
@@ -93,7 +96,7 @@ class StopRequest:
         if self.signal is not None:
             return int(self.signal)
         if self.rank0 and self.file is not None and self.file.exists():
-            return 1000  # "the stop file"
+            return STOP_FILE_CODE
         return 0
 
     def agreed(self) -> Optional[str]:
@@ -105,7 +108,7 @@ class StopRequest:
         value = int(code.item())
         if value == 0:
             return None
-        return f"stop file {self.file}" if value == 1000 else signal.Signals(value).name
+        return f"stop file {self.file}" if value == STOP_FILE_CODE else signal.Signals(value).name
 
     def record(self, step: int, reason: str, saved: bool) -> None:
         """``preempted.json`` beside the checkpoints: the launcher requeues on it."""

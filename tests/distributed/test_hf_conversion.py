@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from hf_models import hf_greedy, hf_logits, smollm2_hf_dir, tiny_hf_model
 from launch import run_tool, run_worker
+from workers.results import HFParity, ParityCheckpoint, ParityJob, to_json
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 TOKENS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -35,23 +36,23 @@ def conv(tmp_path_factory):
             stats[f"{f}_tp{tp}"] = json.loads(run_tool(
                 "convert_hf_to_mcore.py", "--hf-dir", str(hf[f]), "--out-dir", str(out),
                 "--tp", str(tp), "--dtype", "fp32"))
-            job.append({"name": f"{f}_tp{tp}", "ckpt": str(out), "tokens": TOKENS.tolist(),
-                        "tp": [1, 2]})
+            job.append(ParityCheckpoint(name=f"{f}_tp{tp}", ckpt=str(out),
+                                        tokens=TOKENS.tolist(), tp=[1, 2]))
         run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(tmp / f"mc_{f}_tp2"),
                  "--out-dir", str(tmp / f"hf_back_{f}"), "--max-shard-size", "150KB")
     run_tool("convert_hf_to_mcore.py", "--hf-dir", str(hf["llama"]), "--out-dir",
              str(tmp / "mc_llama_tp2pp2"), "--tp", "2", "--pp", "2", "--dtype", "fp32")
-    job.append({"name": "llama_tp2pp2", "ckpt": str(tmp / "mc_llama_tp2pp2"),
-                "tokens": TOKENS.tolist(), "tp": [1]})
+    job.append(ParityCheckpoint(name="llama_tp2pp2", ckpt=str(tmp / "mc_llama_tp2pp2"),
+                                tokens=TOKENS.tolist(), tp=[1]))
     stats["smol"] = json.loads(run_tool("convert_hf_to_mcore.py", "--hf-dir", str(hf["smol"]),
                                         "--out-dir", str(tmp / "mc_smol"), "--dtype", "fp32"))
     run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(tmp / "mc_smol"), "--out-dir",
              str(tmp / "hf_back_smol"))
-    job.append({"name": "smol", "ckpt": str(tmp / "mc_smol"), "tokens": prompt.tolist(),
-                "tp": [1], "greedy": GREEDY_STEPS})
-    (tmp / "job.json").write_text(json.dumps(job))
+    job.append(ParityCheckpoint(name="smol", ckpt=str(tmp / "mc_smol"), tokens=prompt.tolist(),
+                                tp=[1], greedy=GREEDY_STEPS))
+    (tmp / "job.json").write_text(to_json(ParityJob(checkpoints=job)))
     run_worker("hf_parity.py", 2, tmp, env={"TRAPO_TEST_JOB": str(tmp / "job.json")})
-    mcore = torch.load(tmp / "results.json.pt")
+    mcore = HFParity.load(tmp / "results.json.pt")
     return {"tmp": tmp, "hf": hf, "mcore": mcore, "stats": stats, "prompt": prompt}
 
 
@@ -60,7 +61,7 @@ def conv(tmp_path_factory):
 @pytest.mark.parametrize("load_tp", [1, 2])
 def test_tiny_logits_match_transformers(conv, family, conv_tp, load_tp):
     ref = hf_logits(conv["hf"][family], TOKENS)
-    got = conv["mcore"][f"{family}_tp{conv_tp}@tp{load_tp}"]
+    got = conv["mcore"].logits[f"{family}_tp{conv_tp}@tp{load_tp}"]
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= 1e-4
 
@@ -79,8 +80,8 @@ def test_round_trip_is_bit_exact(conv, family):
 
 
 def test_tp2pp2_conversion_loads_at_tp1pp1(conv):
-    got = conv["mcore"]["llama_tp2pp2@tp1"]
-    ref = conv["mcore"]["llama_tp1@tp1"]
+    got = conv["mcore"].logits["llama_tp2pp2@tp1"]
+    ref = conv["mcore"].logits["llama_tp1@tp1"]
     assert torch.equal(got, ref)
 
 
@@ -98,10 +99,10 @@ def test_converted_checkpoint_records_layout_and_vocab_padding(conv):
 
 def test_smollm2_logits_and_greedy_match_transformers(conv):
     ref = hf_logits(conv["hf"]["smol"], conv["prompt"])
-    got = conv["mcore"]["smol@tp1"]
+    got = conv["mcore"].logits["smol@tp1"]
     assert (got - ref).abs().max() <= 1e-3
     hf_tokens = hf_greedy(conv["hf"]["smol"], conv["prompt"], GREEDY_STEPS)
-    assert conv["mcore"]["smol@tp1:greedy"] == hf_tokens
+    assert conv["mcore"].greedy["smol@tp1"] == hf_tokens
     assert len(set(hf_tokens)) > 3  # a real continuation, not one repeated token
 
 

@@ -1,7 +1,6 @@
 """The weight-update group forms with SGLang's own ``init_custom_process_group`` (from the
 sglang wheel, on gloo) on the other side, and a broadcast arrives bit-exact; the project's
 former helper (fixed store prefix) does not form a group with it at all."""
-import json
 import os
 import subprocess
 import sys
@@ -11,13 +10,14 @@ import pytest
 import torch
 
 from launch import WORKERS, free_port
+from workers.results import GroupPeer, from_json
 
 PEER = WORKERS / "weight_group_peer.py"
 
 
 def run_group(roles, tmp_path, timeout_s=60.0):
     """Start one process per rank; a rank still waiting after the deadline is killed and
-    reported as ``{"formed": False, "error": "hung"}``."""
+    reported as formed=False, error="hung"."""
     port = free_port()
     procs, outs = [], []
     # as under torchrun, whose agent-store setting once made the trainer's rank 0 a client of
@@ -31,16 +31,16 @@ def run_group(roles, tmp_path, timeout_s=60.0):
              "weight_update_group", str(out), str(timeout_s)], cwd=WORKERS, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
-    for proc, out in zip(procs, outs):
+    for rank, (role, proc, out) in enumerate(zip(roles, procs, outs)):
         try:
             log = proc.communicate(timeout=timeout_s + 5)[0]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            results.append({"formed": False, "error": "hung"})
+            results.append(GroupPeer(role=role, rank=rank, formed=False, error="hung"))
             continue
         assert out.exists(), log[-2000:]
-        results.append(json.loads(out.read_text()))
+        results.append(from_json(GroupPeer, out.read_text()))
     return results
 
 
@@ -54,15 +54,15 @@ def setup_module():
 @pytest.mark.parametrize("engine_ranks", [1, 2])
 def test_group_with_sglang_function_broadcasts_bit_exact(tmp_path, engine_ranks):
     results = run_group(["ours"] + ["sglang"] * engine_ranks, tmp_path)
-    assert all(r["formed"] for r in results), results
-    assert all(Path(r["source"]).name == "common.py" and "sglang" in r["source"]
+    assert all(r.formed for r in results), results
+    assert all(Path(r.source).name == "common.py" and "sglang" in r.source
                for r in results[1:])
-    sent = torch.tensor(results[0]["values"])
+    sent = torch.tensor(results[0].values)
     assert sent.abs().sum() > 0
     for r in results[1:]:
-        assert torch.equal(torch.tensor(r["values"]), sent)  # bit-exact (bf16 → fp32 on both)
+        assert torch.equal(torch.tensor(r.values), sent)  # bit-exact (bf16 → fp32 on both)
 
 
 def test_former_stateless_helper_cannot_meet_sglang(tmp_path):
     results = run_group(["stateless", "sglang"], tmp_path, timeout_s=5.0)
-    assert not all(r["formed"] for r in results)  # the keys differ: it times out
+    assert not all(r.formed for r in results)  # the keys differ: it times out

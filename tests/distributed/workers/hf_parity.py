@@ -1,9 +1,8 @@
 """Load converted checkpoints at several layouts and record logits (and greedy continuations)
-for the HF-parity tests. Job spec: JSON at $TRAPO_TEST_JOB; results: torch file at
-$TRAPO_TEST_OUT.pt (rank 0)."""
+for the HF-parity tests. Job: a results.ParityJob as JSON at $TRAPO_TEST_JOB; results: a
+results.HFParity saved at $TRAPO_TEST_OUT.pt (rank 0)."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -12,6 +11,7 @@ from megatron_trapo.config import ParallelConfig
 from megatron_trapo.train.pretrained import load_pretrained, model_config_from_checkpoint
 from megatron_trapo.platform import quiet_known_warnings
 from megatron_trapo.platform.distributed import initialize_distributed
+from results import HFParity, ParityJob, from_json
 
 
 def logits(chunks, tokens):
@@ -32,26 +32,25 @@ def greedy(chunks, tokens, steps, vocab):
 
 def main():
     quiet_known_warnings()
-    job = json.loads(open(os.environ["TRAPO_TEST_JOB"]).read())
-    results = {}
-    for item in job:
-        tokens = torch.tensor(item["tokens"])
-        vocab = model_config_from_checkpoint(item["ckpt"]).vocab_size
-        for tp in item["tp"]:
+    job = from_json(ParityJob, open(os.environ["TRAPO_TEST_JOB"]).read())
+    results = HFParity(logits={}, greedy={})
+    for item in job.checkpoints:
+        tokens = torch.tensor(item.tokens)
+        vocab = model_config_from_checkpoint(item.ckpt).vocab_size
+        for tp in item.tp:
             par = ParallelConfig(tensor_model_parallel_size=tp)
-            model = model_config_from_checkpoint(item["ckpt"])
+            model = model_config_from_checkpoint(item.ckpt)
             initialize_distributed(par, model, seed=0)
-            chunks, _ = load_pretrained(item["ckpt"], par)
+            chunks, _ = load_pretrained(item.ckpt, par)
             for c in chunks:
                 c.eval()
-            results[f"{item['name']}@tp{tp}"] = logits(chunks, tokens)[..., :vocab].clone()
-            if item.get("greedy"):
-                results[f"{item['name']}@tp{tp}:greedy"] = greedy(chunks, tokens[:1],
-                                                                  item["greedy"], vocab)
+            key = f"{item.name}@tp{tp}"
+            results.logits[key] = logits(chunks, tokens)[..., :vocab].clone()
+            if item.greedy:
+                results.greedy[key] = greedy(chunks, tokens[:1], item.greedy, vocab)
     if torch.distributed.get_rank() == 0:
-        torch.save(results, os.environ["TRAPO_TEST_OUT"] + ".pt")
-        open(os.environ["TRAPO_TEST_OUT"], "w").write(json.dumps(sorted(results)))
-
+        results.save(os.environ["TRAPO_TEST_OUT"] + ".pt")
+        open(os.environ["TRAPO_TEST_OUT"], "w").write("{}")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import torch
+
 
 def to_json(result) -> str:
     return json.dumps(dataclasses.asdict(result), indent=2)
@@ -232,3 +234,60 @@ class SyncCheck:
 class WeightSyncSuite:
     checks: Dict[str, SyncCheck]  # "tp2:disk:before", "pp2:distributed:after", …
     device_p2p_calls: Dict[str, int]  # PP=2 syncs: stage 1 → 0 sends that stayed on device
+
+
+# --- hf_parity.py: converted checkpoints loaded at several layouts ------------------------------
+
+@dataclass
+class ParityCheckpoint:
+    """One converted checkpoint to load at each TP size in ``tp``: its logits on ``tokens``
+    and, when ``greedy`` > 0, that many greedy tokens continuing the first row."""
+
+    name: str
+    ckpt: str
+    tokens: List[List[int]]
+    tp: List[int]
+    greedy: int = 0
+
+
+@dataclass
+class ParityJob:
+    checkpoints: List[ParityCheckpoint]
+
+
+@dataclass
+class HFParity:
+    """Keyed ``name@tpN``: the logits (tensors: the file is torch's, not JSON) and the greedy
+    continuations."""
+
+    logits: Dict[str, torch.Tensor]
+    greedy: Dict[str, List[int]]
+
+    def save(self, path) -> None:
+        torch.save(dataclasses.asdict(self), path)
+
+    @classmethod
+    def load(cls, path) -> "HFParity":
+        raw = torch.load(path)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != names:
+            raise TypeError(f"{path}: expected the fields {sorted(names)}, got "
+                            f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+        bad = sorted(k for k, v in raw["logits"].items() if not isinstance(v, torch.Tensor))
+        if bad:
+            raise TypeError(f"{path}: logits {bad} are not tensors")
+        return cls(**raw)
+
+
+# --- weight_group_peer.py: one member of a weight-update group ----------------------------------
+
+@dataclass
+class GroupPeer:
+    """What one rank held after rank 0's broadcast; ``formed`` false with the error otherwise."""
+
+    role: str
+    rank: int
+    formed: bool
+    values: Optional[List[float]] = None
+    error: Optional[str] = None
+    source: Optional[str] = None  # the sglang role: the wheel's file the function came from

@@ -7,19 +7,21 @@ ROLE: ``ours`` (megatron_trapo.rollout.process_group.init_weight_update_group), 
 (``init_custom_process_group`` loaded from the installed sglang wheel's own source file, called
 as SGLang's ``init_weights_update_group`` calls it) or ``stateless`` (the project's former
 helper: a TCPStore with a fixed "weights" prefix, kept here only to show the mismatch).
-Rank 0 broadcasts a seeded tensor; every rank writes what it holds after the broadcast.
+Rank 0 broadcasts a seeded tensor; every rank writes what it holds after the broadcast (a
+results.GroupPeer).
 """
 from __future__ import annotations
 
 import ast
 import datetime
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from results import GroupPeer, to_json
 
 
 def sglang_init_custom_process_group():
@@ -48,7 +50,7 @@ def main():
     role, rank, world, port, group_name, out = sys.argv[1:7]
     timeout_s = float(sys.argv[7]) if len(sys.argv) > 7 else 60.0
     rank, world, port = int(rank), int(world), int(port)
-    result = {"role": role, "rank": rank}
+    result = GroupPeer(role=role, rank=rank, formed=False)
     try:
         if role == "ours":
             from megatron_trapo.rollout.process_group import init_weight_update_group
@@ -56,7 +58,7 @@ def main():
             pg = init_weight_update_group("127.0.0.1", port, rank, world, group_name, "gloo",
                                           timeout_s=timeout_s)
         elif role == "sglang":
-            fn, result["source"] = sglang_init_custom_process_group()
+            fn, result.source = sglang_init_custom_process_group()
             pg = fn(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=world,
                     rank=rank, group_name=group_name,
                     timeout=datetime.timedelta(seconds=timeout_s))
@@ -68,12 +70,11 @@ def main():
             pg.broadcast(t, 0).wait()
         else:
             dist.broadcast(t, src=0, group=pg)
-        result["values"] = t.float().flatten().tolist()
-        result["formed"] = True
+        result.values = t.float().flatten().tolist()
+        result.formed = True
     except Exception as exc:  # reported to the test: which side failed, and how
-        result["formed"] = False
-        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    Path(out).write_text(json.dumps(result))
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    Path(out).write_text(to_json(result))
 
 
 if __name__ == "__main__":
