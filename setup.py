@@ -56,6 +56,9 @@ setup(
         "sglang": ["sglang", "sglang-router"],
         "vllm": ["vllm==0.33.0"],  # the version tests/unit/rollout/test_vllm_contract.py reads
         "modelopt": ["nvidia-modelopt[torch]"],
+        # benchmarks/bench_vs_trl.py: TRL's GRPOTrainer on the same workload (pinned: the
+        # numbers in the README were measured against this version)
+        "bench": ["trl==1.16.0"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

@@ -335,9 +335,16 @@ class RolloutConfig:
     # in-flight generate requests per server (one HTTP connection each); SGLang batches
     # hundreds of sequences per server, so a small global cap leaves servers idle
     concurrency_per_server: int = 256
+    # Every data-parallel rank generates its share of a step's prompts with its own HF engine
+    # (each rank holds the whole model when TP = PP = CP = 1), instead of rank 0 generating
+    # all of them while the others wait. None = auto: on with engine=hf at such a layout.
+    data_parallel: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _choice("rollout.engine", self.engine, ENGINES)
+        _check(self.data_parallel is not True or self.engine == "hf",
+               f"rollout.data_parallel=true needs rollout.engine=hf (engine={self.engine}: "
+               "servers batch every rank's requests themselves)")
         self.server_impl = _renamed_value("rollout.server_impl", self.server_impl)
         _choice("rollout.server_impl", self.server_impl, SERVER_IMPLS)
         _choice("rollout.weight_sync", self.weight_sync, ("auto", *WEIGHT_SYNC_MODES))
@@ -485,14 +492,25 @@ class BatchingConfig:
     """How a step's sequences become micro-batches, and whether old logprobs are recomputed."""
 
     max_tokens_per_microbatch: int = 16384
+    # On CPU, padded micro-batches are cut at this many tokens (a longer sequence still gets a
+    # micro-batch of its own): activations that stay in the caches train ~20% faster than one
+    # 8k-token micro-batch, in a third of the memory (benchmarks/bench_vs_trl.py: 1M and 13M
+    # models). null: max_tokens_per_microbatch. The loss does not depend on the split.
+    cpu_max_tokens_per_microbatch: Optional[int] = 1024
     # Whole sequences packed into rows (varlen attention with Transformer Engine). None = auto:
     # on with TE; off on CPU, where masked dense attention over long rows costs O(row²).
     pack_sequences: Optional[bool] = None
-    recompute_old_logprobs: bool = True
+    # log π_old of the policy-gradient ratio. None = auto: strictly on-policy (one optimizer
+    # step per rollout batch, no TIS) the old logprobs *are* the current ones, so the ratio is
+    # exp(lp − sg(lp)) with no extra forward pass; otherwise recomputed by a forward pass.
+    # true: always recompute; false: take the engine's rollout logprobs as π_old.
+    recompute_old_logprobs: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _check(self.max_tokens_per_microbatch >= 1,
                "batching.max_tokens_per_microbatch must be >= 1")
+        _check(self.cpu_max_tokens_per_microbatch is None or self.cpu_max_tokens_per_microbatch >= 1,
+               "batching.cpu_max_tokens_per_microbatch must be >= 1 or null")
 
 
 @dataclass

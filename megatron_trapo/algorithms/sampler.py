@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, List, Literal, Sequence
+from typing import Callable, Dict, List, Literal, Optional, Sequence
 
 from megatron_trapo.algorithms.methods import Method
 from megatron_trapo.algorithms.micro_group import MicroGroupConfig, cut_prefix, plan_level
@@ -87,12 +87,17 @@ def level_seed(seed: int, prompt: int, level: int) -> int:
 def sample_groups(items: Sequence[PromptItem], engine: RolloutEngine,
                   score: Callable[[List[Trajectory]], None], method: Method,
                   sampler: MicroGroupConfig, sampling: SamplingParams, eos_id: int, seed: int,
-                  off_policy: int = 1) -> Groups:
-    """Every prompt's group; ``score`` sets ``reward`` on the trajectories it is given."""
-    groups: Groups = [[] for _ in items]
+                  off_policy: int = 1, indices: Optional[Sequence[int]] = None) -> Groups:
+    """The groups of ``items[i]`` for each ``i`` in ``indices`` (default: every prompt), in
+    that order; ``score`` sets ``reward`` on the trajectories it is given. A prompt's samples
+    depend on its index in ``items`` only, so a data-parallel rank that samples its share
+    gets the groups a single rank would."""
+    indices = range(len(items)) if indices is None else indices
+    groups: Dict[int, List[Trajectory]] = {g: [] for g in indices}
     for level in levels(method, sampler, off_policy):
         requests, owners, fixed = [], [], []
-        for g, item in enumerate(items):
+        for g in indices:
+            item = items[g]
             p = plan(level, item, groups[g], sampler, eos_id, sampling.max_new_tokens)
             if not p.generate:
                 samples = [Trajectory(prompt_index=g, prompt_ids=item.prompt_ids,
@@ -120,7 +125,7 @@ def sample_groups(items: Sequence[PromptItem], engine: RolloutEngine,
                     new.append(t)
         if new or fixed:
             score(new + fixed)
-    return groups
+    return [groups[g] for g in indices]
 
 
 def reward_scorer(items: Sequence[PromptItem], tokenizer, reward) -> Callable:

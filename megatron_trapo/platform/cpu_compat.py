@@ -34,7 +34,8 @@ import threading
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import (TorchFunctionMode, _get_current_function_mode,
+                             _pop_mode_temporarily)
 
 _LOCK = threading.Lock()
 _ACTIVE = False
@@ -258,6 +259,20 @@ def suspended():
         yield
     finally:
         _SUSPENDED.on = before
+
+
+@contextlib.contextmanager
+def bypassed():
+    """Run a block without the CUDA→CPU mode on this thread, for code that never asks for CUDA
+    (the HF engine's generation): the mode is a Python call in front of every torch op, which
+    a token-by-token decode loop makes tens of thousands of times per step. A no-op when the
+    mode is not the innermost one (or not active). torch has no public way to step out of a
+    mode; its two private helpers used here have been there since torch 2.0."""
+    if _MODE is None or _get_current_function_mode() is not _MODE:
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
 
 
 def cpu_compat_active() -> bool:

@@ -9,6 +9,7 @@ timeout, and a hard per-answer deadline kills a stuck worker (pebble replaces it
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -17,6 +18,10 @@ from math_verify import parse, verify
 from pebble import ProcessPool
 
 logger = logging.getLogger(__name__)
+
+_FORKSERVER = multiprocessing.get_context("forkserver")
+# the forkserver imports this (math-verify and sympy) once; each worker is forked from it
+_FORKSERVER.set_forkserver_preload([__name__])
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -80,7 +85,12 @@ class VerifierPool:
         self.timeouts = 0  # tasks killed at the hard deadline (metric)
 
     def _new_pool(self):
-        return ProcessPool(max_workers=self.num_workers, initializer=_own_session)
+        # forkserver, not fork: a worker forked from a trainer holds on to the trainer's pages
+        # as they were (every page the trainer writes afterwards is copied — a second model,
+        # optimizer and allocator heap per worker); a forkserver worker starts small, from a
+        # process that has imported only the verifier
+        return ProcessPool(max_workers=self.num_workers, initializer=_own_session,
+                           context=_FORKSERVER)
 
     def _schedule(self, fn: Callable, args: Sequence[tuple]) -> list:
         try:

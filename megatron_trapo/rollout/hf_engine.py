@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from megatron_trapo.models.hf.files import HFCheckpointReader
+from megatron_trapo.platform import cpu_compat
 from megatron_trapo.rollout.types import (RolloutEngine, RolloutError, RolloutRequest, Sample,
                                           SamplingParams, empty_sample)
 
@@ -68,16 +69,19 @@ class HFEngine(RolloutEngine):
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "fp32",
                  max_batch_size: int = 64, tokenizer_path: Optional[str] = None,
-                 weight_version: str = "0"):
+                 weight_version: str = "0", model=None):
+        """``model``: an already built transformers model to serve (``model_path`` then only
+        needs its config.json)."""
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         if not (Path(model_path) / "config.json").is_file():
             raise RolloutError(f"model_path {model_path}: no config.json (an HF model folder "
                                "is needed; convert Megatron checkpoints with "
                                "tools/convert_mcore_to_hf.py)")
         self.model_path = str(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
-                                                          attn_implementation="sdpa")
-        self.model.to(device).eval()
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
+                                                         attn_implementation="sdpa")
+        self.model = model.to(device=device, dtype=torch_dtype).eval()
         self.device = device
         self.max_batch_size = max_batch_size
         self.eos_ids = _eos_ids(self.model)
@@ -95,14 +99,15 @@ class HFEngine(RolloutEngine):
     @classmethod
     def from_hf_config(cls, hf_config: Dict, **kwargs) -> "HFEngine":
         """An engine with this architecture and uninitialised weights, to be filled by an
-        in-process weight sync (no checkpoint on disk needed)."""
+        in-process weight sync (no checkpoint on disk: the folder holds the config only). Not
+        through save_pretrained + from_pretrained: transformers writes weights on
+        torch.distributed rank 0 only, so the engines of data-parallel rollouts on other
+        ranks would find none."""
         folder = Path(tempfile.mkdtemp(prefix="trapo_hf_engine_"))
         (folder / "config.json").write_text(json.dumps(hf_config))
-
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
                                                  dtype=torch.float32, attn_implementation="sdpa")
-        model.save_pretrained(folder)
-        return cls(str(folder), **kwargs)
+        return cls(str(folder), model=model, **kwargs)
 
     @property
     def weight_version(self) -> str:
@@ -141,7 +146,7 @@ class HFEngine(RolloutEngine):
         for i, req in enumerate(requests):
             for j in range(req.sampling.n):
                 out[i][j] = empty_sample(req, self._version)
-        with self._lock:
+        with self._lock, cpu_compat.bypassed():  # the decode loop asks for no CUDA device
             for start in range(0, len(rows), self.max_batch_size):
                 batch = [r for r in rows[start:start + self.max_batch_size]
                          if cancelled is None or not cancelled(r[0])]
@@ -155,10 +160,16 @@ class HFEngine(RolloutEngine):
     @torch.no_grad()
     def _generate_batch(self, rows, cancelled=None) -> List[Sample]:
         n = len(rows)
-        length = max(len(r[2]) for r in rows)
-        ids = torch.zeros(n, length, dtype=torch.long)
-        attn = torch.zeros(n, length, dtype=torch.long)
-        for k, (_, _, toks, *_rest) in enumerate(rows):
+        # Each distinct input (a prompt, or prompt + expert prefix) is prefilled once and its
+        # KV cache copied to the rows that share it — a group's G samples share their prompt,
+        # so the prefill costs 1/G of one per row (what SGLang's radix cache does for them).
+        distinct: Dict[tuple, int] = {}
+        owner = [distinct.setdefault(tuple(r[2]), len(distinct)) for r in rows]
+        inputs = list(distinct)
+        length = max(len(t) for t in inputs)
+        ids = torch.zeros(len(inputs), length, dtype=torch.long)
+        attn = torch.zeros(len(inputs), length, dtype=torch.long)
+        for k, toks in enumerate(inputs):
             ids[k, length - len(toks):] = torch.tensor(toks)
             attn[k, length - len(toks):] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
@@ -166,6 +177,10 @@ class HFEngine(RolloutEngine):
         cache = DynamicCache()
         logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
                             use_cache=True, **{self._cache_kw: cache}).logits[:, -1, :].float()
+        if len(inputs) < n:  # one row per sample again
+            index = torch.tensor(owner, device=self.device)
+            cache.batch_select_indices(index)
+            logits, attn, pos = logits[index], attn[index], pos[index]
         gens = [torch.Generator().manual_seed(r[5]) for r in rows]
         tokens: List[List[int]] = [[] for _ in rows]
         logps: List[List[float]] = [[] for _ in rows]

@@ -282,7 +282,8 @@ class WeightSync:
                  bucket_bytes: int = 512 * 1024**2, disk_dir: Optional[str] = None,
                  backend: Optional[str] = None, master_port: Optional[int] = None,
                  hf_config: Optional[dict] = None, address: Optional[str] = None,
-                 group_timeout_s: float = 600.0, keep_versions: int = 2):
+                 group_timeout_s: float = 600.0, keep_versions: int = 2,
+                 replicated: bool = False):
         if mode not in STRATEGIES:
             raise RolloutError(f"weight sync mode must be one of {list(STRATEGIES)}, got {mode!r}")
         self.engine, self.model, self.mode = engine, model, mode
@@ -294,7 +295,12 @@ class WeightSync:
         self.address = address
         self.group_timeout_s = group_timeout_s
         self.keep_versions = keep_versions
-        # only the sync rank, which holds the engine, pushes
+        # data-parallel rollouts: every rank holds the whole model (TP = PP = CP = 1) and an
+        # engine of its own, and fills it from its own weights — no gather, no transfer
+        self.replicated = replicated
+        if replicated and (engine is None or mode != "inprocess"):
+            raise RolloutError("replicated weight sync needs an in-process engine on every rank")
+        # only the ranks that hold an engine push
         self.strategy = STRATEGIES[mode](self) if engine is not None else None
 
     @property
@@ -304,9 +310,10 @@ class WeightSync:
     def sync(self, chunks, weight_version: str) -> Dict[str, float]:
         """Collective over all trainer ranks; returns timing/size stats (on rank 0)."""
         t0 = time.time()
-        named = hf_named_tensors(chunks, self.model)
+        named = _stage_hf_tensors(chunks, self.model) if self.replicated \
+            else hf_named_tensors(chunks, self.model)
         stats = {"bytes": 0.0, "tensors": 0.0, "buckets": 0.0}
-        if dist.get_rank() != 0:
+        if dist.get_rank() != 0 and not self.replicated:
             for _ in named:  # non-sync ranks only take part in the gathers and sends
                 pass
             _wait_for_sync_rank()

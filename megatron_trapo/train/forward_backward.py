@@ -9,12 +9,14 @@ it — so the gradient is that of the global token mean whatever the micro-batch
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import megatron.core.distributed as mcore_distributed
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_trapo.train.timing import StepTimers
 
 
 def _configure_hooks(chunks: Sequence[torch.nn.Module], optimizer) -> None:
@@ -69,15 +71,19 @@ def run_forward_backward(chunks: Sequence[torch.nn.Module], microbatches: List[D
 
 def train_step(ddp_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
                microbatches: List[Dict[str, Any]], forward_step: Callable, seq_length: int,
-               micro_batch_size: int) -> Dict[str, Any]:
-    """Zero grads, forward/backward every micro-batch, clip, step optimizer and LR scheduler."""
-    for chunk in ddp_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = run_forward_backward(ddp_chunks, microbatches, forward_step, seq_length,
-                                  micro_batch_size, forward_only=False, optimizer=optimizer)
-    update_ok, grad_norm, _ = optimizer.step()
-    if update_ok:
-        scheduler.step(increment=1)
+               micro_batch_size: int, timers: Optional[StepTimers] = None) -> Dict[str, Any]:
+    """Zero grads, forward/backward every micro-batch, clip, step optimizer and LR scheduler
+    (timed as the ``forward_backward`` and ``optimizer`` phases when ``timers`` is given)."""
+    timers = timers or StepTimers()
+    with timers.phase("forward_backward"):
+        for chunk in ddp_chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = run_forward_backward(ddp_chunks, microbatches, forward_step, seq_length,
+                                      micro_batch_size, forward_only=False, optimizer=optimizer)
+    with timers.phase("optimizer"):
+        update_ok, grad_norm, _ = optimizer.step()
+        if update_ok:
+            scheduler.step(increment=1)
     return {"losses": losses, "update_successful": bool(update_ok),
             "grad_norm": None if grad_norm is None else float(grad_norm)}

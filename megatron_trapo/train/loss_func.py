@@ -36,8 +36,11 @@ from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 
 
 def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
-                 batch: MicroBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Per-token loss of the configured mode, and its metric numerators/denominators."""
+                 batch: MicroBatch, old_is_current: bool = False,
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Per-token loss of the configured mode, and its metric numerators/denominators.
+    ``old_is_current``: the step is strictly on-policy and π_old is the current policy,
+    ``logprobs.detach()`` (``batch["old_logprobs"]`` is not read)."""
     m = method(cfg.loss_mode)
     zeros = torch.zeros_like(logprobs)
     expert = batch["expert_mask"].float() if m.expert_loss != "none" else zeros
@@ -61,7 +64,7 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
         metrics["expert/nll"] = torch.stack([(-logprobs.detach() * expert).sum(), n_exp])
 
     if m.policy_gradient:
-        old = batch["old_logprobs"].float()
+        old = logprobs.detach() if old_is_current else batch["old_logprobs"].float()
         low, high = clip_range(m, cfg)
         pg = L.policy_gradient_loss(logprobs, old, adv, low, high)
         tis = None
@@ -81,6 +84,10 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
             clipped = L.clipped_mask(logprobs.detach(), old, adv, low, high).float()
             metrics["pg/clip_frac"] = torch.stack([(clipped * generated).sum(), n_gen])
             metrics["pg/entropy"] = torch.stack([(entropy.detach() * generated).sum(), n_gen])
+            rollout = batch.get("rollout_logprobs")
+            if rollout is not None:  # the engine's log p vs the trainer's, same weights
+                gap = (logprobs.detach() - rollout.float()).abs()
+                metrics["pg/rollout_logprob_gap"] = torch.stack([(gap * generated).sum(), n_gen])
             if tis is not None:
                 metrics["pg/tis_weight_mean"] = torch.stack([(tis * generated).sum(), n_gen])
                 metrics["pg/tis_weight_max"] = torch.stack([(tis * generated).max(), zero])
@@ -90,21 +97,24 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
 
 
 def trapo_loss_func(cfg: LossConfig, batch: MicroBatch, normaliser: float,
-                    output_tensor: torch.Tensor):
+                    old_is_current: bool, output_tensor: torch.Tensor):
     """Megatron ``loss_func``; see the module docstring for the contract."""
     logprobs, entropy = vocab_parallel_logprobs_entropy(output_tensor, batch["labels"],
                                                         cfg.logprob_chunk_size)
-    per_token, metrics = token_losses(cfg, logprobs, entropy, batch)
+    per_token, metrics = token_losses(cfg, logprobs, entropy, batch, old_is_current)
     loss = (per_token * batch["agg_weight"].float()).sum() / normaliser
     metrics["loss"] = torch.stack([loss.detach(), torch.zeros_like(loss.detach())])
     return loss, torch.zeros((), dtype=torch.int, device=loss.device), metrics
 
 
-def make_forward_step(cfg: LossConfig, normaliser: float) -> Callable:
-    """A ``forward_step(batch, model)`` for :func:`run_forward_backward` with the TRAPO loss."""
+def make_forward_step(cfg: LossConfig, normaliser: float, old_is_current: bool = False
+                      ) -> Callable:
+    """A ``forward_step(batch, model)`` for :func:`run_forward_backward` with the TRAPO loss
+    (``old_is_current``: see :func:`token_losses`)."""
 
     def forward_step(batch, model):
-        return model_forward(model, batch), partial(trapo_loss_func, cfg, batch, normaliser)
+        return model_forward(model, batch), partial(trapo_loss_func, cfg, batch, normaliser,
+                                                    old_is_current)
 
     return forward_step
 

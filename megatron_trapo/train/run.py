@@ -1,6 +1,8 @@
 """What a training run holds between steps, typed: the model and its optimizer on every rank;
-the prompts, the rollout engine and the reward only on the sync rank (global rank 0), grouped in
-:class:`RolloutSide` so that "None on the other ranks" is in the type."""
+the prompts, the rollout engine and the reward on the ranks that generate (global rank 0, or
+every data-parallel rank with data-parallel rollouts), grouped in :class:`RolloutSide` so that
+"None on the other ranks" is in the type, with :class:`RolloutShare` saying which prompts a
+rank generates."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 from megatron_trapo.config import ModelConfig, TrainConfig
 from megatron_trapo.data.items import PromptData, PromptItem
 from megatron_trapo.rollout.types import RolloutEngine
+from megatron_trapo.train.timing import StepTimers
 
 if TYPE_CHECKING:  # annotations only: megatron-core and transformers are slow to import
     from megatron.core.distributed import DistributedDataParallel
@@ -21,14 +24,40 @@ if TYPE_CHECKING:  # annotations only: megatron-core and transformers are slow t
     from megatron_trapo.rollout.weight_sync import WeightSync
 
 
+@dataclass(frozen=True)
+class RolloutShare:
+    """The prompts this rank generates: every ``world``-th one from ``rank`` (strided, so that
+    each rank gets a mix of a step's prompts rather than a block of neighbours)."""
+
+    rank: int
+    world: int
+
+    def indices(self, n: int) -> List[int]:
+        return list(range(self.rank, n, self.world))
+
+    def merge(self, parts: List[list], n: int) -> list:
+        """The ``world`` ranks' results (``parts[r]`` in the order of ``indices``) as one
+        list in prompt order."""
+        out: list = [None] * n
+        for r, part in enumerate(parts):
+            idx = RolloutShare(r, self.world).indices(n)
+            if len(part) != len(idx):
+                raise RuntimeError(f"rollout rank {r} returned {len(part)} results for "
+                                   f"{len(idx)} prompts")
+            for i, value in zip(idx, part):
+                out[i] = value
+        return out
+
+
 @dataclass
 class RolloutSide:
-    """The sync rank's part of a run."""
+    """A generating rank's part of a run."""
 
     data: Optional[PromptData]  # None: no training prompts (an evaluation-only run)
     eval_items: List[PromptItem]  # the in-loop held-out problems
     engine: RolloutEngine
     reward: "MathReward"
+    share: RolloutShare = RolloutShare(0, 1)
 
     def close(self) -> None:
         self.reward.close()
@@ -48,6 +77,7 @@ class Run:
     stop_ids: List[int]
     rollout: Optional[RolloutSide]  # rank 0 only
     data_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)  # rows kept/skipped
+    timers: StepTimers = dataclasses.field(default_factory=StepTimers)  # this step's phases
 
     @property
     def engine(self) -> Optional[RolloutEngine]:

@@ -1,12 +1,13 @@
 """One TRAPO step, top to bottom: prompts → micro-group rollouts → rewards → advantages →
 masked micro-batches → old logprobs → Megatron forward/backward + optimizer step → weight
-sync → metrics. Every rank runs it; rollouts happen on the sync rank (global rank 0), whose
-trajectories are broadcast so that every rank builds the same batch and takes its share."""
+sync → metrics. Every rank runs it; rollouts happen on global rank 0 — or, with data-parallel
+rollouts, on every rank for its share of the prompts — and the trajectories are shared so that
+every rank builds the same batch and takes its share of the training."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Literal, Optional
 
 import torch
 from megatron.core import parallel_state as ps
@@ -15,13 +16,15 @@ from megatron_trapo.algorithms.methods import method
 from megatron_trapo.algorithms.sampler import Groups, flatten, reward_scorer, sample_groups
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
 from megatron_trapo.models.provider import have_transformer_engine
-from megatron_trapo.platform.distributed import broadcast_object
+from megatron_trapo.platform.distributed import broadcast_object, host_group
 from megatron_trapo.rollout.types import SamplingParams
 from megatron_trapo.train.batch import (build_sequences, make_microbatches, model_forward,
                                         pack_microbatches, row_multiple, split_for_rank, to_device)
 from megatron_trapo.train.forward_backward import run_forward_backward, train_step
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
+from megatron_trapo.train.run import RolloutShare
+from megatron_trapo.train.timing import TimedEngine
 
 
 @dataclass
@@ -32,21 +35,22 @@ class StepResult:
 
 def trapo_step(run, step: int) -> StepResult:
     """One step of any method. ``run`` is a :class:`megatron_trapo.train.trainer.Run`."""
-    cfg = run.cfg
+    cfg, timers = run.cfg, run.timers
     m = method(cfg.loss.loss_mode)
     # 1-3. this step's prompts, their micro-group rollouts and rewards (sync rank), shared
-    groups = None
-    if run.rollout is not None:  # the sync rank
+    local, side = None, run.rollout
+    if side is not None:  # a generating rank: its share of the prompts
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.loss.max_response_length,
                                   stop_token_ids=run.stop_ids)
-        side = run.rollout
         items = side.data.batch(step)
-        groups = sample_groups(items, side.engine, reward_scorer(items, run.tokenizer, side.reward),
-                               m, cfg.sampler, sampling, run.eos_id, seed=cfg.seed * 7919 + step,
-                               off_policy=cfg.loss.luffy.off_policy)
+        score = timers.timed("reward", reward_scorer(items, run.tokenizer, side.reward))
+        local = sample_groups(items, TimedEngine(side.engine, timers), score, m, cfg.sampler,
+                              sampling, run.eos_id, seed=cfg.seed * 7919 + step,
+                              off_policy=cfg.loss.luffy.off_policy,
+                              indices=side.share.indices(len(items)))
     health = run.engine.health_metrics() if run.engine is not None else {}
-    groups = broadcast_object(groups)  # every rank builds the same batch
+    groups = gather_shares(local, side.share if side is not None else None)  # on every rank
     trajs = flatten(groups)
     # 4. group-relative advantages over each prompt's samples
     group = m.advantage_group(cfg.sampler.group_size)
@@ -60,20 +64,53 @@ def trapo_step(run, step: int) -> StepResult:
     mbs = [to_device(mb) for mb in mbs]
     seq_len = max(mb["tokens"].shape[1] for mb in mbs)
     mb_size = max(mb["tokens"].shape[0] for mb in mbs)
-    # 6. old logprobs from the trainer itself (rollout logprobs stay for TIS)
-    if cfg.batching.recompute_old_logprobs and m.needs_old_logprobs:
-        fill_old_logprobs(run.ddp, mbs, cfg.loss.logprob_chunk_size, seq_len, mb_size)
+    # 6. old logprobs: the current ones when strictly on-policy, else a forward pass (the
+    #    rollout logprobs stay for TIS)
+    source = old_logprobs_source(cfg) if m.needs_old_logprobs else "rollout"
+    if source == "recompute":
+        with timers.phase("old_logprobs"):
+            fill_old_logprobs(run.ddp, mbs, cfg.loss.logprob_chunk_size, seq_len, mb_size)
     # 7. Megatron forward/backward over the micro-batches, one optimizer step
     out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
-                     make_forward_step(cfg.loss, normaliser), seq_len, mb_size)
+                     make_forward_step(cfg.loss, normaliser, old_is_current=source == "current"),
+                     seq_len, mb_size, timers=timers)
+    timers.count("train_tokens", sum(s["tokens"].numel() for s in seqs))  # all DP ranks
     # 8. the new weights to the engine
-    synced = run.sync.sync(run.ddp, str(step + 1)) if run.sync is not None else {}
+    synced = {}
+    if run.sync is not None:
+        with timers.phase("weight_sync"):
+            synced = run.sync.sync(run.ddp, str(step + 1))
     # 9. metrics
     metrics = {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs), **health,
+               "rollout/generating_ranks": float(side.share.world) if side is not None else 0.0,
                **{f"sync/{k}": float(v) for k, v in synced.items()},
                "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
                "train/tokens": float(sum(s["tokens"].numel() for s in seqs))}
     return StepResult(metrics, groups)
+
+
+def gather_shares(local: Optional[list], share: Optional[RolloutShare]) -> list:
+    """The generating ranks' per-prompt results, whole and in prompt order, on every rank:
+    broadcast from rank 0 when it generated everything (``share`` None on the ranks that did
+    not), else all-gathered from the data-parallel ranks (every rank generates then)."""
+    if share is None or share.world == 1:
+        return broadcast_object(local)
+    parts: List = [None] * share.world
+    torch.distributed.all_gather_object(parts, local, group=host_group())
+    return share.merge(parts, sum(len(p) for p in parts))
+
+
+def old_logprobs_source(cfg) -> Literal["recompute", "current", "rollout"]:
+    """Where the policy-gradient ratio's log π_old comes from (``batching.
+    recompute_old_logprobs``): ``current`` — strictly on-policy (one optimizer step per rollout
+    batch, which is every step today, and no TIS), π_old is the policy being differentiated,
+    so lp.detach() gives the ratio exp(lp − sg(lp)) = 1 and the same gradient as a recompute,
+    without its forward pass; ``recompute`` — a forward pass with the current weights before
+    the update (TIS, or forced); ``rollout`` — the engine's logprobs (forced off)."""
+    forced = cfg.batching.recompute_old_logprobs
+    if forced is not None:
+        return "recompute" if forced else "rollout"
+    return "recompute" if cfg.loss.tis_cap is not None else "current"
 
 
 def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,
@@ -89,10 +126,12 @@ def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,
     if pack:
         return pack_microbatches(mine, cfg.batching.max_tokens_per_microbatch, pad_id,
                                  fixed_width=pp, multiple=multiple)
+    budget = cfg.batching.max_tokens_per_microbatch
+    if not torch.cuda.is_available() and cfg.batching.cpu_max_tokens_per_microbatch:
+        budget = min(budget, cfg.batching.cpu_max_tokens_per_microbatch)
     width = -(-max(s["tokens"].numel() for s in seqs) // multiple) * multiple
-    fixed = (max(1, cfg.batching.max_tokens_per_microbatch // width), width) if pp else None
-    return make_microbatches(mine, cfg.batching.max_tokens_per_microbatch, pad_id, fixed,
-                            multiple)
+    fixed = (max(1, budget // width), width) if pp else None
+    return make_microbatches(mine, budget, pad_id, fixed, multiple)
 
 
 def _logprob_loss(chunk_size, batch, output):

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 import psutil
 import torch
+from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from megatron_trapo.algorithms.methods import PIPELINES, is_pipeline
@@ -21,7 +22,7 @@ from megatron_trapo.data.tokenizer import stop_token_ids
 from megatron_trapo.metrics import MetricsLogger, continue_log
 from megatron_trapo.models.hf.mapping import model_to_hf_config
 from megatron_trapo.models.provider import build_model
-from megatron_trapo.platform.distributed import broadcast_object, initialize_distributed
+from megatron_trapo.platform.distributed import initialize_distributed
 from megatron_trapo.plotting import plot_curves
 from megatron_trapo.reward.grading import grade_all
 from megatron_trapo.reward.math_reward import MathReward
@@ -35,8 +36,9 @@ from megatron_trapo.train.preemption import Preempted, StopRequest
 from megatron_trapo.train.preflight import (check_all_data, check_paths, load_tokenizer,
                                             tokenizer_folder)
 from megatron_trapo.train.pretrained import model_config_from_checkpoint
-from megatron_trapo.train.run import RolloutSide, Run
-from megatron_trapo.train.step import trapo_step
+from megatron_trapo.train.run import RolloutShare, RolloutSide, Run
+from megatron_trapo.train.step import gather_shares, trapo_step
+from megatron_trapo.train.timing import postfix
 
 logger = logging.getLogger(__name__)
 
@@ -66,20 +68,24 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
     eos_id = tokenizer.eos_token_id
     stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    rank0 = torch.distributed.get_rank() == 0
-    rollout = None
-    if rank0:
+    if torch.distributed.get_rank() == 0:
         for rep in reports.values():  # skipped rows are worth a warning
             (logger.warning if rep.skipped else logger.info)("data: %s", rep.summary())
+    share = rollout_share(cfg)
+    rollout = None
+    if share is not None:
         data = PromptData(train_items, cfg.prompts_per_step, cfg.seed) if train_items else None
         evals = eval_items[:cfg.eval.max_problems] if cfg.eval.max_problems else eval_items
         # the HF engine without model_path starts with this architecture, unfilled: the
         # first weight sync below fills it
         engine = make_engine(dataclasses.replace(cfg.rollout, tokenizer_path=tokenizer_folder(cfg)),
                              weight_updates=True, hf_config=model_to_hf_config(model))
-        rollout = RolloutSide(data, evals, engine, MathReward(num_workers=2))
+        # two verifier processes on the machine either way
+        reward = MathReward(num_workers=max(1, 2 // share.world))
+        rollout = RolloutSide(data, evals, engine, reward, share)
     engine = rollout.engine if rollout is not None else None
     sync = WeightSync(engine, model, cfg.rollout.resolved_weight_sync,
+                      replicated=share is not None and share.world > 1,
                       bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 1024**2,
                       disk_dir=cfg.rollout.weight_sync_dir, address=cfg.rollout.weight_sync_address,
                       group_timeout_s=cfg.rollout.weight_sync_timeout_s,
@@ -90,35 +96,59 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
     return run, start, trainer_state
 
 
+def rollout_share(cfg: TrainConfig) -> Optional[RolloutShare]:
+    """Which prompts this rank generates (None: none — it waits for the generating rank).
+    Data-parallel rollouts (``rollout.data_parallel``, auto with the HF engine) need every rank
+    to hold the whole model: TP = PP = CP = 1."""
+    whole = (ps.get_tensor_model_parallel_world_size() == 1
+             and ps.get_pipeline_model_parallel_world_size() == 1
+             and ps.get_context_parallel_world_size() == 1)
+    wanted = cfg.rollout.data_parallel
+    if wanted and not whole:
+        raise ConfigError("rollout.data_parallel=true needs every rank to hold the whole model "
+                          f"(tensor/pipeline/context parallel sizes 1; got "
+                          f"{ps.get_tensor_model_parallel_world_size()}/"
+                          f"{ps.get_pipeline_model_parallel_world_size()}/"
+                          f"{ps.get_context_parallel_world_size()})")
+    dp = ps.get_data_parallel_world_size()
+    if dp > 1 and whole and (wanted or (wanted is None and cfg.rollout.engine == "hf")):
+        return RolloutShare(ps.get_data_parallel_rank(), dp)
+    return RolloutShare(0, 1) if torch.distributed.get_rank() == 0 else None
+
+
 def evaluate(run: Run) -> Dict[str, float]:
-    """Held-out accuracy (rank 0 generates and grades; every rank returns the result). Prompts
-    are rendered as for training (``data.prompts.prompt_ids``) and answers graded as
-    ``megatron-trapo eval`` grades them (``reward.grading``: math-verify, then PRM800K's
-    grader), in the reward's worker pool."""
-    result = [None]
+    """Held-out accuracy (the generating ranks generate and grade their share; every rank
+    returns the result). Prompts are rendered as for training (``data.prompts.prompt_ids``)
+    and answers graded as ``megatron-trapo eval`` grades them (``reward.grading``:
+    math-verify, then PRM800K's grader), in the reward's worker pool."""
     side = run.rollout
+    local = [] if side is not None else None
     if side is not None and side.eval_items:
+        mine = side.share.indices(len(side.eval_items))
+        items = [side.eval_items[i] for i in mine]
         reqs = [RolloutRequest(it.prompt_ids, SamplingParams(
             temperature=run.cfg.eval.temperature, max_new_tokens=run.cfg.loss.max_response_length,
-            stop_token_ids=run.stop_ids, seed=run.cfg.seed + i)) for i, it in enumerate(side.eval_items)]
+            stop_token_ids=run.stop_ids, seed=run.cfg.seed + i)) for i, it in zip(mine, items)]
         samples = side.engine.generate(reqs)
         texts = [run.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in samples]
-        grades = grade_all(side.reward, [(t, it.record.answer)
-                                         for t, it in zip(texts, side.eval_items)])
-        scores = [float(g["correct"]) for g in grades]
-        metrics = {"eval/accuracy": sum(scores) / len(scores),
-                   "eval/length": sum(len(s[0].token_ids) for s in samples) / len(samples),
-                   "eval/no_answer": sum(g["grader"] == "no_answer" for g in grades) / len(grades),
-                   "eval/second_grader": sum(g["grader"] == "prm800k" for g in grades)
-                   / len(grades)}
-        by_source: Dict[str, List[float]] = {}
-        for it, score in zip(side.eval_items, scores):  # e.g. accuracy per difficulty
-            if it.record.source:
-                by_source.setdefault(it.record.source, []).append(score)
-        if len(by_source) > 1:
-            metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in by_source.items()})
-        result = [metrics]
-    return broadcast_object(result[0]) or {}
+        grades = grade_all(side.reward, [(t, it.record.answer) for t, it in zip(texts, items)])
+        local = [(float(g["correct"]), len(s[0].token_ids), g["grader"], it.record.source)
+                 for g, s, it in zip(grades, samples, items)]
+    rows = gather_shares(local, side.share if side is not None else None)
+    if not rows:
+        return {}
+    n = len(rows)
+    metrics = {"eval/accuracy": sum(r[0] for r in rows) / n,
+               "eval/length": sum(r[1] for r in rows) / n,
+               "eval/no_answer": sum(r[2] == "no_answer" for r in rows) / n,
+               "eval/second_grader": sum(r[2] == "prm800k" for r in rows) / n}
+    by_source: Dict[str, List[float]] = {}
+    for score, _, _, source in rows:  # e.g. accuracy per difficulty
+        if source:
+            by_source.setdefault(source, []).append(score)
+    if len(by_source) > 1:
+        metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in by_source.items()})
+    return metrics
 
 
 def peak_memory_gb() -> float:
@@ -181,6 +211,8 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
     if start == 0 and has_eval:
         final = evaluate(run)
         metrics.log(0, final)
+    run.timers.take(0.0)  # set-up and the first evaluation are not a step's
+    t_iteration = time.time()  # an iteration: from one metrics row to the next
     bar = tqdm(range(start, cfg.train_iters), disable=not rank0, initial=start,
                total=cfg.train_iters, desc=cfg.loss.loss_mode, unit="step")
     with StopRequest(control_dir or cfg.checkpoint.save) as stop:
@@ -194,16 +226,22 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
             m["memory/peak_gb"] = peak_memory_gb()
             last = step + 1 == cfg.train_iters
             if has_eval and (last or (cfg.eval.interval and (step + 1) % cfg.eval.interval == 0)):
-                m.update(evaluate(run))
+                with run.timers.phase("eval"):
+                    m.update(evaluate(run))
+            # timings cover the whole iteration since the last row (the checkpoint saved
+            # after the previous row included)
+            now = time.time()
+            m.update(run.timers.take(now - t_iteration))
+            t_iteration = now
             metrics.log(step + 1, m)
             final = m
-            bar.set_postfix(loss=f"{m.get('loss', 0):.4f}",
-                            reward=f"{m.get('rollout/reward_unguided', float('nan')):.2f}")
+            bar.set_postfix(postfix(m))
             interval = cfg.checkpoint.save_interval
             saved = bool(cfg.checkpoint.save) and (last or bool(interval and
                                                                 (step + 1) % interval == 0))
             if saved:
-                save(step + 1)
+                with run.timers.phase("checkpoint"):
+                    save(step + 1)
             reason = None if last else stop.agreed()
             if reason is not None:  # preempted: this step is done; save it and stop
                 if cfg.checkpoint.save and not saved:

@@ -44,7 +44,10 @@ def test_one_trapo_step_masks_follow_sampler(task, tmp_path):
     m = r.metrics
     assert m["expert/tokens"] == r.expected_expert > 0  # TrSFT only on flagged prefixes
     assert m["pg/tokens"] == r.expected_generated > 0  # PG on every generated token
-    assert m["pg/ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # engine weights == trainer's
+    # the engine's weights are the trainer's: its logprobs are the trainer's (the ratio is
+    # exactly 1 on-policy, where π_old is the current policy itself)
+    assert m["pg/rollout_logprob_gap"] < 1e-4
+    assert m["pg/ratio_mean"] == 1.0 and m["pg/ratio_max"] == 1.0
     cfg = MicroGroupConfig()
     for group in range(3):
         rows = [row for row in r.rows if row.prompt_index == group]
@@ -207,3 +210,35 @@ def test_workers_exit_when_torchrun_is_killed(task, tmp_path):
         for w in workers:
             if w.is_running():
                 w.kill()
+
+
+def test_data_parallel_rollouts_match_rank0_rollouts(task, tmp_path):
+    """At TP = 1 both ranks generate their share of the prompts (auto with the HF engine); the
+    first step, from the same weights and seeds, samples what rank 0 alone samples with
+    rollout.data_parallel=false (each sample's seed depends on its prompt, not on the rank),
+    and every step logs its phase times."""
+    runs = {}
+    for name, dp in (("dp", "null"), ("rank0", "false")):
+        run = tmp_path / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+               f"--master-port={free_port()}", "-m", "megatron_trapo.cli", "train",
+               *args(task, **{"loss.loss_mode": "grpo", "prompts_per_step": 5, "train_iters": 2,
+                              "log_dir": run / "logs", "rollout.data_parallel": dp})]
+        proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text()
+                      .splitlines()]
+    dp, rank0 = runs["dp"], runs["rank0"]
+    assert [r["rollout/generating_ranks"] for r in dp] == [2.0, 2.0]
+    assert [r["rollout/generating_ranks"] for r in rank0] == [1.0, 1.0]
+    first, ref = dp[0], rank0[0]
+    assert first["rollout/samples"] == ref["rollout/samples"] == 5 * 8
+    for key in ("rollout/reward_unguided", "rollout/length_unguided", "pg/tokens"):
+        assert first[key] == pytest.approx(ref[key], rel=0.02), key
+    assert first["pg/rollout_logprob_gap"] < 1e-4  # each rank's engine holds the new weights
+    assert dp[1]["pg/rollout_logprob_gap"] < 1e-4  # ... after the first update too
+    for row in dp + rank0:
+        assert row["timing/rollout_generate_s"] > 0 and row["timing/forward_backward_s"] > 0
+        assert row["timing/old_logprobs_s"] == 0.0  # on-policy: no recompute pass
+        assert 0 <= row["timing/other_fraction"] < 1

@@ -212,3 +212,31 @@ def test_weight_sync_tp2_pp2_three_modes(model_dir, tmp_path):
     killed = r.checks["tp2:after_kill"]
     assert killed.diff <= 1e-4 and killed.rebuilds == 1 and len(killed.live) == 1
     assert killed.sample_version == "tp2-after-kill"
+
+
+def test_hf_engine_prefills_each_distinct_input_once(engines):
+    """A group's samples share their prompt: the engine prefills it once and copies its KV
+    cache to every sample's row. Each copy then samples exactly what the sample would alone
+    (its own seed, untouched by its neighbours' tokens)."""
+    hf = engines["hf"]
+    batches = []
+    hook = hf.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: batches.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    try:
+        group = [RolloutRequest(PROMPTS[0], SamplingParams(n=4, temperature=1.0,
+                                                           max_new_tokens=8, seed=21)),
+                 RolloutRequest(PROMPTS[1], SamplingParams(n=3, temperature=1.0,
+                                                           max_new_tokens=8, seed=5))]
+        together = hf.generate(group)
+        prefill = batches[0]
+        batches.clear()
+        alone = [hf.generate([RolloutRequest(r.prompt_ids, SamplingParams(
+            n=1, temperature=1.0, max_new_tokens=8, seed=r.sampling.seed + j))])[0][0]
+            for r in group for j in range(r.sampling.n)]
+    finally:
+        hook.remove()
+    assert prefill[0] == 2  # two distinct prompts prefilled, not seven rows
+    assert [s.token_ids for samples in together for s in samples] == [s.token_ids for s in alone]
+    for a, b in zip([s for samples in together for s in samples], alone):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5

@@ -10,6 +10,7 @@ from megatron_trapo.config import MicroGroupConfig
 from megatron_trapo.data.items import PromptItem
 from megatron_trapo.data.records import Record
 from megatron_trapo.rollout.types import RolloutEngine, Sample, SamplingParams
+from megatron_trapo.train.run import RolloutShare
 
 EOS = 0
 TRACE_A = [11, 12, 13, 14, 15, 16, 17, 18]  # 8 tokens, no "\n\n": cuts at 2 and 4
@@ -127,3 +128,40 @@ def test_ablations_sample_like_trapo(name):
     ours, theirs = run(name), run("trapo")
     assert [[(r.prefix_ids, r.sampling.n) for r in c] for c in ours[0].calls] == \
         [[(r.prefix_ids, r.sampling.n) for r in c] for c in theirs[0].calls]
+
+
+class SeededEngine(ScriptedEngine):
+    """Sample j of a request is a function of its seed and prefix only (as a seeded engine's
+    samples are), not of its position in the batch."""
+
+    def generate(self, requests):
+        self.calls.append(list(requests))
+        return [[Sample([r.sampling.seed % 97, j, len(r.prefix_ids)], [-0.5] * 3, "stop", "v7",
+                        len(r.prefix_ids)) for j in range(r.sampling.n)] for r in requests]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_shares_of_the_prompts_merge_into_the_whole(name):
+    """Data-parallel rollouts: two ranks sampling every other prompt, merged in prompt order,
+    give exactly the groups one rank sampling all of them gets (seeds, prompt indices, levels,
+    guidance, rewards)."""
+    prompts = items() + items()  # 4 prompts: 0 and 2 fail, 1 and 3 succeed
+
+    def score(trajs):
+        for t in trajs:
+            t.reward = float(t.prompt_index % 2 == 1)
+
+    def sample(indices=None):
+        return sample_groups(prompts, SeededEngine(), score, METHODS[name], MicroGroupConfig(),
+                             SamplingParams(temperature=1.0, max_new_tokens=64), EOS, seed=5,
+                             indices=indices)
+
+    whole = sample()
+    parts = [sample(RolloutShare(r, 2).indices(len(prompts))) for r in range(2)]
+    assert [len(p) for p in parts] == [2, 2]
+    merged = RolloutShare(0, 2).merge(parts, len(prompts))
+    assert merged == whole
+    assert [t.prompt_index for t in flatten(merged)] == [t.prompt_index for t in flatten(whole)]
+    assert sorted({t.prompt_index for t in flatten(parts[1])}) == [1, 3]
+    with pytest.raises(RuntimeError, match="rollout rank 1 returned 1 results for 2 prompts"):
+        RolloutShare(0, 2).merge([parts[0], parts[1][:1]], len(prompts))

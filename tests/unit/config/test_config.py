@@ -2,7 +2,7 @@
 import pytest
 
 from megatron_trapo.config import (ConfigError, ModelConfig, OptimizerConfig, ParallelConfig,
-                                   SmokeConfig, load_config)
+                                   SmokeConfig, TrainConfig, load_config)
 
 
 def test_optimizer_defaults_follow_the_paper():
@@ -135,3 +135,13 @@ def test_old_flat_keys_are_read_for_one_release_with_the_new_name(tmp_path, caps
     assert old.rollout.server_impl == "hf"
     assert ("rollout.server_impl=embedded is deprecated: use rollout.server_impl=hf"
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.engine=sglang", "rollout.data_parallel=true"],
+     "rollout.data_parallel=true needs rollout.engine=hf"),
+    (["batching.cpu_max_tokens_per_microbatch=0"], "batching.cpu_max_tokens_per_microbatch"),
+])
+def test_speed_knobs_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, overrides)

@@ -49,7 +49,7 @@ def test_in_loop_eval_renders_and_grades_as_megatron_trapo_eval(tokenizer, monke
     assert [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"])
             for t in responses] == responses  # byte-level: the texts survive the round trip
     engine = ScriptedEngine(tokenizer, responses)
-    monkeypatch.setattr(trainer, "broadcast_object", lambda obj: obj)  # a world of one
+    monkeypatch.setattr(trainer, "gather_shares", lambda local, share: local)  # a world of one
     with MathReward(num_workers=1) as reward:
         run = SimpleNamespace(cfg=TrainConfig(), tokenizer=tokenizer, stop_ids=[],
                               rollout=RolloutSide(None, encode(records, tokenizer), engine,

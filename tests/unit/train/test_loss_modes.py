@@ -1,12 +1,14 @@
 """The loss adapter's modes: which tokens get which loss (single process, full vocabulary)."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megatron_trapo.algorithms import losses as L
-from megatron_trapo.config import ConfigError, LossConfig, LuffyConfig
+from megatron_trapo.config import BatchingConfig, ConfigError, LossConfig, LuffyConfig
 from megatron_trapo.train.loss_func import token_losses
+from megatron_trapo.train.step import old_logprobs_source
 
 LP = torch.log(torch.tensor([0.5, 0.05, 0.3, 0.6, 0.2, 0.9]))
 ENT = torch.tensor([1.0, 2.0, 0.5, 0.7, 1.5, 0.2])
@@ -89,3 +91,34 @@ def test_ablation_methods_differ_from_trapo_only_on_prefix_tokens():
     assert shaped[1].item() == pytest.approx(-0.5 * 0.05 / 0.15, rel=1e-5)
     assert shaped[2].item() == pytest.approx(-0.5 * 0.3 / 0.4, rel=1e-5)
     assert torch.equal(shaped[3:], trapo[3:])  # TRAPO's clip range, not LUFFY's
+
+
+@pytest.mark.parametrize("mode", ["trapo", "grpo", "luffy"])
+def test_on_policy_ratio_uses_the_current_logprobs_with_a_recompute_s_gradient(mode):
+    """Strictly on-policy the recompute pass gives π_old = the current logprobs; reading
+    lp.detach() instead gives the same loss and gradient with no pass, and a ratio of 1 — not
+    the rollout logprobs' ratio (batch["old_logprobs"] here holds stale values on purpose)."""
+    cfg = LossConfig(loss_mode=mode, clip_ratio_low=0.2, clip_ratio_high=0.2, entropy_coef=0.01)
+
+    def loss_and_grad(batch, old_is_current):
+        lp = LP.clone().requires_grad_(True)
+        loss, metrics = token_losses(cfg, lp, ENT, batch, old_is_current=old_is_current)
+        loss.sum().backward()
+        return loss.detach(), lp.grad, metrics
+
+    recomputed = dict(BATCH, old_logprobs=LP.clone())  # what the recompute pass would fill
+    ref_loss, ref_grad, _ = loss_and_grad(recomputed, False)
+    loss, grad, m = loss_and_grad(BATCH, True)
+    assert torch.allclose(loss, ref_loss) and torch.allclose(grad, ref_grad)
+    assert m["pg/ratio_mean"].tolist() == [2.0, 2.0] and m["pg/ratio_max"][0] == 1.0
+    stale_loss, _, _ = loss_and_grad(BATCH, False)
+    assert not torch.allclose(stale_loss, ref_loss)
+
+
+@pytest.mark.parametrize("forced,tis,source", [
+    (None, None, "current"), (None, 2.0, "recompute"), (True, None, "recompute"),
+    (False, None, "rollout"), (False, 2.0, "rollout")])
+def test_old_logprobs_source(forced, tis, source):
+    cfg = SimpleNamespace(batching=BatchingConfig(recompute_old_logprobs=forced),
+                          loss=LossConfig(tis_cap=tis))
+    assert old_logprobs_source(cfg) == source

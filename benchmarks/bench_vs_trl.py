@@ -1,0 +1,369 @@
+"""Our GRPO/TRAPO step against TRL's ``GRPOTrainer`` on the identical workload, side by side in
+one run:
+
+    .venv/bin/pip install -e '.[bench]'          # trl==1.16.0
+    .venv/bin/python benchmarks/bench_vs_trl.py [--sizes 1m,10m] [--steps 8] [--warmup 2]
+                                                [--base runs/cpu_demo/runs/base/ckpt]
+
+Workload (the CPU demo's hyper-parameters): 16 prompts × 8 samples of the demo's synthetic
+training split, ≤ 64 new tokens, temperature 1, lr 1e-4 constant, Adam (0.9, 0.999, 1e-8),
+clip 1.0, no KL, no std scaling, token-mean loss, entropy bonus 0.001. Both sides load one
+HF safetensors folder (ours through tools/convert_hf_to_mcore.py): the 1m size is the demo's
+architecture (4 layers, hidden 128; the pretrained base with ``--base``, else a seeded random
+init), the 10m size hidden 384 × 6 layers (seeded random init). A random model never emits EOS,
+so each sample is the full 64 tokens on both sides; the generated tokens per step are printed.
+
+Ours: ``megatron-trapo train`` under torchrun on 2 processes (every phase from its
+``timing/*`` metrics). TRL: one process with the machine's threads (its profiling contexts
+and the Trainer's callbacks give generate / reward / forward-backward / optimizer).
+Printed per size: median step over the steps after ``--warmup``, the ratio, each side's phase
+medians, generated tokens per step, peak memory (PSS summed over the process tree, so pages
+shared by forked workers count once), and the training phase against the machine's matmul roof
+(model FLOPs of forward + backward ÷ time, over a dense fp32 GEMM's FLOP/s on the same
+processes × threads, measured here).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+
+SIZES = {
+    "1m": {"num_layers": 4, "hidden_size": 128, "ffn_hidden_size": 512,
+           "num_attention_heads": 4, "num_query_groups": 2},
+    "10m": {"num_layers": 6, "hidden_size": 384, "ffn_hidden_size": 1536,
+            "num_attention_heads": 6, "num_query_groups": 2},
+}
+VOCAB, POSITIONS = 384, 256
+PROMPTS, GROUP, NEW_TOKENS, LR, ENTROPY = 16, 8, 64, 1e-4, 0.001
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak of the summed PSS of a process and all its descendants, sampled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        self.root, self.peak_gb = psutil.Process(pid), 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.root] + self.root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for p in procs:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak_gb = max(self.peak_gb, total / 2**30)
+            self._stop.wait(0.2)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_gb
+
+
+def run_measured(cmd: List[str], log: Path, env: Optional[dict] = None) -> float:
+    """Run ``cmd`` (output to ``log``); returns its peak memory in GiB; fails with the log."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})))
+        mem = PeakMemory(proc.pid)
+        code = proc.wait()
+        peak = mem.stop()
+    if code != 0:
+        raise SystemExit(f"{cmd[:6]}… failed (exit {code}):\n" + log.read_text()[-3000:])
+    return peak
+
+
+GEMM = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+for _ in range(3): a @ b
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < 2.0:
+    a @ b; n += 1
+print(2 * 1024**3 * n / (time.perf_counter() - t0))
+"""
+
+
+def gemm_roof(processes: int, threads: int) -> float:
+    """Dense fp32 1024² GEMM FLOP/s of ``processes`` concurrent processes × ``threads``."""
+    procs = [subprocess.Popen([sys.executable, "-c", GEMM, str(threads)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(processes)]
+    return sum(float(p.communicate()[0]) for p in procs)
+
+
+def linear_params(hf_dir: Path) -> int:
+    """Weights that take part in matmuls (every 2-D tensor but the input embedding; the
+    output layer counts, tied or not)."""
+    # lazy: the parent process of the benchmark needs no torch until it reports
+    from transformers import AutoConfig
+
+    from megatron_trapo.models.hf.files import HFCheckpointReader
+
+    reader = HFCheckpointReader(str(hf_dir))
+    total = sum(reader.get(n).numel() for n in reader.names()
+                if reader.get(n).dim() == 2 and "embed_tokens" not in n)
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    if "lm_head.weight" not in reader.names():  # tied: the output layer is the embedding
+        total += cfg.vocab_size * cfg.hidden_size
+    return total
+
+
+def train_flops(hf_dir: Path, tokens: float, samples: float) -> float:
+    """Forward + backward FLOPs of a step: 6·N·T for the weight matmuls, plus attention's
+    QKᵀ and AV (12·L·h·s² per sequence, as Megatron counts it) at the mean length."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    mean_len = tokens / max(samples, 1)
+    return 6 * linear_params(hf_dir) * tokens + 12 * cfg.num_hidden_layers * cfg.hidden_size \
+        * mean_len * tokens
+
+
+# --- the two sides ---------------------------------------------------------------------------
+
+def prepare_models(out: Path, size: str, base: Optional[str]) -> Dict[str, Path]:
+    """The HF folder both sides load, and our Megatron checkpoint converted from it."""
+    hf, mc = out / f"hf_{size}", out / f"mcore_{size}"
+    if not (hf / "config.json").is_file():
+        if base and size == "1m":
+            subprocess.run([sys.executable, str(TOOLS / "convert_mcore_to_hf.py"), "--mcore-dir",
+                            base, "--out-dir", str(hf)], check=True, capture_output=True)
+        else:  # lazy: as in linear_params
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            from megatron_trapo.models.hf.mapping import model_to_hf_config
+            from megatron_trapo.models.presets import preset
+
+            hf.mkdir(parents=True, exist_ok=True)
+            # the demo's family (the "tiny" preset's), at this size
+            cfg = dataclasses.replace(preset("tiny"), **SIZES[size], vocab_size=VOCAB,
+                                      max_position_embeddings=POSITIONS)
+            (hf / "config.json").write_text(json.dumps(model_to_hf_config(cfg)))
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf),
+                                                     dtype=torch.float32)
+            model.save_pretrained(hf)
+    if not (mc / "latest_checkpointed_iteration.txt").is_file():
+        subprocess.run([sys.executable, str(TOOLS / "convert_hf_to_mcore.py"), "--hf-dir",
+                        str(hf), "--out-dir", str(mc), "--dtype", "fp32"], check=True,
+                       capture_output=True)
+    return {"hf": hf, "mcore": mc}
+
+
+def run_ours(out: Path, name: str, models: Dict[str, Path], data: Path, method: str,
+             iters: int) -> Dict:
+    run = out / name
+    args = {"load": models["mcore"], "train_data": data / "train.jsonl",
+            "rollout.tokenizer_path": data / "tokenizer", "loss.loss_mode": method,
+            "prompts_per_step": PROMPTS, "train_iters": iters,
+            "loss.max_response_length": NEW_TOKENS, "optimizer.lr": LR,
+            "loss.aggregation": "token_mean", "loss.entropy_coef": ENTROPY,
+            "batching.max_tokens_per_microbatch": 8192, "log_dir": run, "seed": 1}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "megatron_trapo.cli", "train", *[f"{k}={v}" for k, v in args.items()]]
+    if (run / "metrics.jsonl").exists():
+        (run / "metrics.jsonl").unlink()
+    peak = run_measured(cmd, out / f"{name}.log")
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"rows": rows, "peak_gb": peak}
+
+
+def run_trl(out: Path, name: str, models: Dict[str, Path], data: Path, iters: int) -> Dict:
+    result = out / f"{name}.json"
+    cmd = [sys.executable, __file__, "--trl-worker", "--model", str(models["hf"]),
+           "--data", str(data), "--iters", str(iters), "--result", str(result)]
+    peak = run_measured(cmd, out / f"{name}.log")
+    return {"rows": json.loads(result.read_text()), "peak_gb": peak}
+
+
+def trl_worker(model: str, data: Path, iters: int, result: Path) -> None:
+    """TRL's GRPOTrainer on the same workload; one row of phase times per step."""
+    # lazy: TRL is the optional [bench] extra, imported only in its own worker process
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.extras import profiling
+
+    from megatron_trapo.data.prompts import render_prompt
+    from megatron_trapo.data.records import load_records
+    from megatron_trapo.reward.math_reward import verify_answer
+
+    tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+    records = load_records(data / "train.jsonl")
+    ds = Dataset.from_list([{"prompt": render_prompt(tok, r.problem), "answer": r.answer}
+                            for r in records])
+
+    def reward(completions, answer, **_):
+        return [verify_answer(c, a) for c, a in zip(completions, answer)]
+
+    phases: Dict[str, float] = {}
+    original = profiling.ProfilingContext._log_metrics
+
+    def record(self, duration):  # TRL's own profiling contexts ("GRPOTrainer.<name>"), per step
+        name = self.name.split(".", 1)[-1]
+        phases[name] = phases.get(name, 0.0) + duration
+        original(self, duration)
+
+    profiling.ProfilingContext._log_metrics = record
+    rows: List[Dict[str, float]] = []
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            phases.clear()
+            self.t0 = time.perf_counter()
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            self.t_fb = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            self.t_opt = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            t = time.perf_counter()
+            prep = phases.get("_prepare_inputs", 0.0)
+            rows.append({"iteration_s": t - self.t0,
+                         "rollout_generate_s": phases.get("transformers.generate", 0.0),
+                         "reward_s": phases.get("_calculate_rewards", 0.0),
+                         "forward_backward_s": self.t_fb - self.t0 - prep,
+                         "optimizer_s": self.t_opt - self.t_fb})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if rows and logs and "completions/mean_length" in logs:
+                rows[-1]["mean_length"] = float(logs["completions/mean_length"])
+
+    cfg = GRPOConfig(output_dir=str(result.parent / "trl_out"), use_cpu=True, bf16=False,
+                     per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+                     gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+                     max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0,
+                     learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                     weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                     max_grad_norm=1.0, beta=0.0, scale_rewards="none", loss_type="dapo",
+                     entropy_coef=ENTROPY, max_steps=iters, logging_steps=1,
+                     save_strategy="no", report_to="none", seed=1, dataloader_num_workers=0,
+                     disable_tqdm=True)
+    model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds,
+                          processing_class=tok, callbacks=[Steps()])
+    trainer.train()
+    result.write_text(json.dumps(rows))
+
+
+# --- the report ------------------------------------------------------------------------------
+
+OUR_PHASES = ("rollout_generate", "reward", "old_logprobs", "forward_backward", "optimizer",
+              "weight_sync", "other")
+
+
+def median(rows: List[Dict], key: str) -> float:
+    values = [r[key] for r in rows if key in r]
+    return statistics.median(values) if values else float("nan")
+
+
+def report(size: str, models: Dict[str, Path], ours: Dict[str, Dict], trl: Dict, warmup: int,
+           roofs: Dict[str, float]) -> List[str]:
+    lines = [f"## {size}: {linear_params(models['hf']) / 1e6:.2f}M matmul parameters"]
+    t_rows = trl["rows"][warmup:]
+    t_step = median(t_rows, "iteration_s")
+    t_len = median(t_rows, "mean_length")
+    lines.append(f"TRL GRPOTrainer  step {t_step:.3f} s | " + " ".join(
+        f"{p} {median(t_rows, p + '_s'):.3f}" for p in
+        ("rollout_generate", "reward", "forward_backward", "optimizer"))
+        + f" | gen tokens/step {t_len * PROMPTS * GROUP:.0f} | peak {trl['peak_gb']:.2f} GiB")
+    t_train = median(t_rows, "forward_backward_s") + median(t_rows, "optimizer_s")
+    for method, res in ours.items():
+        rows = [r for r in res["rows"] if "timing/iteration_s" in r][warmup:]
+        step = median(rows, "timing/iteration_s")
+        gen_tokens = median([{"v": r["rollout/length_unguided"] * r["rollout/samples"]
+                              * (1 - r["rollout/guided_fraction"])} for r in rows
+                             if "rollout/length_unguided" in r], "v")
+        non_model = sum(median(rows, f"timing/{p}_s") for p in
+                        ("reward", "old_logprobs", "weight_sync", "other"))
+        lines.append(f"ours {method:<12} step {step:.3f} s = {step / t_step:.2f}× TRL | " + " ".join(
+            f"{p} {median(rows, f'timing/{p}_s'):.3f}" for p in OUR_PHASES)
+            + f" | non-model {100 * non_model / step:.1f}% | gen tokens/step {gen_tokens:.0f}"
+            + f" | peak {res['peak_gb']:.2f} GiB")
+        if method == "grpo":
+            train_s = median(rows, "timing/forward_backward_s") + median(rows, "timing/optimizer_s")
+            tokens, samples = median(rows, "train/tokens"), PROMPTS * GROUP
+            flops = train_flops(models["hf"], tokens, samples)
+            lines.append(f"training phase vs matmul roof: ours {flops / train_s / 1e9:.1f} "
+                         f"GFLOP/s = {100 * flops / train_s / roofs['ours']:.0f}% of "
+                         f"{roofs['ours'] / 1e9:.1f} (2 procs × 1 thread); TRL "
+                         f"{flops / t_train / 1e9:.1f} GFLOP/s = "
+                         f"{100 * flops / t_train / roofs['trl']:.0f}% of "
+                         f"{roofs['trl'] / 1e9:.1f} (1 proc × {os.cpu_count()} threads)")
+    return lines
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1m,10m")
+    ap.add_argument("--methods", default="grpo,trapo")
+    ap.add_argument("--steps", type=int, default=8, help="measured steps (after the warm-up)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--base", help="the CPU demo's base checkpoint for the 1m size")
+    ap.add_argument("--out", default="runs/bench_vs_trl")
+    ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--iters", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.trl_worker:
+        trl_worker(args.model, Path(args.data), args.iters, Path(args.result))
+        return 0
+
+    from megatron_trapo.cpu_demo.compare import _sizes, prepare  # lazy: as in linear_params
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    prepare(out, _sizes(False))
+    data = out / "data"
+    iters = args.warmup + args.steps
+    roofs = {"ours": gemm_roof(2, 1), "trl": gemm_roof(1, os.cpu_count() or 1)}
+    lines = [f"# bench_vs_trl: {PROMPTS} prompts × {GROUP}, ≤ {NEW_TOKENS} new tokens, "
+             f"median of {args.steps} steps after {args.warmup} warm-up"]
+    for size in args.sizes.split(","):
+        models = prepare_models(out, size, args.base)
+        ours = {}
+        for method in args.methods.split(","):
+            print(f"[{time.strftime('%H:%M:%S')}] {size}: ours {method}", flush=True)
+            ours[method] = run_ours(out, f"ours_{method}_{size}", models, data, method, iters)
+        print(f"[{time.strftime('%H:%M:%S')}] {size}: TRL GRPO", flush=True)
+        trl = run_trl(out, f"trl_grpo_{size}", models, data, iters)
+        lines += report(size, models, ours, trl, args.warmup, roofs)
+        print("\n".join(lines[-(len(ours) + 3):]), flush=True)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    print(f"\nwrote {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
