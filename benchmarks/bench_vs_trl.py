@@ -306,7 +306,8 @@ def report(size: str, models: Dict[str, Path], ours: Dict[str, Dict], trl: Dict,
                         ("reward", "old_logprobs", "weight_sync", "other"))
         lines.append(f"ours {method:<12} step {step:.3f} s = {step / t_step:.2f}× TRL | " + " ".join(
             f"{p} {median(rows, f'timing/{p}_s'):.3f}" for p in OUR_PHASES)
-            + f" | non-model {100 * non_model / step:.1f}% | gen tokens/step {gen_tokens:.0f}"
+            + f" | non-model {100 * non_model / step:.1f}% | free-rollout tokens/step "
+            f"{gen_tokens:.0f}"
             + f" | peak {res['peak_gb']:.2f} GiB")
         if method == "grpo":
             train_s = median(rows, "timing/forward_backward_s") + median(rows, "timing/optimizer_s")

@@ -20,8 +20,9 @@ from pebble import ProcessPool
 logger = logging.getLogger(__name__)
 
 _FORKSERVER = multiprocessing.get_context("forkserver")
-# the forkserver imports this (math-verify and sympy) once; each worker is forked from it
-_FORKSERVER.set_forkserver_preload([__name__])
+# the forkserver leaves the trainer's session (verifier_server), then imports this module
+# (math-verify and sympy) once; each worker is forked from it
+_FORKSERVER.set_forkserver_preload(["megatron_trapo.reward.verifier_server", __name__])
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -83,6 +84,9 @@ class VerifierPool:
         self.num_workers = num_workers
         self.pool = self._new_pool()
         self.timeouts = 0  # tasks killed at the hard deadline (metric)
+        # start the forkserver and its workers now (~2 s of imports), while the caller goes on
+        # building the model, rather than inside the first step's reward phase
+        self.pool.schedule(math_verify_equal, args=("1", "1"), timeout=60.0)
 
     def _new_pool(self):
         # forkserver, not fork: a worker forked from a trainer holds on to the trainer's pages

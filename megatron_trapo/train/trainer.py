@@ -53,6 +53,10 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
     tokenizer = load_tokenizer(cfg)
     train_items, eval_items, reports = check_all_data(cfg, tokenizer, model.max_position_embeddings)
     initialize_distributed(cfg.parallel, model, seed=cfg.seed)
+    share = rollout_share(cfg)
+    # the verifier workers start (from a forkserver, in the background) before the model is
+    # built; two verifier processes on the machine either way
+    reward = MathReward(num_workers=max(1, 2 // share.world)) if share is not None else None
     torch.manual_seed(cfg.seed)
     chunks = build_model(model, cfg.parallel, perform_initialization=cfg.load is None)
     ddp, optimizer, scheduler = build_training_state(chunks, cfg.optimizer, cfg.train_iters)
@@ -71,7 +75,6 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
     if torch.distributed.get_rank() == 0:
         for rep in reports.values():  # skipped rows are worth a warning
             (logger.warning if rep.skipped else logger.info)("data: %s", rep.summary())
-    share = rollout_share(cfg)
     rollout = None
     if share is not None:
         data = PromptData(train_items, cfg.prompts_per_step, cfg.seed) if train_items else None
@@ -80,8 +83,6 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
         # first weight sync below fills it
         engine = make_engine(dataclasses.replace(cfg.rollout, tokenizer_path=tokenizer_folder(cfg)),
                              weight_updates=True, hf_config=model_to_hf_config(model))
-        # two verifier processes on the machine either way
-        reward = MathReward(num_workers=max(1, 2 // share.world))
         rollout = RolloutSide(data, evals, engine, reward, share)
     engine = rollout.engine if rollout is not None else None
     sync = WeightSync(engine, model, cfg.rollout.resolved_weight_sync,

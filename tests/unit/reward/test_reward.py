@@ -1,6 +1,8 @@
 """Math reward: last \\boxed{} answer, math-verify equivalence, and a hard deadline."""
+import os
 import time
 
+import psutil
 import pytest
 
 from megatron_trapo.reward.math_reward import MathReward, last_boxed
@@ -33,3 +35,17 @@ def test_pathological_answer_scores_zero_without_hanging(reward):
     out = reward.score([(r"\boxed{10^{10^{10}}}", "7"), (r"\boxed{7}", "7")])
     assert out == [0.0, 1.0]
     assert time.time() - t0 < 10
+
+
+def test_verifier_processes_start_small_and_outside_the_trainers_session(reward):
+    """The pool's processes come from a forkserver, not forked from the caller (a forked worker
+    keeps the trainer's pages), and neither the server nor the workers are in the caller's
+    session: a signal to the trainer's process group (torchrun's SIGTERM on preemption) must
+    not break the pool in the middle of the step the trainer is finishing."""
+    assert reward.score([(r"\boxed{1}", "1")]) == [1.0]  # workers up
+    mine = os.getsid(0)
+    verifiers = [p for p in psutil.Process().children(recursive=True)
+                 if "resource_tracker" not in " ".join(p.cmdline())]  # it ignores SIGTERM
+    assert len(verifiers) >= 3  # the forkserver and the two workers
+    assert all("multiprocessing.forkserver" in " ".join(p.cmdline()) for p in verifiers)
+    assert all(os.getsid(p.pid) != mine for p in verifiers)
