@@ -159,8 +159,15 @@ class SGLangEngine(RolloutEngine):
     # --- weights: to every server directly ----------------------------------------------------
 
     def _post_all(self, path: str, body: dict) -> None:
-        for url in self.pool.urls:
-            r = self.client.post(url + path, json=body)
+        for url in list(self.pool.urls):
+            try:
+                r = self.client.post(url + path, json=body)
+            except httpx.HTTPError:
+                # a server that died since the last check (killed between the sync's
+                # drop_dead_servers and this call) is dropped; a live one that fails is an error
+                if url in self.drop_dead_servers():
+                    continue
+                raise
             ok = r.status_code == 200 and r.json().get("success", True)
             if not ok:
                 raise RolloutError(f"{url}{path} failed: HTTP {r.status_code} {r.text[:300]}")

@@ -37,7 +37,7 @@ def trapo_step(run, step: int) -> StepResult:
     """One step of any method. ``run`` is a :class:`megatron_trapo.train.trainer.Run`."""
     cfg, timers = run.cfg, run.timers
     m = method(cfg.loss.loss_mode)
-    # 1-3. this step's prompts, their micro-group rollouts and rewards (sync rank), shared
+    # 1-3. this step's prompts, their micro-group rollouts and rewards (the generating ranks)
     local, side = None, run.rollout
     if side is not None:  # a generating rank: its share of the prompts
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
