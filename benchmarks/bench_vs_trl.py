@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -124,10 +125,10 @@ def linear_params(hf_dir: Path) -> int:
     from megatron_trapo.models.hf.files import HFCheckpointReader
 
     reader = HFCheckpointReader(str(hf_dir))
-    total = sum(reader.get(n).numel() for n in reader.names()
-                if reader.get(n).dim() == 2 and "embed_tokens" not in n)
+    shapes = {n: reader.get(n).shape for n in reader.names()}
+    total = sum(math.prod(s) for n, s in shapes.items() if len(s) == 2 and "embed_tokens" not in n)
     cfg = AutoConfig.from_pretrained(hf_dir)
-    if "lm_head.weight" not in reader.names():  # tied: the output layer is the embedding
+    if "lm_head.weight" not in shapes:  # tied: the output layer is the embedding
         total += cfg.vocab_size * cfg.hidden_size
     return total
 

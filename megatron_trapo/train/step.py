@@ -74,7 +74,8 @@ def trapo_step(run, step: int) -> StepResult:
     out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
                      make_forward_step(cfg.loss, normaliser, old_is_current=source == "current"),
                      seq_len, mb_size, timers=timers)
-    timers.count("train_tokens", sum(s["tokens"].numel() for s in seqs))  # all DP ranks
+    train_tokens = float(sum(s["tokens"].numel() for s in seqs))  # every DP rank's
+    timers.count("train_tokens", train_tokens)
     # 8. the new weights to the engine
     synced = {}
     if run.sync is not None:
@@ -85,7 +86,7 @@ def trapo_step(run, step: int) -> StepResult:
                "rollout/generating_ranks": float(side.share.world) if side is not None else 0.0,
                **{f"sync/{k}": float(v) for k, v in synced.items()},
                "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
-               "train/tokens": float(sum(s["tokens"].numel() for s in seqs))}
+               "train/tokens": train_tokens}
     return StepResult(metrics, groups)
 
 
