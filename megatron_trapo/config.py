@@ -514,6 +514,26 @@ class BatchingConfig:
 
 
 @dataclass
+class ProfilingConfig:
+    """Megatron's ``--profile`` flags: profile steps ``profile_step_start + 1`` …
+    ``profile_step_end`` (1-based, as in metrics.jsonl) on the ``profile_ranks``. With
+    ``use_pytorch_profiler`` a torch.profiler trace (Chrome/Perfetto JSON) and an op table go
+    to ``log_dir/profile/``; without it the steps are marked for ``nsys --capture-range=cudaProfilerApi``."""
+
+    profile: bool = False
+    use_pytorch_profiler: bool = True
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
+    record_shapes: bool = False  # the op table then splits each op by its input shapes
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.profile_step_start < self.profile_step_end,
+               f"profiling.profile_step_start={self.profile_step_start} and profile_step_end="
+               f"{self.profile_step_end}: need 0 <= start < end")
+
+
+@dataclass
 class InLoopEvalConfig:
     """Held-out accuracy measured during training (``eval.data``; the benchmark evaluation is
     ``megatron-trapo eval``)."""
@@ -550,6 +570,7 @@ class TrainConfig:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     eval: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     train_data: Optional[str] = None  # .jsonl / .parquet records
     prompts_per_step: int = 128
     train_iters: int = 500

@@ -8,14 +8,18 @@ timeout, and a hard per-answer deadline kills a stuck worker (pebble replaces it
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
+import multiprocessing.spawn
 import os
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from math_verify import parse, verify
 from pebble import ProcessPool
+
+from megatron_trapo.reward.verifier_server import TRAINER_MAIN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,15 @@ def _own_session() -> None:
     os.setsid()
 
 
+def _name_our_main_for_the_forkserver() -> None:
+    """Tell the forkserver (started with this environment at the first worker) which main
+    module its workers would otherwise import again (``verifier_server``, point 2). Set on every
+    pool, not once: a child process inherits its parent's value and must replace it."""
+    prep = multiprocessing.spawn.get_preparation_data("verifier")
+    os.environ[TRAINER_MAIN_ENV] = json.dumps({"name": prep.get("init_main_from_name"),
+                                               "path": prep.get("init_main_from_path")})
+
+
 class VerifierPool:
     """A pool of verifier processes with a hard deadline per task (used by the reward and by
     the evaluation graders). A pool broken from outside (a worker killed by someone else) is
@@ -93,6 +106,7 @@ class VerifierPool:
         # as they were (every page the trainer writes afterwards is copied — a second model,
         # optimizer and allocator heap per worker); a forkserver worker starts small, from a
         # process that has imported only the verifier
+        _name_our_main_for_the_forkserver()
         return ProcessPool(max_workers=self.num_workers, initializer=_own_session,
                            context=_FORKSERVER)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Cache
+from transformers.cache_utils import DynamicLayer
 
 from megatron_trapo.models.hf.files import HFCheckpointReader
 from megatron_trapo.platform import cpu_compat
@@ -60,6 +61,41 @@ def _sample_rows(logits: torch.Tensor, params: List[SamplingParams],
     gumbel = -torch.log(-torch.log(noise.clamp(min=1e-300))).to(logits.dtype)
     sampled = torch.argmax(scaled + gumbel, dim=-1)
     return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+
+
+class _GrowingLayer(DynamicLayer):
+    """transformers' dynamic KV-cache layer with room to grow: keys and values live in a buffer
+    with spare positions and each token is written in place, where ``DynamicLayer`` copies the
+    whole cache with ``torch.cat`` at every token (about 15% of a decode step for a small
+    model). The buffer doubles when full; ``keys``/``values`` are views of its filled part."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self._len = 0
+        new = key_states.shape[-2]
+        if self._k is None or self._len + new > self._k.shape[-2]:
+            room = max(2 * (self._len + new), 64)
+            k = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
+            v = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
+            if self._len:
+                k[..., :self._len, :] = self.keys
+                v[..., :self._len, :] = self.values
+            self._k, self._v = k, v
+        self._k[..., self._len:self._len + new, :] = key_states
+        self._v[..., self._len:self._len + new, :] = value_states
+        self._len += new
+        self.keys, self.values = self._k[..., :self._len, :], self._v[..., :self._len, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._len if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[..., :self._len, :], self._v[..., :self._len, :]
 
 
 class HFEngine(RolloutEngine):
@@ -174,7 +210,7 @@ class HFEngine(RolloutEngine):
             attn[k, length - len(toks):] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = Cache(layer_class_to_replicate=_GrowingLayer)
         logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
                             use_cache=True, **{self._cache_kw: cache}).logits[:, -1, :].float()
         if len(inputs) < n:  # one row per sample again
@@ -185,20 +221,19 @@ class HFEngine(RolloutEngine):
         tokens: List[List[int]] = [[] for _ in rows]
         logps: List[List[float]] = [[] for _ in rows]
         finish = ["length"] * n
+        stops = [set(self.eos_ids) | set(r[4].stop_token_ids) for r in rows]
         active = list(range(n))  # rows (of `rows`) still in the batch, in batch order
         next_pos = pos[:, -1] + 1
         while active:
             logits = logits.cpu()
             picked = _sample_rows(logits, [rows[k][4] for k in active], [gens[k] for k in active])
             picked_lp = torch.log_softmax(logits, dim=-1).gather(1, picked[:, None]).squeeze(1)
-            chosen = picked.tolist()
-            for b, k in enumerate(active):
-                tokens[k].append(chosen[b])
-                logps[k].append(float(picked_lp[b]))
+            chosen, chosen_lp = picked.tolist(), picked_lp.tolist()
             keep = []
             for b, k in enumerate(active):
-                stops = self.eos_ids + list(rows[k][4].stop_token_ids)
-                if chosen[b] in stops:
+                tokens[k].append(chosen[b])
+                logps[k].append(chosen_lp[b])
+                if chosen[b] in stops[k]:
                     finish[k] = "stop"
                 elif len(tokens[k]) < rows[k][3] and not (cancelled and cancelled(rows[k][0])):
                     keep.append(b)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -33,6 +34,7 @@ from megatron_trapo.train.checkpoint import (checkpoint_optimizer_metadata, late
                                              load_checkpoint, save_checkpoint)
 from megatron_trapo.train.optimizer import build_training_state
 from megatron_trapo.train.preemption import Preempted, StopRequest
+from megatron_trapo.train.profiling import StepProfiler
 from megatron_trapo.train.preflight import (check_all_data, check_paths, load_tokenizer,
                                             tokenizer_folder)
 from megatron_trapo.train.pretrained import model_config_from_checkpoint
@@ -194,6 +196,8 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
                control_dir: Optional[str] = None) -> Dict[str, float]:
     """One training run. ``control_dir``: where the stop file and ``preempted.json`` live (the
     run's top checkpoint folder; for sft_then_rl the same for both stages)."""
+    # its settings are checked with the preflight's, before any model is built
+    profiler = StepProfiler(cfg.profiling, cfg.log_dir, int(os.environ.get("RANK", "0")))
     run, start, _ = setup(cfg, resume, overwrite)
     rank0 = torch.distributed.get_rank() == 0
     if rank0 and cfg.log_dir:  # the log continues at the resumed step, without repeated rows
@@ -216,8 +220,9 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
     t_iteration = time.time()  # an iteration: from one metrics row to the next
     bar = tqdm(range(start, cfg.train_iters), disable=not rank0, initial=start,
                total=cfg.train_iters, desc=cfg.loss.loss_mode, unit="step")
-    with StopRequest(control_dir or cfg.checkpoint.save) as stop:
+    with StopRequest(control_dir or cfg.checkpoint.save) as stop, profiler:
         for step in bar:
+            profiler.before(step)
             t0 = time.time()
             m = trapo_step(run, step).metrics
             if step == 0:
@@ -235,6 +240,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
             m.update(run.timers.take(now - t_iteration))
             t_iteration = now
             metrics.log(step + 1, m)
+            profiler.after(step)
             final = m
             bar.set_postfix(postfix(m))
             interval = cfg.checkpoint.save_interval

@@ -1,5 +1,9 @@
 """Math reward: last \\boxed{} answer, math-verify equivalence, and a hard deadline."""
+import json
 import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import psutil
@@ -49,3 +53,33 @@ def test_verifier_processes_start_small_and_outside_the_trainers_session(reward)
     assert len(verifiers) >= 3  # the forkserver and the two workers
     assert all("multiprocessing.forkserver" in " ".join(p.cmdline()) for p in verifiers)
     assert all(os.getsid(p.pid) != mine for p in verifiers)
+
+
+HEAVY_MAIN = textwrap.dedent("""
+    import json, psutil, torch  # torch stands for the trainer's main: megatron_trapo.cli
+    from megatron_trapo.reward.math_reward import VerifierPool, math_verify_equal
+
+    if __name__ == "__main__":
+        pool = VerifierPool(num_workers=2)
+        assert pool.map(math_verify_equal, [("1", "1")] * 4, str) == [True] * 4
+        procs = [p for p in psutil.Process().children(recursive=True)
+                 if "resource_tracker" not in " ".join(p.cmdline())]
+        print(json.dumps([[m.path for m in p.memory_maps() if "libtorch" in m.path]
+                          for p in procs]))
+        pool.close()
+""")
+
+
+@pytest.mark.parametrize("how", ["path", "module"])
+def test_verifier_workers_do_not_import_the_trainers_main_again(tmp_path, how):
+    """multiprocessing prepares a new worker by importing the parent's main module again; for the
+    trainer that is the CLI with torch and megatron-core (~2 s and ~200 MB per worker). Under a
+    main that imports torch, run as a file and as ``-m``, no verifier process maps libtorch."""
+    (tmp_path / "heavy_main.py").write_text(HEAVY_MAIN)
+    argv = [str(tmp_path / "heavy_main.py")] if how == "path" else ["-m", "heavy_main"]
+    proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    maps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(maps) >= 3  # the forkserver and two workers
+    assert maps == [[]] * len(maps), maps
