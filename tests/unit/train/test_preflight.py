@@ -161,3 +161,22 @@ def test_sft_skips_a_solution_longer_than_the_model(tmp_path, tok_dir):
         "batching.max_tokens_per_microbatch"]
     train, _, _ = check(tmp_path, tok_dir, [GOOD, long], "loss.loss_mode=trapo")
     assert len(train) == 2  # TRAPO cuts prefixes to the response budget: the row is usable
+
+
+def test_every_rank_refuses_in_one_whole_line_without_a_traceback(tmp_path, tok_dir):
+    """Under torchrun each rank runs the preflight and exits with code 2 and the same one-line
+    message, before any process group forms: no rank is left waiting for a peer (the probes saw
+    ~60 lines of gloo tracebacks from rank 1) and no line is cut into another."""
+    data = write(tmp_path / "d.jsonl", [{**GOOD, "solutions": []}] * 3)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", "-m", "megatron_trapo.cli", "train",
+                           f"train_data={data}", f"rollout.tokenizer_path={tok_dir}",
+                           "loss.loss_mode=trapo", f"log_dir={tmp_path / 'logs'}"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if "megatron-trapo: error:" in line]
+    assert len(ours) == 2 and ours[0] == ours[1], ours
+    assert ours[0].startswith("megatron-trapo: error: train_data=") and \
+        "without an expert solution (loss_mode=trapo needs one) (lines 1, 2, 3)" in ours[0]
+    assert "exitcode  : 2" in proc.stderr  # torchrun's summary: both ranks exited with 2
+    assert "gloo" not in proc.stderr.lower() and "megatron_trapo/" not in proc.stderr
