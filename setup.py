@@ -31,6 +31,7 @@ setup(
         "pyyaml",
         "tqdm",
         "safetensors",  # HF checkpoints in and out (tools/convert_*.py)
+        "datasets",  # tools/prepare_data.py --input: Hugging Face dataset folders and names
         "transformers>=4.51",  # the HF rollout engine, tokenizers, HF configs
         "tokenizers",
         "fastapi",  # the SGLang-protocol server over the HF engine

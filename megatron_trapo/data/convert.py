@@ -5,12 +5,19 @@ row and why (never a silent drop).
   ``correctness_math_verify`` (list of bools): the verified generations are the expert traces.
 - ``luffy``: the LUFFY/TRAPO parquet layout — ``prompt`` (chat messages), ``target``
   ([{role, content}]) or ``extra_info.answer_list``, ``reward_model.ground_truth``.
+- ``gsm8k``: GSM8K rows — ``question`` and ``answer`` (the rationale with ``<<…>>`` calculator
+  marks, then ``#### <final answer>``): the final answer is the ground truth, the rationale
+  without the marks and ending in ``\boxed{<answer>}`` the expert solution.
+- ``math``: MATH / MATH-500 rows — ``problem`` and ``solution``: the ground truth is the
+  content of the solution's last ``\boxed{}`` (a row's own ``answer`` field is not needed), the
+  solution itself the expert solution.
 - ``jsonl``: plain rows with ``problem``, ``answer`` and ``solutions`` (list) or ``solution``;
   other field names through a mapping.
 Expert texts keep only the part inside <think>…</think> when present.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -18,6 +25,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from megatron_trapo.config import ConfigError
 from megatron_trapo.data.prompts import INSTRUCTION, expert_text
 from megatron_trapo.data.records import Record
+from megatron_trapo.reward.math_reward import last_boxed
+
+FORMATS = ("openr1", "luffy", "gsm8k", "math", "jsonl")
+_CALCULATOR_MARK = re.compile(r"<<[^<>]*>>")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 
 
 @dataclass
@@ -61,6 +73,35 @@ def _luffy(row: dict) -> Tuple[Optional[Record], Optional[str]]:
                   row.get("data_source")), None
 
 
+def gsm8k_final_answer(answer_field: str) -> Optional[str]:
+    """The number after GSM8K's ``####`` (thousands separators dropped), None without one."""
+    if "####" not in answer_field:
+        return None
+    final = answer_field.split("####")[-1].strip()
+    return final.replace(",", "") if _THOUSANDS.match(final) else final
+
+
+def _gsm8k(row: dict) -> Tuple[Optional[Record], Optional[str]]:
+    text = str(row.get("answer") or "")
+    final = gsm8k_final_answer(text)
+    if not final:
+        return None, "no_final_answer"
+    rationale = _CALCULATOR_MARK.sub("", text.split("####")[0]).strip()
+    solution = f"{rationale}\nThe answer is $\\boxed{{{final}}}$."
+    rid = row.get("idx", row.get("id"))
+    return Record(str(row.get("question") or ""), final, [solution],
+                  None if rid is None else str(rid), "gsm8k"), None
+
+
+def _math(row: dict) -> Tuple[Optional[Record], Optional[str]]:
+    solution = str(row.get("solution") or "")
+    boxed = last_boxed(solution)
+    if boxed is None or not boxed.strip():
+        return None, "no_boxed_answer_in_solution"
+    return Record(str(row.get("problem") or ""), boxed.strip(), [solution],
+                  row.get("unique_id") or row.get("id"), row.get("subject") or row.get("type")), None
+
+
 def _plain(mapping: Dict[str, str]) -> Callable:
     def convert(row: dict):
         get = lambda k: row.get(mapping.get(k, k))  # noqa: E731
@@ -80,9 +121,13 @@ def converter(fmt: str, mapping: Optional[Dict[str, str]] = None) -> Callable:
         return _openr1
     if fmt == "luffy":
         return _luffy
+    if fmt == "gsm8k":
+        return _gsm8k
+    if fmt == "math":
+        return _math
     if fmt == "jsonl":
         return _plain(mapping or {})
-    raise ConfigError(f"--format {fmt!r} is not one of openr1, luffy, jsonl")
+    raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
 
 
 def convert_rows(rows: Iterable[dict], fmt: str, mapping: Optional[Dict[str, str]] = None,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from megatron_trapo.config import ConfigError
+from megatron_trapo.data.convert import gsm8k_final_answer
 from megatron_trapo.data.records import read_rows
 from megatron_trapo.reward.math_reward import last_boxed
 
@@ -23,7 +24,7 @@ class Problem:
 
 
 def _gsm8k_answer(row: dict) -> str:
-    return row["answer"].split("####")[-1].strip().replace(",", "")
+    return gsm8k_final_answer(row["answer"]) or ""
 
 
 def _minerva_answer(row: dict) -> str:
