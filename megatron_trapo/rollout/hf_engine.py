@@ -83,6 +83,7 @@ class _GrowingLayer(DynamicLayer):
                 k[..., :self._len, :] = self.keys
                 v[..., :self._len, :] = self.values
             self._k, self._v = k, v
+            self._note_size()
         self._k[..., self._len:self._len + new, :] = key_states
         self._v[..., self._len:self._len + new, :] = value_states
         self._len += new
@@ -92,9 +93,13 @@ class _GrowingLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._len if self.is_initialized else 0
 
+    def _note_size(self) -> None:
+        self.peak_bytes = max(getattr(self, "peak_bytes", 0), self._k.nbytes + self._v.nbytes)
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
             self._k, self._v = self._k[indices], self._v[indices]
+            self._note_size()
             self.keys, self.values = self._k[..., :self._len, :], self._v[..., :self._len, :]
 
 
@@ -124,6 +129,7 @@ class HFEngine(RolloutEngine):
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.vocab_size = int(self.model.config.vocab_size)
         self._version = str(weight_version)
+        self._kv_peak_bytes = 0  # the largest KV cache a batch has held (memory/ metrics)
         self._lock = threading.Lock()
         self._rng = random.Random(0)
         # transformers >= 5.2x names the KV-cache argument `cache`; older ones `past_key_values`.
@@ -144,6 +150,11 @@ class HFEngine(RolloutEngine):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
                                                  dtype=torch.float32, attn_implementation="sdpa")
         return cls(str(folder), model=model, **kwargs)
+
+    def memory_bytes(self) -> tuple:
+        """(weights, the largest KV cache a batch has held so far), in bytes."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return weights, self._kv_peak_bytes
 
     @property
     def weight_version(self) -> str:
@@ -250,6 +261,8 @@ class HFEngine(RolloutEngine):
                                 position_ids=next_pos.unsqueeze(1), use_cache=True,
                                 **{self._cache_kw: cache}).logits[:, -1, :].float()
             next_pos = next_pos + 1
+        self._kv_peak_bytes = max(self._kv_peak_bytes,
+                                  sum(getattr(layer, "peak_bytes", 0) for layer in cache.layers))
         return [Sample(tokens[k], logps[k], finish[k], self._version) for k in range(n)]
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ it — so the gradient is that of the global token mean whatever the micro-batch
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -16,6 +17,7 @@ import megatron.core.distributed as mcore_distributed
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_trapo.train.memory import TransientPeak
 from megatron_trapo.train.timing import StepTimers
 
 
@@ -71,11 +73,14 @@ def run_forward_backward(chunks: Sequence[torch.nn.Module], microbatches: List[D
 
 def train_step(ddp_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
                microbatches: List[Dict[str, Any]], forward_step: Callable, seq_length: int,
-               micro_batch_size: int, timers: Optional[StepTimers] = None) -> Dict[str, Any]:
+               micro_batch_size: int, timers: Optional[StepTimers] = None,
+               measure_memory: bool = False) -> Dict[str, Any]:
     """Zero grads, forward/backward every micro-batch, clip, step optimizer and LR scheduler
-    (timed as the ``forward_backward`` and ``optimizer`` phases when ``timers`` is given)."""
+    (timed as the ``forward_backward`` and ``optimizer`` phases when ``timers`` is given).
+    ``measure_memory``: also the forward/backward's transient peak (``transient_gb``)."""
     timers = timers or StepTimers()
-    with timers.phase("forward_backward"):
+    peak = TransientPeak()
+    with timers.phase("forward_backward"), (peak if measure_memory else contextlib.nullcontext()):
         for chunk in ddp_chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -86,4 +91,5 @@ def train_step(ddp_chunks: Sequence[torch.nn.Module], optimizer, scheduler,
         if update_ok:
             scheduler.step(increment=1)
     return {"losses": losses, "update_successful": bool(update_ok),
-            "grad_norm": None if grad_norm is None else float(grad_norm)}
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "transient_gb": peak.gb}

@@ -20,6 +20,7 @@ from megatron_trapo.platform.distributed import broadcast_object, host_group
 from megatron_trapo.rollout.types import SamplingParams
 from megatron_trapo.train.batch import (build_sequences, make_microbatches, model_forward,
                                         pack_microbatches, row_multiple, split_for_rank, to_device)
+from megatron_trapo.train import memory
 from megatron_trapo.train.forward_backward import run_forward_backward, train_step
 from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
 from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
@@ -31,6 +32,9 @@ from megatron_trapo.train.timing import TimedEngine
 class StepResult:
     metrics: Dict[str, float]
     groups: Groups  # every prompt's trajectories (on every rank), as the step trained on them
+
+
+MEMORY_STEPS = 2  # the steps that log memory/<part>_gb (the first is the largest, usually)
 
 
 def trapo_step(run, step: int) -> StepResult:
@@ -73,7 +77,7 @@ def trapo_step(run, step: int) -> StepResult:
     # 7. Megatron forward/backward over the micro-batches, one optimizer step
     out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
                      make_forward_step(cfg.loss, normaliser, old_is_current=source == "current"),
-                     seq_len, mb_size, timers=timers)
+                     seq_len, mb_size, timers=timers, measure_memory=step < MEMORY_STEPS)
     train_tokens = float(sum(s["tokens"].numel() for s in seqs))  # every DP rank's
     timers.count("train_tokens", train_tokens)
     # 8. the new weights to the engine
@@ -87,6 +91,8 @@ def trapo_step(run, step: int) -> StepResult:
                **{f"sync/{k}": float(v) for k, v in synced.items()},
                "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
                "train/tokens": train_tokens}
+    if step < MEMORY_STEPS:  # where this rank's memory goes (rank 0's row in metrics.jsonl)
+        metrics.update(memory.breakdown(run.ddp, run.optimizer, run.engine, out["transient_gb"]))
     return StepResult(metrics, groups)
 
 

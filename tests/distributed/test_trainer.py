@@ -48,6 +48,15 @@ def test_one_trapo_step_masks_follow_sampler(task, tmp_path):
     # exactly 1 on-policy, where π_old is the current policy itself)
     assert m["pg/rollout_logprob_gap"] < 1e-4
     assert m["pg/ratio_mean"] == 1.0 and m["pg/ratio_max"] == 1.0
+    # where rank 0's memory goes, against the worker's own count of its tensors
+    gib = 2**30
+    weights = m["memory/weights_gb"] * gib
+    assert r.param_bytes <= weights <= 1.05 * r.param_bytes  # the DDP buffer pads a little
+    assert weights <= m["memory/grads_gb"] * gib <= 1.05 * weights  # fp32 main grads
+    assert 2 * r.param_bytes <= m["memory/optimizer_gb"] * gib <= 2.1 * weights  # Adam's m, v
+    assert m["memory/engine_weights_gb"] * gib == r.engine_param_bytes
+    assert m["memory/engine_kv_cache_peak_gb"] > 0 and m["memory/verifier_processes_gb"] > 0
+    assert m["memory/forward_backward_transient_gb"] > 0
     cfg = MicroGroupConfig()
     for group in range(3):
         rows = [row for row in r.rows if row.prompt_index == group]

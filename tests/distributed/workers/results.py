@@ -177,6 +177,8 @@ class TrapoStep:
     metrics: Dict[str, float]  # the step's logged metrics
     expected_expert: int  # prefix tokens flagged for TrSFT, counted from the trajectories
     expected_generated: int  # generated tokens, counted from the trajectories
+    param_bytes: int  # rank 0's model parameters, numel × element size
+    engine_param_bytes: int  # its HF engine's, in fp32
     rows: List[SampledRow]
 
 

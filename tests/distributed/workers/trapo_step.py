@@ -26,6 +26,9 @@ def main():
             metrics=result.metrics,
             expected_expert=sum(len(t.prefix_ids) for t in trajs if t.train_prefix),
             expected_generated=sum(len(t.completion_ids) for t in trajs),
+            param_bytes=sum(p.numel() * p.element_size()
+                            for chunk in run.ddp for p in chunk.parameters()),
+            engine_param_bytes=sum(p.numel() * 4 for p in run.engine.model.parameters()),
             rows=[SampledRow(prompt_index=t.prompt_index, level=t.level, guided=t.guided,
                              train_prefix=t.train_prefix, prefix_len=len(t.prefix_ids),
                              completion_len=len(t.completion_ids), reward=t.reward)

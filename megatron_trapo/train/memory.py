@@ -1,0 +1,121 @@
+"""Where a rank's memory goes, logged at the first steps as ``memory/<part>_gb``: the model's
+weights, its gradient buffers, the optimizer state, the forward/backward's transient peak
+(activations, logits and autograd temporaries of the largest micro-batch — measured, not
+modelled), the rollout engine's weights and KV cache, and the verifier workers.
+
+The transient peak is read from the allocator on a GPU (peak allocated over what was allocated
+before the phase); on Linux CPUs from the process's resident high-water mark, which
+``/proc/self/clear_refs`` resets at the start of the phase (Linux ≥ 4.0)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional
+
+import psutil
+import torch
+
+GB = 2**30
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the storages behind ``tensors``, each storage once (megatron's DDP keeps all
+    parameters, and all gradients, as views of a few flat buffers)."""
+    seen: Dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _grad_tensors(chunks) -> Iterator[torch.Tensor]:
+    for chunk in chunks:
+        # megatron's DDP: lists of its flat buffers (a plain module's .buffers is a method)
+        buffers = [b for name in ("buffers", "expert_parallel_buffers")
+                   if isinstance(getattr(chunk, name, None), list) for b in getattr(chunk, name)]
+        if buffers:
+            yield from (b.grad_data for b in buffers)
+        else:  # no contiguous buffer: each parameter's own main_grad / grad
+            for p in chunk.parameters():
+                g = getattr(p, "main_grad", None)
+                g = p.grad if g is None else g
+                if g is not None:
+                    yield g
+
+
+def _optimizer_tensors(optimizer) -> Iterator[torch.Tensor]:
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(opt, "optimizer", opt)  # megatron's wrapper around a torch optimizer
+        for state in getattr(inner, "state", {}).values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+        for groups_name in ("fp32_from_float16_groups", "shard_fp32_from_float16_groups"):
+            for group in getattr(opt, groups_name, None) or []:  # fp32 master weights
+                yield from group
+
+
+def _worker_uss(pids: List[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_full_info().uss
+    return total / GB
+
+
+def verifier_pids() -> List[int]:
+    """This process's verifier processes: its forkserver and the workers forked from it."""
+    return [p.pid for p in psutil.Process().children(recursive=True)
+            if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+
+
+def breakdown(chunks, optimizer, engine=None, transient_gb: Optional[float] = None
+              ) -> Dict[str, float]:
+    """``memory/<part>_gb`` for this rank now (``transient_gb`` from :class:`TransientPeak`)."""
+    out = {"memory/weights_gb": unique_bytes(p for c in chunks for p in c.parameters()) / GB,
+           "memory/grads_gb": unique_bytes(_grad_tensors(chunks)) / GB,
+           "memory/optimizer_gb": unique_bytes(_optimizer_tensors(optimizer)) / GB,
+           "memory/process_rss_gb": psutil.Process().memory_info().rss / GB}
+    if transient_gb is not None:
+        out["memory/forward_backward_transient_gb"] = transient_gb
+    if engine is not None and hasattr(engine, "memory_bytes"):
+        weights, kv = engine.memory_bytes()
+        out["memory/engine_weights_gb"] = weights / GB
+        out["memory/engine_kv_cache_peak_gb"] = kv / GB
+    pids = verifier_pids()
+    if pids:
+        out["memory/verifier_processes_gb"] = _worker_uss(pids)  # their own pages (USS)
+    return out
+
+
+class TransientPeak:
+    """``with TransientPeak() as peak: …`` then ``peak.gb``: how far memory rose above its level
+    at the start, at the highest point inside the block; None where it cannot be read."""
+
+    def __init__(self):
+        self.gb: Optional[float] = None
+
+    def __enter__(self) -> "TransientPeak":
+        self._cuda = torch.cuda.is_available()
+        if self._cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = psutil.Process().memory_info().rss
+            try:
+                _CLEAR_REFS.write_text("5")  # reset the resident high-water mark
+                self._cpu = True
+            except OSError:  # not Linux, or not permitted
+                self._cpu = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+            self.gb = max(0, torch.cuda.max_memory_allocated() - self._start) / GB
+        elif self._cpu:
+            hwm = next((int(line.split()[1]) * 1024 for line in _STATUS.read_text().splitlines()
+                        if line.startswith("VmHWM:")), None)
+            self.gb = None if hwm is None else max(0, hwm - self._start) / GB

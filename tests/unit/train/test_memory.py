@@ -1,0 +1,36 @@
+"""memory/<part>_gb: storages counted once, and the transient peak of a block measured."""
+import numpy as np
+import torch
+
+from megatron_trapo.train.memory import TransientPeak, breakdown, unique_bytes
+
+
+def test_views_of_one_buffer_count_once():
+    flat = torch.zeros(1000)
+    views = [flat[:600], flat[600:], flat.view(10, 100)]
+    assert unique_bytes(views) == 4000
+    assert unique_bytes(views + [torch.zeros(10, dtype=torch.float64)]) == 4080
+
+
+def test_a_block_that_allocates_300_mb_shows_it():
+    with TransientPeak() as peak:
+        big = np.ones(300 * 2**20 // 8)  # touched pages: resident
+        del big
+    assert peak.gb is not None and 0.28 <= peak.gb <= 0.6, peak.gb
+    with TransientPeak() as quiet:
+        torch.ones(10)
+    assert quiet.gb < 0.05  # the high-water mark was reset at the start of the block
+
+
+def test_breakdown_of_a_plain_model_and_adam():
+    model = torch.nn.Linear(256, 512)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(4, 256)).sum().backward()
+    opt.step()
+    n = 256 * 512 + 512
+    m = breakdown([model], opt)
+    gib = 2**30
+    assert round(m["memory/weights_gb"] * gib) == 4 * n
+    assert round(m["memory/grads_gb"] * gib) == 4 * n  # .grad when there is no DDP buffer
+    # exp_avg and exp_avg_sq per parameter, plus Adam's scalar step counts
+    assert 8 * n <= round(m["memory/optimizer_gb"] * gib) <= 8 * n + 64
