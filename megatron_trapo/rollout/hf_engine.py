@@ -10,6 +10,7 @@ computes exactly what it would alone.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import random
@@ -67,7 +68,14 @@ class _GrowingLayer(DynamicLayer):
     """transformers' dynamic KV-cache layer with room to grow: keys and values live in a buffer
     with spare positions and each token is written in place, where ``DynamicLayer`` copies the
     whole cache with ``torch.cat`` at every token (about 15% of a decode step for a small
-    model). The buffer doubles when full; ``keys``/``values`` are views of its filled part."""
+    model). ``room``: the positions a batch can reach (prompt + budget), allocated at the
+    prefill, so the cache never holds more than the batch needs; past it the buffer grows by
+    half. ``keys``/``values`` are views of its filled part."""
+
+    def __init__(self, room: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self._room = room
+        self.peak_bytes = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -76,7 +84,7 @@ class _GrowingLayer(DynamicLayer):
             self._len = 0
         new = key_states.shape[-2]
         if self._k is None or self._len + new > self._k.shape[-2]:
-            room = max(2 * (self._len + new), 64)
+            room = max(self._room, (self._len + new) * 3 // 2)
             k = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
             v = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
             if self._len:
@@ -94,7 +102,7 @@ class _GrowingLayer(DynamicLayer):
         return self._len if self.is_initialized else 0
 
     def _note_size(self) -> None:
-        self.peak_bytes = max(getattr(self, "peak_bytes", 0), self._k.nbytes + self._v.nbytes)
+        self.peak_bytes = max(self.peak_bytes, self._k.nbytes + self._v.nbytes)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
@@ -221,7 +229,8 @@ class HFEngine(RolloutEngine):
             attn[k, length - len(toks):] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = Cache(layer_class_to_replicate=_GrowingLayer)
+        room = length + max(r[3] for r in rows)  # the longest row's prompt + budget
+        cache = Cache(layer_class_to_replicate=functools.partial(_GrowingLayer, room=room))
         logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
                             use_cache=True, **{self._cache_kw: cache}).logits[:, -1, :].float()
         if len(inputs) < n:  # one row per sample again
@@ -262,7 +271,7 @@ class HFEngine(RolloutEngine):
                                 **{self._cache_kw: cache}).logits[:, -1, :].float()
             next_pos = next_pos + 1
         self._kv_peak_bytes = max(self._kv_peak_bytes,
-                                  sum(getattr(layer, "peak_bytes", 0) for layer in cache.layers))
+                                  sum(layer.peak_bytes for layer in cache.layers))
         return [Sample(tokens[k], logps[k], finish[k], self._version) for k in range(n)]
 
     @torch.no_grad()
