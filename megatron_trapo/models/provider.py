@@ -172,12 +172,6 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    if model.recompute_granularity is not None and not torch.cuda.is_available():
-        # megatron's recompute re-runs layer forwards inside autograd's backward, where the CPU
-        # layer's device rewriting (a thread-local TorchFunctionMode) is not active: megatron's
-        # device="cuda" literals then fail. Refused here until the CPU layer covers it.
-        raise ConfigError(f"model.recompute_granularity={model.recompute_granularity} needs a "
-                          "CUDA GPU for now; set model.recompute_granularity=null on CPU")
     config = transformer_config(model, parallel, calculate_per_token_loss, use_cpu_initialization,
                                 perform_initialization)
     vocab = padded_vocab_size(model, parallel.tensor_model_parallel_size)

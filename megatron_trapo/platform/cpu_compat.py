@@ -22,7 +22,11 @@ Pieces:
    not an ordinal: megatron's backward passes allocate with ``device=current_device()``);
    ``synchronize``/``empty_cache``/``set_device`` do nothing; streams and events are inert
    objects; the RNG functions act on the CPU generator.
-3. ``CpuRNGStatesTracker`` — megatron's tracker of named RNG states (data-parallel,
+3. Activation recompute — megatron's ``CheckpointFunction`` re-runs a layer's forward inside
+   its ``backward``, which autograd calls without the thread's TorchFunctionMode, so the
+   forward's ``device="cuda"`` literals (``get_default_causal_mask``) would fail there; its
+   backward is wrapped to run under the mode.
+4. ``CpuRNGStatesTracker`` — megatron's tracker of named RNG states (data-parallel,
    tensor-parallel, expert seeds), keeping CPU generator states instead of CUDA ones, and the
    private ``_get/_set_cuda_rng_state`` helpers pointed at the CPU generator.
 """
@@ -231,6 +235,26 @@ def _install_megatron_rng() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
 
+def _install_megatron_recompute() -> None:
+    # lazy: megatron-core takes ~3 s to import (as above)
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for name in ("CheckpointFunction", "CheckpointWithoutOutputFunction"):
+        fn = getattr(mrandom, name, None)
+        if fn is None or getattr(fn.backward, "_under_cpu_mode", False):
+            continue
+        original = fn.backward
+
+        def backward(ctx, *grads, _original=original):
+            if _MODE is None or _get_current_function_mode() is _MODE:
+                return _original(ctx, *grads)
+            with _MODE:  # the recomputed forward asks for CUDA as the first one did
+                return _original(ctx, *grads)
+
+        backward._under_cpu_mode = True
+        fn.backward = staticmethod(backward)
+
+
 def activate_cpu_compat() -> bool:
     """Install the CPU layer on this process. Returns False (and does nothing) with CUDA."""
     global _ACTIVE, _MODE
@@ -243,6 +267,7 @@ def activate_cpu_compat() -> bool:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         _install_torch_cuda_shims()
         _install_megatron_rng()
+        _install_megatron_recompute()
         _MODE = CudaToCpuMode()
         _MODE.__enter__()
         _ACTIVE = True

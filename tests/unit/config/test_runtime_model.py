@@ -101,18 +101,6 @@ def test_grad_accumulation_fusion_only_with_apex(tmp_path, monkeypatch):
     assert tc.gradient_accumulation_fusion
 
 
-def test_recompute_on_cpu_is_refused_at_model_build():
-    import torch
-
-    from megatron_trapo.models.provider import build_model
-
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only refusal")
-    with pytest.raises(ConfigError, match="recompute_granularity=full needs a CUDA GPU"):
-        build_model(ModelConfig(recompute_granularity="full", recompute_method="uniform",
-                                recompute_num_layers=1), ParallelConfig())
-
-
 def test_context_parallel_training_is_refused_until_batches_are_split():
     with pytest.raises(ConfigError, match="context_parallel_size=2: the trainer does not split"):
         load_config(TrainConfig, overrides=["parallel.context_parallel_size=2"])
