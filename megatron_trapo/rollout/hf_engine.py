@@ -143,6 +143,9 @@ class HFEngine(RolloutEngine):
         # transformers >= 5.2x names the KV-cache argument `cache`; older ones `past_key_values`.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # the prefill needs the last position's logits only: [inputs, 1, vocab], not
+        # [inputs, prompt length, vocab] (SmolLM2: 49k × 400 positions × 4 B = 79 MB per input)
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         if tokenizer_path is not None:
             check_tokenizer(tokenizer_path, self.vocab_size)
 
@@ -232,7 +235,8 @@ class HFEngine(RolloutEngine):
         room = length + max(r[3] for r in rows)  # the longest row's prompt + budget
         cache = Cache(layer_class_to_replicate=functools.partial(_GrowingLayer, room=room))
         logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                            use_cache=True, **{self._cache_kw: cache}).logits[:, -1, :].float()
+                            use_cache=True, **self._last_logits,
+                            **{self._cache_kw: cache}).logits[:, -1, :].float()
         if len(inputs) < n:  # one row per sample again
             index = torch.tensor(owner, device=self.device)
             cache.batch_select_indices(index)

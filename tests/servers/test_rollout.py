@@ -221,9 +221,12 @@ def test_hf_engine_prefills_each_distinct_input_once(engines):
     (its own seed, untouched by its neighbours' tokens)."""
     hf = engines["hf"]
     batches = []
+    logit_shapes = []
     hook = hf.model.register_forward_pre_hook(
         lambda mod, args, kwargs: batches.append(tuple(kwargs["input_ids"].shape)),
         with_kwargs=True)
+    out_hook = hf.model.register_forward_hook(
+        lambda mod, args, out: logit_shapes.append(tuple(out.logits.shape)))
     try:
         group = [RolloutRequest(PROMPTS[0], SamplingParams(n=4, temperature=1.0,
                                                            max_new_tokens=8, seed=21)),
@@ -237,7 +240,9 @@ def test_hf_engine_prefills_each_distinct_input_once(engines):
             for r in group for j in range(r.sampling.n)]
     finally:
         hook.remove()
+        out_hook.remove()
     assert prefill[0] == 2  # two distinct prompts prefilled, not seven rows
+    assert logit_shapes[0][:2] == (2, 1)  # the prefill keeps the last position's logits only
     assert [s.token_ids for samples in together for s in samples] == [s.token_ids for s in alone]
     for a, b in zip([s for samples in together for s in samples], alone):
         # fp32 rounding: a batched matmul sums in another order than a one-row one (MKL's
