@@ -56,7 +56,7 @@ echo "== 5/5 megatron-trapo eval: held-out GSM8K and MATH-500 (greedy, k=1${EVAL
 # the GSM8K benchmark file is where the training problems came from: evaluate on the held-out
 # problems only (with TRAIN_SOURCE set they are the whole test file)
 cat > "$OUT/eval.yaml" <<YAML
-benchmarks: [math500]
+benchmarks: [gsm8k_heldout, math500]
 extra_benchmarks:
   - {name: gsm8k_heldout, path: $OUT/data/heldout.jsonl, problem_field: problem, answer_field: answer}
 YAML

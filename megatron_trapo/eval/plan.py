@@ -39,7 +39,11 @@ def prepare(cfg: EvalConfig, force: bool = False) -> Plan:
     resumed only if it was evaluated with the same result-changing settings, weights and
     benchmark files (:mod:`megatron_trapo.eval.fingerprint`; ``force`` discards its results)."""
     out = Path(cfg.output_dir).resolve()
-    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    # an extra benchmark is evaluated whether or not ``benchmarks`` names it (it used to be
+    # registered and then silently skipped)
+    names = list(cfg.benchmarks) + [s.name for s in cfg.extra_benchmarks
+                                    if s.name not in cfg.benchmarks]
+    cfg = dataclasses.replace(cfg, output_dir=str(out), benchmarks=names)
     register_extra(cfg)
     counts = {}
     for name in cfg.benchmarks:

@@ -76,3 +76,18 @@ def test_a_rewritten_benchmark_file_is_noticed(tmp_path):
     bench.write_text('{"problem": "2+2", "answer": "4"}\n')
     with pytest.raises(ConfigError, match=r"benchmark mine_fp's file changed"):
         fingerprint.check(out, cfg, False, out / "hf_model")
+
+
+def test_extra_benchmarks_are_evaluated_without_being_listed(tmp_path):
+    from megatron_trapo.eval.plan import prepare
+
+    bench = tmp_path / "mine.jsonl"
+    bench.write_text('{"q": "1+1", "a": "2"}\n{"q": "2+2", "a": "4"}\n')
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = load_config(EvalConfig, None, [
+        f"model_path={model}", "benchmarks=[gsm8k]", "limit=3", f"output_dir={tmp_path / 'out'}",
+        f"extra_benchmarks=[{{name: mine_extra, path: {bench}, problem_field: q, answer_field: a}}]"])
+    plan = prepare(cfg)
+    assert plan.counts["mine_extra"][0] == 2 and plan.counts["gsm8k"][0] == 3
