@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from megatron_trapo.config import ConfigError, SmokeConfig, TrainConfig, load_config
+from megatron_trapo.config import ConfigError, SmokeConfig, TrainConfig, load_config, print_error
 from megatron_trapo.eval.commands import add_parsers
 from megatron_trapo.eval.commands import run as run_eval
 from megatron_trapo.launch.job import build_job, run_job
@@ -98,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         validate_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), cfg.model,
                         cfg.seq_length)
     except ConfigError as exc:
-        _error(exc)
+        print_error(exc)
         return 2
     # lazy: the smoke trainer imports megatron-core (~3 s); other subcommands do not need it
     from megatron_trapo.train.smoke import run_smoke
@@ -111,13 +111,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _error(exc: Exception) -> None:
-    """One line per problem, written in one call: the ranks of a torchrun job that all refuse
-    the same input print whole lines, not lines cut into each other."""
-    sys.stderr.write(f"megatron-trapo: error: {exc}\n")
-    sys.stderr.flush()
-
-
 def _plan(args) -> int:
     overrides = list(args.overrides)
     if args.gpus_per_node:
@@ -128,7 +121,7 @@ def _plan(args) -> int:
         cfg = load_config(TrainConfig, args.config, overrides)
         plan = build_plan(cfg, args.nodes, args.prompt_tokens)
     except ConfigError as exc:
-        _error(exc)
+        print_error(exc)
         return 2
     print(json.dumps(plan, indent=2) if args.json else render(plan))
     return 0 if plan["fits"] else 1
@@ -149,7 +142,7 @@ def _launch(args) -> int:
             return 0
         return run_job(job)
     except ConfigError as exc:
-        _error(exc)
+        print_error(exc)
         return 2
 
 
@@ -176,7 +169,7 @@ def _train(args) -> int:
 
         final = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
-        _error(exc)
+        print_error(exc)
         return 2
     except Preempted as exc:  # a clean stop: the launcher / the Slurm script requeues on 75
         if torch.distributed.get_rank() == 0:

@@ -30,6 +30,14 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+def print_error(exc: Exception) -> None:
+    """``megatron-trapo: error: …`` on stderr as one line written in one call: the ranks of a
+    torchrun job that all refuse the same input print whole lines, not lines cut into each
+    other."""
+    sys.stderr.write(f"megatron-trapo: error: {exc}\n")
+    sys.stderr.flush()
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

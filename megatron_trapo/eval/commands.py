@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from megatron_trapo.config import ConfigError, EvalConfig, load_config
+from megatron_trapo.config import ConfigError, EvalConfig, load_config, print_error
 
 
 def add_parsers(sub) -> None:
@@ -87,8 +87,8 @@ def run(args) -> int:
             print(runner.convert_only(args.out_dir))
         return 0
     except ConfigError as exc:
-        print(f"megatron-trapo: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except (slurm.SlurmError, RolloutError) as exc:
-        print(f"megatron-trapo: error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1

@@ -18,6 +18,15 @@ import torch
 GB = 2**30
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
+_CUDA_PEAK_BEFORE_RESETS = 0  # the allocator's peak each TransientPeak reset, the largest
+
+
+def peak_memory_gb() -> float:
+    """This process's peak GPU memory allocated since it started (CUDA; across the resets
+    :class:`TransientPeak` makes), else its resident set size now."""
+    if torch.cuda.is_available():
+        return max(_CUDA_PEAK_BEFORE_RESETS, torch.cuda.max_memory_allocated()) / GB
+    return psutil.Process().memory_info().rss / GB
 
 
 def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -99,7 +108,10 @@ class TransientPeak:
     def __enter__(self) -> "TransientPeak":
         self._cuda = torch.cuda.is_available()
         if self._cuda:
+            global _CUDA_PEAK_BEFORE_RESETS
             torch.cuda.synchronize()
+            _CUDA_PEAK_BEFORE_RESETS = max(_CUDA_PEAK_BEFORE_RESETS,
+                                           torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
         else:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import psutil
 import torch
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
 from megatron_trapo.rollout.weight_sync import WeightSync
 from megatron_trapo.train.checkpoint import (checkpoint_optimizer_metadata, latest_iteration,
                                              load_checkpoint, save_checkpoint)
+from megatron_trapo.train.memory import peak_memory_gb
 from megatron_trapo.train.optimizer import build_training_state
 from megatron_trapo.train.preemption import Preempted, StopRequest
 from megatron_trapo.train.profiling import StepProfiler
@@ -152,14 +152,6 @@ def evaluate(run: Run) -> Dict[str, float]:
     if len(by_source) > 1:
         metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in by_source.items()})
     return metrics
-
-
-def peak_memory_gb() -> float:
-    """Peak GPU memory allocated by this process (CUDA), else its resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-
-    return psutil.Process().memory_info().rss / 2**30
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False

@@ -34,3 +34,25 @@ def test_breakdown_of_a_plain_model_and_adam():
     assert round(m["memory/grads_gb"] * gib) == 4 * n  # .grad when there is no DDP buffer
     # exp_avg and exp_avg_sq per parameter, plus Adam's scalar step counts
     assert 8 * n <= round(m["memory/optimizer_gb"] * gib) <= 8 * n + 64
+
+
+def test_the_run_peak_survives_the_transient_measurements_reset(monkeypatch):
+    """On a GPU the transient measurement resets the allocator's peak; memory/peak_gb must
+    still be the peak since the process started (e.g. the generation before that phase)."""
+    from megatron_trapo.train import memory
+
+    alloc = {"now": 1 * memory.GB, "peak": 10 * memory.GB}  # generation peaked at 10 GB
+
+    def reset():
+        alloc["peak"] = alloc["now"]
+
+    monkeypatch.setattr(memory, "_CUDA_PEAK_BEFORE_RESETS", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: alloc["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: alloc["peak"])
+    with TransientPeak() as peak:
+        alloc["peak"] = 4 * memory.GB  # forward/backward rose 3 GB above its start
+    assert peak.gb == 3.0
+    assert memory.peak_memory_gb() == 10.0
