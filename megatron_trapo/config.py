@@ -241,6 +241,11 @@ class MicroGroupConfig:
     sft_flags: List[List[int]] = field(default_factory=lambda: [[0, 0, 0, 0], [0, 1], [1], [1]])
     trace_index: List[int] = field(default_factory=lambda: [0, 0, 0, 1])  # expert trace per level
     snap_window: float = 0.3  # snap the cut forward to a "\n\n" token within ratio + window
+    # Generate every level's possible samples (guided and free where rewards decide) in one
+    # engine call, then keep what the schedule picks: the same groups from one decoding pass
+    # instead of one per level, for up to ~40% more samples. null: on for the in-process
+    # engine (rollout.engine=hf: small batches, latency-bound), off for servers.
+    speculative: Optional[bool] = None
 
     def __post_init__(self) -> None:
         n = len(self.budgets)
@@ -280,6 +285,12 @@ class LuffyConfig:
         _check(self.clip_ratio > 0, f"loss.luffy.clip_ratio must be > 0, got {self.clip_ratio}")
 
 
+def default_logprob_chunk_rows(local_vocab: int) -> int:
+    """Rows per chunk of logits when ``loss.logprob_chunk_size`` is null: 2²⁴ fp32 values
+    (64 MiB) — 341 rows for SmolLM2's 49k vocabulary, a whole micro-batch for a 384-token one."""
+    return max(1, (1 << 24) // max(local_vocab, 1))
+
+
 @dataclass
 class LossConfig:
     """Which tokens get which loss, and how a step's loss is normalised (paper defaults)."""
@@ -295,7 +306,12 @@ class LossConfig:
     clip_ratio_high: Optional[float] = None
     luffy: LuffyConfig = field(default_factory=LuffyConfig)
     tis_cap: Optional[float] = None  # truncated IS vs the rollout engine's logprobs, e.g. 2.0
-    logprob_chunk_size: int = 1024
+    # The output layer folded into the loss: logits are computed chunk by chunk from its input
+    # and weight, and never exist for the whole micro-batch (train/output_layer.py); one more
+    # output-layer GEMM in the backward. false: megatron's output layer, then the loss.
+    fused_output_layer: bool = True
+    # rows of logits per chunk; null: chunks of 2^24 values (64 MiB fp32), i.e. 16M / (V/TP)
+    logprob_chunk_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         _choice("loss.loss_mode", self.loss_mode, LOSS_MODES)
@@ -306,7 +322,8 @@ class LossConfig:
         for name in ("clip_ratio_low", "clip_ratio_high", "tis_cap"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"loss.{name} must be > 0 or null, got {value}")
-        _check(self.logprob_chunk_size >= 1, "loss.logprob_chunk_size must be >= 1")
+        _check(self.logprob_chunk_size is None or self.logprob_chunk_size >= 1,
+               "loss.logprob_chunk_size must be >= 1 or null")
 
 
 @dataclass
@@ -331,6 +348,9 @@ class RolloutConfig:
     device: str = "cpu"
     dtype: str = "fp32"
     weight_sync: str = "auto"  # auto | inprocess | disk | distributed
+    # engine=hf in the trainer's process: the engine generates from the trainer's own fp32
+    # tensors (all but q/k/v and gate/up, which the sync assembles) instead of a copy
+    share_trainer_weights: bool = True
     weight_sync_bucket_mb: int = 512
     # disk mode: a folder every server can read (shared FS for servers on other nodes); the
     # newest weight_sync_keep_versions versions are kept, older ones deleted
@@ -505,6 +525,14 @@ class BatchingConfig:
     # 8k-token micro-batch, in a third of the memory (benchmarks/bench_vs_trl.py: 1M and 13M
     # models). null: max_tokens_per_microbatch. The loss does not depend on the split.
     cpu_max_tokens_per_microbatch: Optional[int] = 1024
+    # On CPU, the memory the node's ranks may use together (GiB); null: 90% of the memory
+    # available at start. The run is refused at start if it cannot fit, and the micro-batch
+    # budget above lowered if its activations would not (train/cpu_memory.py).
+    cpu_memory_target_gb: Optional[float] = None
+    # On CPU (glibc), tensors of at least this many KiB get their own mmap, returned to the
+    # kernel when freed, instead of glibc's moving threshold and a heap that keeps every
+    # phase's peak (train/memory.py: fix_mmap_threshold). null: glibc's behaviour.
+    cpu_mmap_threshold_kb: Optional[int] = 128
     # Whole sequences packed into rows (varlen attention with Transformer Engine). None = auto:
     # on with TE; off on CPU, where masked dense attention over long rows costs O(row²).
     pack_sequences: Optional[bool] = None
@@ -519,6 +547,10 @@ class BatchingConfig:
                "batching.max_tokens_per_microbatch must be >= 1")
         _check(self.cpu_max_tokens_per_microbatch is None or self.cpu_max_tokens_per_microbatch >= 1,
                "batching.cpu_max_tokens_per_microbatch must be >= 1 or null")
+        _check(self.cpu_mmap_threshold_kb is None or self.cpu_mmap_threshold_kb >= 4,
+               "batching.cpu_mmap_threshold_kb must be >= 4 or null")
+        _check(self.cpu_memory_target_gb is None or self.cpu_memory_target_gb > 0,
+               "batching.cpu_memory_target_gb must be > 0 or null")
 
 
 @dataclass

@@ -15,7 +15,8 @@ from typing import List, Sequence
 
 from megatron_trapo.config import MicroGroupConfig
 
-__all__ = ["MicroGroupConfig", "Planned", "cut_prefix", "is_guided", "plan_group", "plan_level"]
+__all__ = ["MicroGroupConfig", "Planned", "can_be_guided", "cut_prefix", "is_guided",
+           "level_samples", "plan_group", "plan_level"]
 
 
 def is_guided(cfg: MicroGroupConfig, level: int, rewards_so_far: Sequence[float]) -> bool:
@@ -64,7 +65,18 @@ class Planned:
 def plan_level(cfg: MicroGroupConfig, level: int, rewards_so_far: Sequence[float],
                num_traces: int) -> List[Planned]:
     """The samples of micro-group ``level`` for a prompt (no guidance without an expert trace)."""
-    guided = num_traces > 0 and is_guided(cfg, level, rewards_so_far)
+    return level_samples(cfg, level, num_traces > 0 and is_guided(cfg, level, rewards_so_far),
+                         num_traces)
+
+
+def can_be_guided(cfg: MicroGroupConfig, level: int, num_traces: int) -> bool:
+    """Whether some rewards would make micro-group ``level`` guided."""
+    return num_traces > 0 and cfg.prefix_ratios[level] > 0.0
+
+
+def level_samples(cfg: MicroGroupConfig, level: int, guided: bool, num_traces: int
+                  ) -> List[Planned]:
+    """The samples of micro-group ``level`` once it is decided whether it is guided."""
     trace = min(cfg.trace_index[level], max(num_traces - 1, 0))
     return [Planned(level, guided, cfg.prefix_ratios[level] if guided else 0.0,
                     guided and bool(flag), trace) for flag in cfg.sft_flags[level]]

@@ -14,8 +14,9 @@ Trainer, per pipeline stage (bytes per GPU):
   keeps only each recompute chunk's input (2h) plus one chunk recomputed in backward; selective
   recompute (core attention) saves nothing more under flash attention. 1F1B keeps
   ``pp − stage`` micro-batches in flight.
-* **logits** (last stage): the output layer's [tokens, vocab/TP] bf16 output and its gradient,
-  plus the fused logprob function's fp32 chunk temporaries.
+* **logits** (last stage): the logprob function's fp32 chunk temporaries (three
+  ``[chunk, vocab/TP]`` buffers), plus — without ``loss.fused_output_layer`` — the output
+  layer's [tokens, vocab/TP] bf16 output and its gradient.
 
 Inference server: bf16 weights / its TP; SGLang's ``mem_fraction_static`` of the GPU holds
 weights and KV cache, 2 (k, v) × layers × kv-heads-per-GPU × head_dim × 2 bytes per token.
@@ -28,6 +29,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from megatron_trapo.config import ConfigError, ModelConfig, TrainConfig
+# the architecture's formulas, shared with the CPU trainer's check (train/cpu_memory.py)
+from megatron_trapo.models.memory_model import (  # noqa: F401 (re-exported)
+    activation_bytes_per_token, layer_params, logits_bytes, stored_activation_bytes)
 from megatron_trapo.models.provider import padded_vocab_size
 
 GIB = 1024 ** 3
@@ -37,43 +41,6 @@ GPU_MIB = {"h100-80gb": 81559, "h100-94gb": 95830, "h200": 143771, "a100-80gb": 
 RESERVED_GIB = 5.0  # CUDA context (~0.5), NCCL communicators and buffers, fragmentation
 HEADROOM = 0.10  # a plan "fits with headroom" when 10 % of the GPU stays free beyond that
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-
-def layer_params(m: ModelConfig, tp: int) -> Dict[str, float]:
-    """Parameters of one transformer layer on one TP rank: sharded matrices, replicated norms."""
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-    h_q, kv = m.num_attention_heads * head_dim, m.query_groups * head_dim
-    qkv = m.hidden_size * (h_q + 2 * kv) + ((h_q + 2 * kv) if m.add_qkv_bias else 0)
-    proj = h_q * m.hidden_size
-    mlp = (3 if m.swiglu else 2) * m.hidden_size * m.ffn_hidden_size
-    norms = 2 * m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
-    norms += 2 * head_dim if m.qk_layernorm else 0
-    return {"sharded": (qkv + proj + mlp) / tp, "replicated": float(norms)}
-
-
-def activation_bytes_per_token(m: ModelConfig, tp: int, sp: bool) -> float:
-    """Bytes backward keeps per token for one layer without recompute (see module docstring)."""
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-    h_q, kv = m.num_attention_heads * head_dim, m.query_groups * head_dim
-    seq_part = 8 * m.hidden_size  # 2 norm inputs + 2 linear inputs, bf16
-    tp_part = 4 * h_q + 4 * kv + (6 if m.swiglu else 4) * m.ffn_hidden_size \
-        + 4 * m.num_attention_heads
-    return seq_part / (tp if sp else 1) + tp_part / tp
-
-
-def stored_activation_bytes(m: ModelConfig, layers: int, tokens: int, tp: int, sp: bool) -> float:
-    """Activations of ``layers`` layers for one micro-batch of ``tokens``, under the model's
-    recompute setting; plus the layers recomputed at once in backward."""
-    full = activation_bytes_per_token(m, tp, sp) * tokens
-    if m.recompute_granularity != "full":
-        return full * layers
-    k = m.recompute_num_layers or 1
-    layer_input = 2 * m.hidden_size / (tp if sp else 1) * tokens
-    if m.recompute_method == "block":  # the first k layers recomputed, the rest stored
-        kept = max(layers - k, 0)
-        return full * kept + layer_input * min(k, layers) + (full if k else 0)
-    chunks = -(-layers // k)  # uniform: every chunk of k layers keeps its input only
-    return layer_input * chunks + full * min(k, layers)
 
 
 @dataclass
@@ -123,8 +90,7 @@ def plan_trainer(m: ModelConfig, cfg: TrainConfig, dp: int) -> List[StagePlan]:
                 params += vocab * m.hidden_size
         in_flight = pp - p
         acts = stored_activation_bytes(m, layers, tokens, tp, sp) * in_flight
-        logits = (2 * 2 * tokens * vocab + 12 * min(cfg.loss.logprob_chunk_size, tokens) * vocab
-                  if last else 0.0)
+        logits = logits_bytes(cfg.loss, tokens, vocab) if last else 0.0
         mem = {"weights": params * wbytes, "grads": params * 4,
                "optimizer": params * opt_bytes * opt_share, "activations": acts,
                "logits": logits}

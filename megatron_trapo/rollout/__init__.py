@@ -22,7 +22,8 @@ def make_engine(cfg, weight_updates: bool = False, hf_config: Optional[dict] = N
 
         if not cfg.model_path and hf_config is not None:
             return HFEngine.from_hf_config(hf_config, device=cfg.device,
-                                           max_batch_size=cfg.max_batch_size)
+                                           max_batch_size=cfg.max_batch_size,
+                                           share_weights=cfg.share_trainer_weights)
         if not cfg.model_path:
             raise RolloutError("rollout.model_path is required for engine=hf")
         return HFEngine(cfg.model_path, device=cfg.device, dtype=cfg.dtype,

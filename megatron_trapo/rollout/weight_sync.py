@@ -170,8 +170,14 @@ class InProcessSync:
         self.sync = sync
 
     def push(self, named, weight_version: str, stats: Dict[str, float]) -> None:
+        # at TP = PP = 1 the HF tensors are views of the trainer's parameters, which the
+        # engine may then generate from directly (rollout.share_trainer_weights); gathered
+        # TP / PP tensors are temporaries, copied as before
+        whole = ps.get_tensor_model_parallel_world_size() == 1 and \
+            ps.get_pipeline_model_parallel_world_size() == 1
         for bucket in _counted_buckets(named, self.sync.bucket_bytes, stats):
-            self.sync.engine.update_weights_from_tensors(dict(bucket), weight_version)
+            self.sync.engine.update_weights_from_tensors(dict(bucket), weight_version,
+                                                         share=whole)
 
 
 class DiskSync:

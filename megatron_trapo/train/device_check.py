@@ -87,7 +87,7 @@ def _forward_backward_on_device(cfg: TrainConfig, cpu_mbs: List[dict], normalise
     mbs = [to_device(mb) for mb in cpu_mbs]
     seq_len = max(mb["tokens"].shape[1] for mb in mbs)
     mb_size = max(mb["tokens"].shape[0] for mb in mbs)
-    fill_old_logprobs(chunks, mbs, cfg.loss.logprob_chunk_size, seq_len, mb_size)
+    fill_old_logprobs(chunks, mbs, cfg.loss, seq_len, mb_size)
     for chunk in chunks:
         chunk.zero_grad_buffer()
     out = run_forward_backward(chunks, mbs, make_forward_step(cfg.loss, normaliser), seq_len,

@@ -22,7 +22,7 @@ MicroBatch`; prompt tokens, padding and unflagged prefix tokens have both masks 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state as ps
@@ -32,7 +32,9 @@ from megatron_trapo.algorithms.methods import clip_range, method
 from megatron_trapo.config import LossConfig
 from megatron_trapo.platform.distributed import broadcast_object
 from megatron_trapo.train.batch import MicroBatch, model_forward
-from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
+from megatron_trapo.train.logprobs import (fused_output_logprobs_entropy,
+                                           vocab_parallel_logprobs_entropy)
+from megatron_trapo.train.output_layer import hidden_states_out, output_weight
 
 
 def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
@@ -96,11 +98,23 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
     return loss, metrics
 
 
+def token_logprobs_entropy(output: torch.Tensor, weight: Optional[torch.Tensor],
+                           labels: torch.Tensor, chunk_size: Optional[int]
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label), entropy) per token from the model's output: vocab-sharded logits, or
+    with ``weight`` the output layer's input (the fused path)."""
+    if weight is not None:
+        return fused_output_logprobs_entropy(output, weight, labels, chunk_size)
+    return vocab_parallel_logprobs_entropy(output, labels, chunk_size)
+
+
 def trapo_loss_func(cfg: LossConfig, batch: MicroBatch, normaliser: float,
-                    old_is_current: bool, output_tensor: torch.Tensor):
-    """Megatron ``loss_func``; see the module docstring for the contract."""
-    logprobs, entropy = vocab_parallel_logprobs_entropy(output_tensor, batch["labels"],
-                                                        cfg.logprob_chunk_size)
+                    old_is_current: bool, weight: Optional[torch.Tensor],
+                    output_tensor: torch.Tensor):
+    """Megatron ``loss_func``; see the module docstring for the contract. ``weight``: the
+    output layer's, when ``output_tensor`` is its input (``loss.fused_output_layer``)."""
+    logprobs, entropy = token_logprobs_entropy(output_tensor, weight, batch["labels"],
+                                               cfg.logprob_chunk_size)
     per_token, metrics = token_losses(cfg, logprobs, entropy, batch, old_is_current)
     loss = (per_token * batch["agg_weight"].float()).sum() / normaliser
     metrics["loss"] = torch.stack([loss.detach(), torch.zeros_like(loss.detach())])
@@ -113,8 +127,10 @@ def make_forward_step(cfg: LossConfig, normaliser: float, old_is_current: bool =
     (``old_is_current``: see :func:`token_losses`)."""
 
     def forward_step(batch, model):
-        return model_forward(model, batch), partial(trapo_loss_func, cfg, batch, normaliser,
-                                                    old_is_current)
+        weight = output_weight(model) if cfg.fused_output_layer else None
+        with hidden_states_out(model, enabled=weight is not None):
+            output = model_forward(model, batch)
+        return output, partial(trapo_loss_func, cfg, batch, normaliser, old_is_current, weight)
 
     return forward_step
 

@@ -15,6 +15,7 @@ from megatron.core import parallel_state as ps
 from megatron_trapo.algorithms.methods import method
 from megatron_trapo.algorithms.sampler import Groups, flatten, reward_scorer, sample_groups
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
+from megatron_trapo.config import LossConfig
 from megatron_trapo.models.provider import have_transformer_engine
 from megatron_trapo.platform.distributed import broadcast_object, host_group
 from megatron_trapo.rollout.types import SamplingParams
@@ -22,8 +23,9 @@ from megatron_trapo.train.batch import (build_sequences, make_microbatches, mode
                                         pack_microbatches, row_multiple, split_for_rank, to_device)
 from megatron_trapo.train import memory
 from megatron_trapo.train.forward_backward import run_forward_backward, train_step
-from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
-from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
+from megatron_trapo.train.loss_func import (global_normaliser, make_forward_step,
+                                            reduce_loss_metrics, token_logprobs_entropy)
+from megatron_trapo.train.output_layer import hidden_states_out, output_weight
 from megatron_trapo.train.run import RolloutShare
 from megatron_trapo.train.timing import TimedEngine
 
@@ -52,8 +54,10 @@ def trapo_step(run, step: int) -> StepResult:
         local = sample_groups(items, TimedEngine(side.engine, timers), score, m, cfg.sampler,
                               sampling, run.eos_id, seed=cfg.seed * 7919 + step,
                               off_policy=cfg.loss.luffy.off_policy,
-                              indices=side.share.indices(len(items)))
+                              indices=side.share.indices(len(items)),
+                              speculative=speculative_levels(cfg))
     health = run.engine.health_metrics() if run.engine is not None else {}
+    memory.release_freed_memory()  # the generation's temporaries, before training allocates
     groups = gather_shares(local, side.share if side is not None else None)  # on every rank
     trajs = flatten(groups)
     # 4. group-relative advantages over each prompt's samples
@@ -73,11 +77,12 @@ def trapo_step(run, step: int) -> StepResult:
     source = old_logprobs_source(cfg) if m.needs_old_logprobs else "rollout"
     if source == "recompute":
         with timers.phase("old_logprobs"):
-            fill_old_logprobs(run.ddp, mbs, cfg.loss.logprob_chunk_size, seq_len, mb_size)
+            fill_old_logprobs(run.ddp, mbs, cfg.loss, seq_len, mb_size)
     # 7. Megatron forward/backward over the micro-batches, one optimizer step
     out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
                      make_forward_step(cfg.loss, normaliser, old_is_current=source == "current"),
                      seq_len, mb_size, timers=timers, measure_memory=step < MEMORY_STEPS)
+    memory.release_freed_memory()  # the activations, before the next generation
     train_tokens = float(sum(s["tokens"].numel() for s in seqs))  # every DP rank's
     timers.count("train_tokens", train_tokens)
     # 8. the new weights to the engine
@@ -141,17 +146,27 @@ def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,
     return make_microbatches(mine, budget, pad_id, fixed, multiple)
 
 
-def _logprob_loss(chunk_size, batch, output):
-    lp, _ = vocab_parallel_logprobs_entropy(output, batch["labels"], chunk_size)
+def _logprob_loss(chunk_size, weight, batch, output):
+    lp, _ = token_logprobs_entropy(output, weight, batch["labels"], chunk_size)
     return (output.sum() * 0, torch.zeros((), dtype=torch.int, device=output.device),
             {"lp": lp.detach()})
 
 
+def speculative_levels(cfg) -> bool:
+    """``sampler.speculative``, resolved: null = on for the in-process engine."""
+    if cfg.sampler.speculative is not None:
+        return cfg.sampler.speculative
+    return cfg.rollout.engine == "hf"
+
+
 @torch.no_grad()
-def fill_old_logprobs(chunks, mbs, chunk_size: int, seq_len: int, mb_size: int) -> None:
+def fill_old_logprobs(chunks, mbs, cfg: LossConfig, seq_len: int, mb_size: int) -> None:
     """Replace ``old_logprobs`` by the current weights' logprobs (last pipeline stage)."""
     def step(batch, model):
-        return model_forward(model, batch), partial(_logprob_loss, chunk_size, batch)
+        weight = output_weight(model) if cfg.fused_output_layer else None
+        with hidden_states_out(model, enabled=weight is not None):
+            output = model_forward(model, batch)
+        return output, partial(_logprob_loss, cfg.logprob_chunk_size, weight, batch)
 
     out = run_forward_backward(chunks, mbs, step, seq_len, mb_size, forward_only=True)
     for mb, o in zip(mbs, out):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import psutil
 import torch
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
@@ -29,9 +30,10 @@ from megatron_trapo.reward.math_reward import MathReward
 from megatron_trapo.rollout import make_engine
 from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
 from megatron_trapo.rollout.weight_sync import WeightSync
+from megatron_trapo.train.cpu_memory import plan_cpu_memory
 from megatron_trapo.train.checkpoint import (checkpoint_optimizer_metadata, latest_iteration,
                                              load_checkpoint, save_checkpoint)
-from megatron_trapo.train.memory import peak_memory_gb
+from megatron_trapo.train.memory import fix_mmap_threshold, peak_memory_gb
 from megatron_trapo.train.optimizer import build_training_state
 from megatron_trapo.train.preemption import Preempted, StopRequest
 from megatron_trapo.train.profiling import StepProfiler
@@ -39,7 +41,7 @@ from megatron_trapo.train.preflight import (check_all_data, check_paths, load_to
                                             tokenizer_folder)
 from megatron_trapo.train.pretrained import model_config_from_checkpoint
 from megatron_trapo.train.run import RolloutShare, RolloutSide, Run
-from megatron_trapo.train.step import gather_shares, trapo_step
+from megatron_trapo.train.step import gather_shares, speculative_levels, trapo_step
 from megatron_trapo.train.timing import postfix
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
     train_items, eval_items, reports = check_all_data(cfg, tokenizer, model.max_position_embeddings)
     initialize_distributed(cfg.parallel, model, seed=cfg.seed)
     share = rollout_share(cfg)
+    if not torch.cuda.is_available():  # will it fit? (before anything big is allocated)
+        fix_mmap_threshold(cfg.batching.cpu_mmap_threshold_kb)
+        cfg = fit_cpu_memory(cfg, model, share is not None, train_items)
     # the verifier workers start (from a forkserver, in the background) before the model is
     # built; two verifier processes on the machine either way
     reward = MathReward(num_workers=max(1, 2 // share.world)) if share is not None else None
@@ -97,6 +102,32 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
     run = Run(cfg, ddp, optimizer, scheduler, model, tokenizer, sync, eos_id, pad_id, stop_ids,
               rollout, {k: v for name, rep in reports.items() for k, v in rep.metrics(name).items()})
     return run, start, trainer_state
+
+
+def fit_cpu_memory(cfg: TrainConfig, model, generates: bool, items) -> TrainConfig:
+    """``cfg`` with the micro-batch budget the CPU memory plan leaves room for; refuses a run
+    that cannot fit (train/cpu_memory.py)."""
+    dp = ps.get_data_parallel_world_size()
+    longest = max((len(it.prompt_ids) for it in items), default=0)
+    # the ranks read the free memory at slightly different moments: agree on the least
+    available = cfg.batching.cpu_memory_target_gb
+    if available is None:
+        free = torch.tensor([psutil.virtual_memory().available / 1024**3], dtype=torch.float64)
+        torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+        available = 0.9 * float(free)
+    plan = plan_cpu_memory(cfg, model, generates, dp, longest, speculative_levels(cfg),
+                           available_gib=available)
+    if torch.distributed.get_rank() == 0:
+        logger.info("%s", plan.summary())
+    cap = cfg.batching.cpu_max_tokens_per_microbatch
+    if plan.microbatch_tokens == cap:
+        return cfg
+    if torch.distributed.get_rank() == 0:
+        logger.warning("batching.cpu_max_tokens_per_microbatch %s -> %d: the activations of "
+                       "larger micro-batches would not fit (%.1f GiB per rank)", cap,
+                       plan.microbatch_tokens, plan.per_rank_gib)
+    return dataclasses.replace(cfg, batching=dataclasses.replace(
+        cfg.batching, cpu_max_tokens_per_microbatch=plan.microbatch_tokens))
 
 
 def rollout_share(cfg: TrainConfig) -> Optional[RolloutShare]:

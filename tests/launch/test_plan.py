@@ -45,9 +45,9 @@ def test_stage_memory_equals_the_hand_worked_numbers():
     # 16 → 1168 / TP = 584; total 840 bytes. × 2 layers × 1024 tokens = 1 720 320 per
     # micro-batch; 1F1B: stage 0 holds 2 micro-batches, stage 1 one.
     acts = {0: 840 * 2 * 1024 * 2, 1: 840 * 2 * 1024 * 1}
-    # logits on the last stage: output [1024, 128] bf16 + its grad = 2·2·1024·128 = 524 288,
-    # fp32 chunk temporaries 12·1024·128 = 1 572 864
-    logits = {0: 0, 1: 524288 + 1572864}
+    # logits on the last stage, fused output layer (the default): only the fp32 chunk
+    # temporaries, 12·1024·128 = 1 572 864 (a chunk of 2^24 / 128 rows holds all 1024 tokens)
+    logits = {0: 0, 1: 1572864}
     for st in (s0, s1):
         r = st["pp_rank"]
         mg = st["memory_gib"]
@@ -60,6 +60,14 @@ def test_stage_memory_equals_the_hand_worked_numbers():
         exact = M.plan_trainer(cfg.model, cfg, 2)[r].memory_gib  # before rounding
         for key, value in want.items():
             assert exact[key] * GIB == pytest.approx(value, rel=1e-9), key
+
+
+def test_unfused_output_layer_adds_the_bf16_logits_and_their_gradient():
+    cfg = load_config(TrainConfig, None, SMALL + ["loss.fused_output_layer=false",
+                                                  "loss.logprob_chunk_size=256"])
+    st = M.plan_trainer(cfg.model, cfg, 2)[1]
+    # output [1024, 128] bf16 + its grad = 2·2·1024·128 = 524 288; chunks 12·256·128 = 393 216
+    assert st.memory_gib["logits"] * GIB == pytest.approx(524288 + 393216, rel=1e-9)
 
 
 def test_full_recompute_keeps_layer_inputs_and_one_recomputed_layer():

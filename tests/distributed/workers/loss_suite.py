@@ -3,6 +3,7 @@ full-vocabulary log_softmax, and the invariance of the step's loss and gradients
 of mixed TrSFT / policy-gradient samples is split over micro-batches, DP, TP and PP ranks."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -16,7 +17,8 @@ from megatron_trapo.models.sharding import gather_global
 from megatron_trapo.platform.distributed import initialize_distributed
 from megatron_trapo.train.checkpoint import load_checkpoint, save_checkpoint
 from megatron_trapo.train.forward_backward import run_forward_backward
-from megatron_trapo.train.logprobs import vocab_parallel_logprobs_entropy
+from megatron_trapo.train.logprobs import (fused_output_logprobs_entropy,
+                                           vocab_parallel_logprobs_entropy)
 from megatron_trapo.train.loss_func import global_normaliser, make_forward_step, reduce_loss_metrics
 from megatron_trapo.train.optimizer import wrap_ddp
 
@@ -43,11 +45,32 @@ def vocab_parallel_check() -> VocabParallelCheck:
     ref_h = -(lsm.exp() * lsm).sum(-1)
     ((ref_lp * g_lp.double()).sum() + (ref_h * g_h.double()).sum()).backward()
     ref_grad = ref_in.grad[:, tp_rank * 32:(tp_rank + 1) * 32]
-    diffs = torch.tensor([max_diff(lp, ref_lp), max_diff(ent, ref_h), max_diff(shard.grad, ref_grad)])
+    diffs = [max_diff(lp, ref_lp), max_diff(ent, ref_h), max_diff(shard.grad, ref_grad)]
+
+    # the fused path: from hidden states and this rank's rows of the output weight
+    H = 24
+    hidden = torch.randn(T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / 2
+    h_in = hidden.float().clone().requires_grad_()
+    w_shard = weight[tp_rank * 32:(tp_rank + 1) * 32].float().clone().requires_grad_()
+    f_lp, f_ent = fused_output_logprobs_entropy(h_in, w_shard, targets, chunk_size=7)
+    ((f_lp * g_lp).sum() + (f_ent * g_h).sum()).backward()
+    h_grad = h_in.grad.clone()  # partial over the vocabulary: the model's TP mapping sums it
+    torch.distributed.all_reduce(h_grad)
+    ref_h_in, ref_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lsm = torch.log_softmax(ref_h_in @ ref_w.t(), -1)
+    r_lp, r_ent = lsm.gather(-1, targets[:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    ((r_lp * g_lp.double()).sum() + (r_ent * g_h.double()).sum()).backward()
+    diffs += [max_diff(f_lp, r_lp), max_diff(f_ent, r_ent), max_diff(h_grad, ref_h_in.grad),
+              max_diff(w_shard.grad, ref_w.grad[tp_rank * 32:(tp_rank + 1) * 32])]
+    diffs = torch.tensor(diffs)
     torch.distributed.all_reduce(diffs, op=torch.distributed.ReduceOp.MAX)
-    lp_diff, ent_diff, grad_diff = diffs.tolist()
+    lp_diff, ent_diff, grad_diff, *fused = diffs.tolist()
     return VocabParallelCheck(logprob_diff=lp_diff, entropy_diff=ent_diff, grad_diff=grad_diff,
-                              ref_grad_max=float(ref_in.grad.abs().max()))
+                              ref_grad_max=float(ref_in.grad.abs().max()),
+                              fused_diffs=fused,
+                              fused_ref_grad_max=min(float(ref_h_in.grad.abs().max()),
+                                                     float(ref_w.grad.abs().max())))
 
 
 def mixed_batch():
@@ -150,7 +173,11 @@ def main():
                ("tp2_packed", 2, 1, False, 1), ("dp2_packed", 1, 1, False, 1),
                ("tp2sp_packed", 2, 1, True, 1), ("pp2_packed", 1, 2, False, 1)]
     for name, tp, pp, sp, mbs in layouts:
-        run_layout(name, tp, pp, sp, mbs, root, batch_by_mode, r)
+        # the reference runs megatron's own output layer, every other layout the fused one
+        fused = name != "tp2_mb1"
+        by_mode = {agg: (dataclasses.replace(cfg, fused_output_layer=fused), batch)
+                   for agg, (cfg, batch) in batch_by_mode.items()}
+        run_layout(name, tp, pp, sp, mbs, root, by_mode, r)
     aggregations = {}
     for agg in batch_by_mode:
         ref = r[f"{agg}:tp2_mb1"]

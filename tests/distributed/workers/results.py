@@ -114,6 +114,9 @@ class VocabParallelCheck:
     entropy_diff: float
     grad_diff: float
     ref_grad_max: float
+    # the fused output layer (hidden states × weight shard): log p, entropy, ∂hidden, ∂weight
+    fused_diffs: List[float]
+    fused_ref_grad_max: float
 
 
 @dataclass

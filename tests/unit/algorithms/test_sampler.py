@@ -165,3 +165,65 @@ def test_shares_of_the_prompts_merge_into_the_whole(name):
     assert sorted({t.prompt_index for t in flatten(parts[1])}) == [1, 3]
     with pytest.raises(RuntimeError, match="rollout rank 1 returned 1 results for 2 prompts"):
         RolloutShare(0, 2).merge([parts[0], parts[1][:1]], len(prompts))
+
+
+class RequestSeededEngine(RolloutEngine):
+    """Each sample a function of its request alone (prompt, prefix, seed, j), as a seeded
+    engine's would be: answers do not depend on what else is in the batch."""
+
+    name = "seeded"
+
+    def __init__(self):
+        self.calls = []
+
+    @property
+    def weight_version(self):
+        return "v1"
+
+    def generate(self, requests):
+        self.calls.append(list(requests))
+        out = []
+        for r in requests:
+            key = hash((tuple(r.prompt_ids), tuple(r.prefix_ids), r.sampling.seed))
+            out.append([Sample([100 + (key + 7 * j) % 50, j], [-0.1 * j, -0.2], "stop", "v1",
+                               len(r.prefix_ids)) for j in range(r.sampling.n)])
+        return out
+
+
+def _groups(speculative):
+    """7 prompts: 0-1 always fail, 2-3 always succeed, 4-5 succeed when a sample's first
+    token is even, 6 has no expert trace — so levels go every way the schedule allows."""
+    engine, scored = RequestSeededEngine(), []
+
+    def score(trajs):
+        scored.append(sorted((t.prompt_index, t.level, tuple(t.completion_ids)) for t in trajs))
+        for t in trajs:
+            even = bool(t.completion_ids) and t.completion_ids[0] % 2 == 0
+            t.reward = {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}.get(t.prompt_index, float(even))
+
+    texts = lambda ids: [f"t{t}" for t in ids]  # noqa: E731
+    its = [PromptItem(Record(f"problem {k}", "42", ["a", "b"]), [1, 2, 3 + k],
+                      [TRACE_A, TRACE_B], [texts(TRACE_A), texts(TRACE_B)]) for k in range(6)]
+    its.append(PromptItem(Record("no trace", "1", []), [1, 9], [], []))  # never guided
+    groups = sample_groups(its, engine, score, METHODS["trapo"], MicroGroupConfig(),
+                           SamplingParams(temperature=1.0, max_new_tokens=64), EOS, seed=3,
+                           speculative=speculative)
+    return engine, scored, groups
+
+
+def test_speculative_levels_give_the_same_groups_from_one_engine_call():
+    lazy_engine, lazy_scored, lazy = _groups(False)
+    spec_engine, spec_scored, spec = _groups(True)
+    assert spec == lazy  # every trajectory, field by field (rewards included)
+    assert spec_scored == lazy_scored  # the same samples scored, level by level
+    # one call per generating level (the last level is a free sample where not guided)
+    assert len(lazy_engine.calls) == 4 and len(spec_engine.calls) == 1
+    # the schedule went both ways at the speculated levels: the comparison is not vacuous
+    decided = {(t.level, t.guided) for g in lazy for t in g if t.level in (1, 2)}
+    assert decided == {(1, True), (1, False), (2, True), (2, False)}
+    # generated up front: level 0 (4 each); for the 6 traced prompts both versions of levels
+    # 1 (2 + 2) and 2 (1 + 1) and the free version of level 3 (its guided one is the full
+    # solution); for the untraced prompt the free versions only (2 + 1 + 1)
+    spec_rows = sum(r.sampling.n for r in spec_engine.calls[0])
+    lazy_rows = sum(r.sampling.n for call in lazy_engine.calls for r in call)
+    assert spec_rows == 7 * 4 + 6 * 7 + 4 > lazy_rows

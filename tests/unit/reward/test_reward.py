@@ -62,10 +62,14 @@ HEAVY_MAIN = textwrap.dedent("""
     if __name__ == "__main__":
         pool = VerifierPool(num_workers=2)
         assert pool.map(math_verify_equal, [("1", "1")] * 4, str) == [True] * 4
-        procs = [p for p in psutil.Process().children(recursive=True)
-                 if "resource_tracker" not in " ".join(p.cmdline())]
-        print(json.dumps([[m.path for m in p.memory_maps() if "libtorch" in m.path]
-                          for p in procs]))
+        maps = []
+        for p in psutil.Process().children(recursive=True):
+            try:  # a process that ends meanwhile (seen once on a loaded machine) is skipped
+                if "resource_tracker" not in " ".join(p.cmdline()):
+                    maps.append([m.path for m in p.memory_maps() if "libtorch" in m.path])
+            except psutil.NoSuchProcess:
+                pass
+        print(json.dumps(maps))
         pool.close()
 """)
 
