@@ -426,12 +426,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "that have it)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the sides an interrupted run of the same --out finished")
+    ap.add_argument("--learning", action="store_true",
+                    help="instead of step times: held-out accuracy curves of our GRPO and TRL's "
+                         "from the CPU demo's base (--base, --seeds; benchmarks/trl_learning.py)")
+    ap.add_argument("--seeds", type=int, default=3, help="--learning: seeds per side")
+    ap.add_argument("--lr", type=float, help="--learning: the lr of both sides (default: the "
+                    "demo's GRPO lr)")
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--learning-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--hf-model", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--iters", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.learning or args.learning_worker:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import trl_learning  # lazy: the learning comparison lives in its own file
+
+        if args.learning_worker:
+            return trl_learning.worker(json.loads(args.workload), Path(args.result))
+        return trl_learning.main(Path(args.out), args.base, args.seeds, args.lr)
     if args.trl_worker:
         trl_worker(args.hf_model, Workload(**json.loads(args.workload)), args.iters,
                    Path(args.result))
@@ -442,10 +456,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.model == "smollm2-135m":
         cases = {"smollm2-135m": (prepare_smollm2(out), smollm2_workload(out, args.precision))}
     else:
-        from megatron_trapo.cpu_demo.compare import _sizes, prepare  # lazy: as in linear_params
+        from megatron_trapo.cpu_demo.task import FULL, prepare  # lazy: as in linear_params
 
-        prepare(out, _sizes(False))
         data = out / "data"
+        prepare(data, FULL)
         work = Workload(train_data=str(data / "train.jsonl"), tokenizer=str(data / "tokenizer"),
                         precision=args.precision)
         cases = {size: (prepare_models(out, size, args.base), work)

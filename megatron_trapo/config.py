@@ -458,10 +458,19 @@ class DataConfig:
     strict: bool = False
     # the paper's filter: prompts of at most 1024 tokens (None: only the model's positions)
     max_prompt_tokens: Optional[int] = 1024
+    # how a problem becomes a prompt (data/prompts.py; eval's prompt_template/system_prompt
+    # must match): auto (the tokenizer's chat template when it has one, else the plain prompt),
+    # chat, plain (no system line) or a text holding {problem}
+    prompt_template: str = "auto"
+    system_prompt: Optional[str] = "You are a helpful assistant."
 
     def __post_init__(self) -> None:
         _check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
                f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        _check(self.prompt_template in ("auto", "chat", "plain")
+               or "{problem}" in self.prompt_template,
+               "data.prompt_template must be 'auto', 'chat', 'plain' or a text containing "
+               f"{{problem}}, got {self.prompt_template!r}")
 
 
 @dataclass

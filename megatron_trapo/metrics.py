@@ -73,17 +73,18 @@ def read_metrics(path: str | Path) -> list:
 
 
 def continue_log(path: Path, start: int) -> None:
-    """Make ``path`` (a metrics.jsonl) end at step ``start``: a resumed run drops the rows a
-    crashed run wrote past its last checkpoint (they are logged again, identically, by the
-    resumed run); a fresh run (``start`` 0) moves an older log aside to ``metrics.N.jsonl``."""
+    """Make ``path`` (a metrics.jsonl, or any JSONL with a ``step`` per row) end at step
+    ``start``: a resumed run drops the rows a crashed run wrote past its last checkpoint (they
+    are logged again, identically, by the resumed run); a fresh run (``start`` 0) moves an
+    older log aside to ``metrics.N.jsonl``."""
     path = Path(path)
     if not path.is_file():
         return
     if start == 0:
         n = 1
-        while path.with_name(f"metrics.{n}.jsonl").exists():
+        while path.with_name(f"{path.stem}.{n}{path.suffix}").exists():
             n += 1
-        path.rename(path.with_name(f"metrics.{n}.jsonl"))
+        path.rename(path.with_name(f"{path.stem}.{n}{path.suffix}"))
         return
     kept = []
     for line in path.read_text().splitlines():

@@ -1,159 +1,147 @@
-"""The README's main job: set up the CPU demo and compare TRAPO with its baselines.
+"""The README's main job: Table 1 of the paper at CPU scale — TRAPO against its baselines.
 
-    python -m megatron_trapo.cpu_demo.compare --out runs/cpu_demo [--quick] [--seeds 1]
+    python -m megatron_trapo.cpu_demo.compare --out runs/cpu_demo [--quick] [--seeds N]
+        [--ablation] [--tune]
 
-1. generate the synthetic arithmetic task (pretraining split of 1–2-step problems; training
-   and held-out splits of 1–4 steps) and train a tokenizer on it;
-2. "pretrain" a tiny GPT on the easy split with SFT (Megatron-Core, 2 gloo processes) — the base;
-3. from the base, train each method (SFT, GRPO, TRAPO, and the plain-SFT-interleaving
-   ablation) with rollouts on the HF engine and in-process weight sync;
-4. evaluate every run on the held-out split, print the accuracy table, write results.json,
-   results.md and the training-curve plot.
-Each stage is a ``megatron-trapo train`` run under torchrun; a finished stage is skipped on a
-re-run (delete the output folder to start over).
+1. make the synthetic task (``cpu_demo/task.py``) and a tokenizer, locally;
+2. "pretrain" the base (a tiny GPT, Megatron-Core on 2 gloo processes) with SFT on a mixture
+   of short chains — competent on one step, partly right in the middle, never shown the
+   longest (cached in the output folder: a re-run reuses it);
+3. train each method from the base for the same number of optimizer steps: SFT, GRPO,
+   SFT-then-RL (GRPO from the SFT run), LUFFY and TRAPO; ``--ablation`` adds the paper's
+   ladder (GRPO → + micro-groups with prefixes as context → + plain SFT on them → + LUFFY's
+   shaping on them → + TrSFT = TRAPO);
+4. evaluate every run on the held-out split during training, then write ``results.md`` (the
+   table overall and per difficulty, mean ± std over seeds, TRAPO paired against every other
+   method), ``results.json``, ``accuracy.png`` and ``training.png``.
+
+Learning rates are fixed per method in :data:`LR`; ``--tune`` chooses them again from a small
+grid by accuracy on training problems (``data/train_probe.jsonl``), never on held-out ones.
+Every stage is a ``megatron-trapo train`` run; a finished one is skipped on a re-run.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
-from matplotlib.figure import Figure
+from megatron_trapo.cpu_demo import report
+from megatron_trapo.cpu_demo.stage import final, run_stage
+from megatron_trapo.cpu_demo.task import FULL, QUICK, Sizes, prepare
 
-from megatron_trapo.data.records import save_records
-from megatron_trapo.data.synthetic import make_split, tokenizer_corpus
-from megatron_trapo.data.tokenizer import train_bpe_tokenizer
-
-METHODS = ["sft", "grpo", "trapo", "trapo_plain_sft"]
-
-MODEL = {"model_preset": "tiny", "model.num_layers": 4, "model.hidden_size": 128,
-         "model.ffn_hidden_size": 512, "model.num_attention_heads": 4,
-         "model.num_query_groups": 2, "model.vocab_size": 384,
-         "model.max_position_embeddings": 256}
-
-
-def _sizes(quick: bool) -> dict:
-    if quick:
-        return {"pretrain": 2000, "train": 400, "eval": 64, "pre_iters": 120, "iters": 6,
-                "prompts": 8, "pre_prompts": 64}
-    return {"pretrain": 4000, "train": 1000, "eval": 200, "pre_iters": 300, "iters": 40,
-            "prompts": 16, "pre_prompts": 64}
+TABLE1 = ("sft", "grpo", "sft_then_rl", "luffy", "trapo")
+QUICK_METHODS = ("grpo", "trapo")  # --quick: the RL baseline and TRAPO, for CI's time
+ABLATION = ("grpo", "trapo_prefix_context", "trapo_plain_sft", "trapo_luffy_prefix", "trapo")
+# the learning rate of each method (SFT-then-RL: of its RL stage; its SFT stage is the SFT run)
+LR: Dict[str, float] = {"sft": 5e-4, "grpo": 1e-4, "sft_then_rl": 1e-4, "luffy": 1e-4,
+                        "trapo": 1e-4, "trapo_prefix_context": 1e-4, "trapo_plain_sft": 1e-4,
+                        "trapo_luffy_prefix": 1e-4}
+LR_GRID = (1e-5, 3e-5, 1e-4)
+PROMPT = "{problem}\n"
 
 
-def prepare(out: Path, sizes: dict) -> None:
+def common(data: Path, sizes: Sizes) -> Dict[str, object]:
+    # the prompt is the problem alone: a model pretrained from scratch has no use for the
+    # paper's instruction, and on this model a prompt token costs about what a response one does
+    return {"rollout.tokenizer_path": data / "tokenizer", "data.prompt_template": PROMPT,
+            "loss.max_response_length": sizes.max_response_length,
+            "batching.max_tokens_per_microbatch": 8192, "loss.aggregation": "token_mean",
+            # glibc's own allocation: the per-tensor mmap that bounds a large model's memory
+            # costs this tiny one a quarter of its step (page faults), for nothing
+            "batching.cpu_mmap_threshold_kb": None}
+
+
+def pretrain(out: Path, sizes: Sizes) -> Path:
     data = out / "data"
-    if (data / "eval.jsonl").is_file():
-        return
-    data.mkdir(parents=True, exist_ok=True)
-    pre = make_split(sizes["pretrain"], 0, [1, 2], "pretrain")
-    train = make_split(sizes["train"], 0, [1, 2, 3, 4], "train")
-    evals = make_split(sizes["eval"], 0, [1, 2, 3, 4], "eval")
-    train_bpe_tokenizer(tokenizer_corpus(pre + train), 400, data / "tokenizer",
-                        individual_digits=True)
-    save_records(pre, data / "pretrain.jsonl")
-    save_records(train, data / "train.jsonl")
-    save_records(evals, data / "eval.jsonl")
+    return run_stage(out, "base", {
+        **common(data, sizes), "train_data": data / "pretrain.jsonl",
+        "eval.data": data / "eval.jsonl", "loss.loss_mode": "sft",
+        "prompts_per_step": sizes.pre_prompts, "train_iters": sizes.pre_iters,
+        "optimizer.lr": sizes.pre_lr, "optimizer.lr_decay_style": "cosine",
+        "optimizer.lr_warmup_iters": max(sizes.pre_iters // 30, 1), "eval.interval": 0,
+        "seed": 1})
 
 
-def train(out: Path, name: str, overrides: Dict[str, object], nproc: int = 2) -> Path:
-    """One ``megatron-trapo train`` run (skipped when its final metrics exist)."""
-    run = out / "runs" / name
-    done = run / "final.json"
-    if done.is_file():
-        return run
-    args = [f"{k}={v}" for k, v in {**MODEL, **overrides, "log_dir": run / "logs",
-                                     "checkpoint.save": run / "ckpt"}.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "megatron_trapo.cli", "train",
-           "--resume", *args]  # a stage cut off earlier continues from its last checkpoint
-    print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
-    log = open(out / "runs" / f"{name}.log", "w")
-    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    if proc.returncode != 0:
-        raise SystemExit(f"stage {name} failed (exit {proc.returncode}); see "
-                         f"{out / 'runs' / (name + '.log')}")
-    records = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval/accuracy" in r]
-    done.write_text(json.dumps({"first_eval": evals[0], "last_eval": evals[-1]}))
-    return run
+def train_method(out: Path, sizes: Sizes, method: str, seed: int, lr: float,
+                 eval_file: str = "eval.jsonl", tag: str = "") -> Path:
+    """One method's run from the base (SFT-then-RL: GRPO from the SFT run of the same seed
+    and tag, run first when missing)."""
+    data = out / "data"
+    start = out / "runs" / "base" / "ckpt"
+    mode = method
+    if method == "sft_then_rl":
+        sft_tag = f"_lr{LR['sft']:g}" if tag else ""  # tuning: the SFT run at its chosen lr
+        start = train_method(out, sizes, "sft", seed, LR["sft"], eval_file, sft_tag) / "ckpt"
+        mode = "grpo"
+    return run_stage(out, f"{method}{tag}_seed{seed}", {
+        **common(data, sizes), "load": start, "train_data": data / "train.jsonl",
+        "eval.data": data / eval_file, "loss.loss_mode": mode,
+        "prompts_per_step": sizes.prompts, "train_iters": sizes.iters, "optimizer.lr": lr,
+        "seed": seed, "eval.interval": max(sizes.iters // sizes.evals, 1)})
+
+
+def tune(out: Path, sizes: Sizes, methods: List[str]) -> Dict[str, dict]:
+    """Each method at each learning rate of :data:`LR_GRID` (seed 1), scored by its final
+    accuracy on training problems; the best becomes the method's learning rate."""
+    chosen = {}
+    for method in methods:  # sft first: SFT-then-RL starts from the tuned SFT run
+        scores = {}
+        for lr in LR_GRID:
+            run = train_method(out, sizes, method, 1, lr, "train_probe.jsonl", f"_lr{lr:g}")
+            scores[lr] = final(run)["last_eval"]["eval/accuracy"]
+        LR[method] = max(scores, key=lambda lr: (scores[lr], -lr))
+        start = final(run)["first_eval"]["eval/accuracy"]  # its starting point on the probe
+        chosen[method] = {"lr": LR[method], "train_probe_accuracy": scores,
+                          "train_probe_accuracy_at_start": start}
+        print(f"  {method}: lr {LR[method]:g} (training-problem accuracy {start:.3f} at the "
+              "start; after training at lr " + ", ".join(f"{k:g}: {v:.3f}" for k, v in
+                                                          scores.items()) + ")", flush=True)
+    (out / "tuning.json").write_text(json.dumps(chosen, indent=2))
+    return chosen
 
 
 def main(argv: List[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="the CPU demo: TRAPO vs baselines")
+    ap = argparse.ArgumentParser(description="the CPU demo: Table 1 of TRAPO at CPU scale")
     ap.add_argument("--out", default="runs/cpu_demo")
-    ap.add_argument("--quick", action="store_true", help="a small version for CI (~3 min)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small version for CI (< 3 min): a smaller base, GRPO and TRAPO")
     ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--ablation", action="store_true", help="add the paper's ablation rows")
+    ap.add_argument("--tune", action="store_true",
+                    help="choose each method's lr from a grid on training-problem accuracy")
+    ap.add_argument("--methods", default=None, help="comma-separated (default: Table 1)")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {args.seeds}")
+    methods = (args.methods.split(",") if args.methods
+               else list(QUICK_METHODS if args.quick else TABLE1))
+    if args.ablation:
+        methods += [m for m in ABLATION if m not in methods]
+    unknown = [m for m in methods if m not in LR]
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; known: {sorted(LR)}")
     out = Path(args.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    sizes = _sizes(args.quick)
+    sizes = QUICK if args.quick else FULL
     t0 = time.time()
-    prepare(out, sizes)
-    data = out / "data"
-    common = {"rollout.tokenizer_path": data / "tokenizer", "eval.data": data / "eval.jsonl",
-              "loss.max_response_length": 64, "batching.max_tokens_per_microbatch": 8192}
-    base = train(out, "base", {**common, "train_data": data / "pretrain.jsonl",
-                               "loss.loss_mode": "sft", "loss.aggregation": "token_mean",
-                               "prompts_per_step": sizes["pre_prompts"],
-                               "train_iters": sizes["pre_iters"], "optimizer.lr": 2e-3,
-                               "eval.interval": 0, "seed": 1})
-    base_ckpt = base / "ckpt"
-    results: Dict[str, List[float]] = {"base": [json.loads((base / "final.json").read_text())
-                                                ["last_eval"]["eval/accuracy"]]}
-    for method in [m for m in args.methods.split(",") if m]:
-        for seed in range(1, args.seeds + 1):
-            run = train(out, f"{method}_seed{seed}", {
-                **common, "load": base_ckpt, "train_data": data / "train.jsonl",
-                "loss.loss_mode": method, "prompts_per_step": sizes["prompts"],
-                "train_iters": sizes["iters"], "optimizer.lr": 1e-4 if method != "sft" else 5e-4,
-                "loss.aggregation": "token_mean", "seed": seed,
-                "eval.interval": max(sizes["iters"] // 4, 1)})
-            final = json.loads((run / "final.json").read_text())
-            results.setdefault(method, []).append(final["last_eval"]["eval/accuracy"])
-    table = ["| method | held-out accuracy (mean ± std over seeds) | runs |", "|---|---|---|"]
-    for method, accs in results.items():
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        table.append(f"| {method} | {100 * statistics.mean(accs):.1f} ± {100 * spread:.1f} | "
-                     f"{len(accs)} |")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text("\n".join(table) + "\n")
-    plot_runs(out, results)
-    print("\n".join(table))
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curves.png'} "
-          f"in {time.time() - t0:.0f} s")
+    prepare(out / "data", sizes)
+    pretrain(out, sizes)
+    tuning = None
+    if args.tune:  # Table 1's methods (sft first: SFT-then-RL starts from the tuned SFT run)
+        tuning = tune(out, sizes, sorted({m for m in methods if m in TABLE1} |
+                                         ({"sft"} if "sft_then_rl" in methods else set()),
+                                         key=lambda m: (m != "sft", m)))
+    for m in ABLATION:  # the ablation rows differ from TRAPO in one component: TRAPO's lr
+        if m not in TABLE1:
+            LR[m] = LR["trapo"]
+    runs = {m: [train_method(out, sizes, m, s, LR[m]) for s in range(1, args.seeds + 1)]
+            for m in methods}
+    report.write(out, runs, sizes, {m: LR[m] for m in methods}, tuning, argv or sys.argv[1:],
+                 time.time() - t0, LR_GRID)
     return 0
-
-
-def plot_runs(out: Path, results: Dict[str, List[float]]) -> None:
-    fig = Figure(figsize=(10, 3.5))
-    axes = fig.subplots(1, 2)
-    for method in [m for m in results if m != "base"]:
-        metrics = out / "runs" / f"{method}_seed1" / "logs" / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        rows = [json.loads(l) for l in metrics.read_text().splitlines()]
-        ev = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
-        rw = [(r["step"], r["rollout/reward_unguided"]) for r in rows
-              if "rollout/reward_unguided" in r]
-        axes[0].plot(*zip(*ev), marker="o", label=method)
-        if rw:
-            axes[1].plot(*zip(*rw), label=method)
-    axes[0].set_title("held-out accuracy (seed 1)")
-    axes[1].set_title("training reward, free rollouts")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from megatron_trapo.config import ConfigError
-from megatron_trapo.data.prompts import expert_text, prompt_ids
+from megatron_trapo.data.prompts import SYSTEM, expert_text, prompt_ids
 from megatron_trapo.data.records import Record
 
 
@@ -20,10 +20,12 @@ class PromptItem:
     trace_texts: List[List[str]]  # each token's text, for the "\n\n" snapping rule
 
 
-def encode(records: Sequence[Record], tokenizer) -> List[PromptItem]:
+def encode(records: Sequence[Record], tokenizer, template: str = "auto",
+           system: Optional[str] = SYSTEM) -> List[PromptItem]:
+    """``template``/``system``: how the problem becomes a prompt (``data.prompts.prompt_ids``)."""
     items = []
     for r in records:
-        prompt = prompt_ids(tokenizer, r.problem)
+        prompt = prompt_ids(tokenizer, r.problem, template, system)
         traces = [tokenizer(expert_text(s), add_special_tokens=False)["input_ids"] for s in r.solutions]
         texts = [[tokenizer.decode([t]) for t in tr] for tr in traces]
         items.append(PromptItem(r, prompt, traces, texts))
@@ -38,12 +40,21 @@ class PromptData:
         if not items:
             raise ConfigError("train_data holds no usable records")
         self.items, self.n, self.seed = items, prompts_per_step, seed
+        self._orders: Dict[int, List[int]] = {}
+
+    def order(self, epoch: int) -> List[int]:
+        """The epoch's seeded permutation (kept: a step needs one or two of them)."""
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.clear()
+            order = list(range(len(self.items)))
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            self._orders[epoch] = order
+        return self._orders[epoch]
 
     def batch(self, step: int) -> List[PromptItem]:
         out = []
         for k in range(step * self.n, (step + 1) * self.n):
             epoch, pos = divmod(k, len(self.items))
-            order = list(range(len(self.items)))
-            random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            out.append(self.items[order[pos]])
+            out.append(self.items[self.order(epoch)[pos]])
         return out

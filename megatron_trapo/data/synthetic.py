@@ -1,31 +1,52 @@
 """The CPU demo's task: multi-step arithmetic problems whose expert solutions show every
 step and end in \\boxed{…} — generated here, so a laptop needs no dataset download.
 
-Difficulty is the number of steps (1–4). Easy problems (1–2 steps) "pretrain" the tiny base
-model; the training and held-out splits mix all difficulties, so the base solves some (mostly
-one-step) and almost never the four-step ones — where free rollouts give GRPO no signal and
-expert guidance is what TRAPO adds.
+Difficulty is the number of steps. Every intermediate value stays in 0–99 (a subtraction is
+drawn only when it stays ≥ 0, a multiplication only when it stays < 100), so a step is one- or
+two-digit arithmetic that a tiny model can learn; what makes a problem hard is the length of the
+chain. The base model is "pretrained" on a mixture that thins out with the number of steps and
+never shows the longest chains, so it is competent on one step, partly right in the middle and
+almost never right on the hardest level — where free rollouts give GRPO no signal and expert
+guidance is what TRAPO adds.
 """
 from __future__ import annotations
 
 import random
-from typing import List, Sequence
+from typing import AbstractSet, List, Mapping, Sequence, Union
 
 from megatron_trapo.data.prompts import INSTRUCTION, SYSTEM
 from megatron_trapo.data.records import Record
 
-_OPS = (("Add", "+"), ("Subtract", "-"), ("Multiply by", "*"))
+_WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
+MAX_VALUE = 99
 
 
-def make_problem(rng: random.Random, steps: int, index: int, split: str) -> Record:
-    value = rng.randint(2, 12)
+def _step(rng: random.Random, value: int, top: int) -> tuple:
+    """One operation that keeps the value in 0..top."""
+    choices = ["+"] if value + 1 <= top else []
+    if value >= 1:
+        choices.append("-")
+    if 2 <= value and value * 2 <= top:
+        choices.append("*")
+    sym = rng.choice(choices)
+    if sym == "+":
+        operand = rng.randint(1, min(9, top - value))
+        return sym, operand, value + operand
+    if sym == "-":
+        operand = rng.randint(1, min(9, value))
+        return sym, operand, value - operand
+    operand = rng.randint(2, 3 if value * 3 <= top else 2)
+    return sym, operand, value * operand
+
+
+def make_problem(rng: random.Random, steps: int, index: int, split: str,
+                 max_value: int = MAX_VALUE) -> Record:
+    value = rng.randint(2, min(12, max_value))
     text = [f"Start with {value}."]
     lines, alt = [], []
     for _ in range(steps):
-        word, sym = rng.choice(_OPS)
-        operand = rng.randint(2, 3) if sym == "*" else rng.randint(1, 9)
-        new = value + operand if sym == "+" else value - operand if sym == "-" else value * operand
-        text.append(f"{word} {operand}.")
+        sym, operand, new = _step(rng, value, max_value)
+        text.append(f"{_WORDS[sym]} {operand}.")
         lines.append(f"{value} {sym} {operand} = {new}.")
         alt.append(f"Now {value} {sym} {operand} gives {new}.")
         value = new
@@ -36,13 +57,35 @@ def make_problem(rng: random.Random, steps: int, index: int, split: str) -> Reco
     return Record(" ".join(text), answer, [main, second], f"{split}-{index}", f"synthetic-{steps}step")
 
 
-def make_split(n: int, seed: int, steps: Sequence[int], split: str) -> List[Record]:
+def make_split(n: int, seed: int, steps: Union[Sequence[int], Mapping[int, float]],
+               split: str, max_value: int = MAX_VALUE, exclude: AbstractSet[str] = frozenset()
+               ) -> List[Record]:
+    """``n`` problems; ``steps`` lists the levels (drawn uniformly) or maps each level to its
+    weight in the mixture; every value stays in 0..``max_value``. A problem whose text is in
+    ``exclude`` (the held-out split's) is drawn again at the same level: there are only a few hundred distinct
+    one-step problems, and a held-out one seen in training would measure memory."""
     rng = random.Random(f"{split}-{seed}")
-    return [make_problem(rng, rng.choice(list(steps)), i, split) for i in range(n)]
+    weights = dict(steps) if isinstance(steps, Mapping) else {s: 1.0 for s in steps}
+    levels, w = list(weights), list(weights.values())
+    out: List[Record] = []
+    for i in range(n):
+        level = rng.choices(levels, w)[0]
+        for _ in range(1000):  # the level is kept: a redraw must not thin out the mixture
+            r = make_problem(rng, level, i, split, max_value)
+            if r.problem not in exclude:
+                break
+        else:
+            raise ValueError(f"make_split({split!r}): every {level}-step problem drawn is "
+                             "in the excluded (held-out) set; use fewer held-out problems")
+        out.append(r)
+    return out
 
 
 def tokenizer_corpus(records: Sequence[Record]) -> List[str]:
-    texts = [SYSTEM, INSTRUCTION]
+    """The problems and solutions, with the fixed prompt words weighted as often as they
+    occur in training (so that BPE gives them whole-word tokens: a shorter prompt is a cheaper
+    step for a tiny model)."""
+    texts = []
     for r in records:
         texts += [r.problem] + r.solutions
-    return texts
+    return texts + [SYSTEM, INSTRUCTION, "system\nuser\nassistant\n"] * max(len(records), 1)

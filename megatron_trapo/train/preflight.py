@@ -74,7 +74,8 @@ def check_data(path: str, tokenizer, cfg: TrainConfig, max_positions: int,
         if why is not None:
             report.skip(why, line)
             continue
-        item = encode([to_record(row)], tokenizer)[0]
+        item = encode([to_record(row)], tokenizer, cfg.data.prompt_template,
+                      cfg.data.system_prompt)[0]
         n = len(item.prompt_ids)
         if limit is not None and n > limit:
             report.skip(f"with a prompt over data.max_prompt_tokens={limit}", line)

@@ -174,7 +174,10 @@ def fill_old_logprobs(chunks, mbs, cfg: LossConfig, seq_len: int, mb_size: int) 
 
 
 def rollout_metrics(trajs: List[Trajectory]) -> Dict[str, float]:
-    """Reward and length of free rollouts (guided samples excluded), guidance statistics."""
+    """Reward and length of free rollouts (guided samples excluded), the share of prompts whose
+    free rollouts are not all equally rewarded, guidance statistics:
+    the share of each later micro-group level's samples that are guided (level 0, the free
+    rollouts, is never guided)."""
     free = [t for t in trajs if not t.guided]
     guided = [t for t in trajs if t.guided]
     out = {"rollout/samples": float(len(trajs)),
@@ -182,7 +185,16 @@ def rollout_metrics(trajs: List[Trajectory]) -> Dict[str, float]:
            "rollout/full_solution_samples": float(sum(1 for t in guided if not t.completion_ids))}
     if free:
         out["rollout/reward_unguided"] = sum(t.reward for t in free) / len(free)
+        rewards: Dict[int, set] = {}
+        for t in free:
+            rewards.setdefault(t.prompt_index, set()).add(t.reward)
+        # the prompts whose free rollouts disagree: the only ones a group baseline learns from
+        out["rollout/prompts_with_signal"] = (sum(len(r) > 1 for r in rewards.values())
+                                              / len(rewards))
         out["rollout/length_unguided"] = sum(len(t.completion_ids) for t in free) / len(free)
     if guided:
         out["rollout/reward_guided"] = sum(t.reward for t in guided) / len(guided)
+    for level in sorted({t.level for t in trajs} - {0}):
+        at = [t for t in trajs if t.level == level]
+        out[f"rollout/guided_share/level{level}"] = sum(t.guided for t in at) / len(at)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -150,11 +151,12 @@ def rollout_share(cfg: TrainConfig) -> Optional[RolloutShare]:
     return RolloutShare(0, 1) if torch.distributed.get_rank() == 0 else None
 
 
-def evaluate(run: Run) -> Dict[str, float]:
+def evaluate(run: Run, step: int) -> Dict[str, float]:
     """Held-out accuracy (the generating ranks generate and grade their share; every rank
     returns the result). Prompts are rendered as for training (``data.prompts.prompt_ids``)
     and answers graded as ``megatron-trapo eval`` grades them (``reward.grading``:
-    math-verify, then PRM800K's grader), in the reward's worker pool."""
+    math-verify, then PRM800K's grader), in the reward's worker pool. Every graded response
+    is appended to ``log_dir/eval_samples.jsonl`` (per-problem comparisons between runs)."""
     side = run.rollout
     local = [] if side is not None else None
     if side is not None and side.eval_items:
@@ -166,8 +168,8 @@ def evaluate(run: Run) -> Dict[str, float]:
         samples = side.engine.generate(reqs)
         texts = [run.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in samples]
         grades = grade_all(side.reward, [(t, it.record.answer) for t, it in zip(texts, items)])
-        local = [(float(g["correct"]), len(s[0].token_ids), g["grader"], it.record.source)
-                 for g, s, it in zip(grades, samples, items)]
+        local = [(float(g["correct"]), len(s[0].token_ids), g["grader"], it.record.source,
+                  it.record.id, text) for g, s, it, text in zip(grades, samples, items, texts)]
     rows = gather_shares(local, side.share if side is not None else None)
     if not rows:
         return {}
@@ -176,13 +178,25 @@ def evaluate(run: Run) -> Dict[str, float]:
                "eval/length": sum(r[1] for r in rows) / n,
                "eval/no_answer": sum(r[2] == "no_answer" for r in rows) / n,
                "eval/second_grader": sum(r[2] == "prm800k" for r in rows) / n}
+    if run.cfg.log_dir and torch.distributed.get_rank() == 0:
+        write_eval_samples(Path(run.cfg.log_dir) / "eval_samples.jsonl", step, rows)
     by_source: Dict[str, List[float]] = {}
-    for score, _, _, source in rows:  # e.g. accuracy per difficulty
+    for score, _, _, source, _, _ in rows:  # e.g. accuracy per difficulty
         if source:
             by_source.setdefault(source, []).append(score)
     if len(by_source) > 1:
         metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in by_source.items()})
     return metrics
+
+
+def write_eval_samples(path: Path, step: int, rows) -> None:
+    """One JSON line per graded held-out response (a resumed run first cuts the file back to
+    its checkpoint's step, as the metrics: :func:`megatron_trapo.metrics.continue_log`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for correct, length, grader, source, rid, text in rows:
+            f.write(json.dumps({"step": step, "id": rid, "source": source, "correct": correct,
+                                "length": length, "grader": grader, "text": text}) + "\n")
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
@@ -225,6 +239,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
     rank0 = torch.distributed.get_rank() == 0
     if rank0 and cfg.log_dir:  # the log continues at the resumed step, without repeated rows
         continue_log(Path(cfg.log_dir) / "metrics.jsonl", start)
+        continue_log(Path(cfg.log_dir) / "eval_samples.jsonl", start)
     metrics = MetricsLogger(cfg.log_dir, enabled=rank0, config=to_dict(cfg))
     final: Dict[str, float] = {}
     has_eval = cfg.eval.data is not None  # known on every rank (items live on rank 0)
@@ -237,7 +252,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
                         optim_metadata=checkpoint_optimizer_metadata(cfg.checkpoint))
 
     if start == 0 and has_eval:
-        final = evaluate(run)
+        final = evaluate(run, 0)
         metrics.log(0, final)
     run.timers.take(0.0)  # set-up and the first evaluation are not a step's
     t_iteration = time.time()  # an iteration: from one metrics row to the next
@@ -256,7 +271,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
             last = step + 1 == cfg.train_iters
             if has_eval and (last or (cfg.eval.interval and (step + 1) % cfg.eval.interval == 0)):
                 with run.timers.phase("eval"):
-                    m.update(evaluate(run))
+                    m.update(evaluate(run, step + 1))
             # timings cover the whole iteration since the last row (the checkpoint saved
             # after the previous row included)
             now = time.time()

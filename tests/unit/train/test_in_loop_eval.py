@@ -2,6 +2,7 @@
 does: the same prompt ids as eval's ``chat`` template, and PRM800K's grader consulted when
 math-verify says wrong (before, the in-loop eval used the training reward alone, so an answer
 only the second grader accepts counted wrong here and right in ``megatron-trapo eval``)."""
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -39,10 +40,11 @@ def tokenizer(tmp_path_factory):
     return train_bpe_tokenizer(CORPUS, 300, tmp_path_factory.mktemp("tok"))
 
 
-def test_in_loop_eval_renders_and_grades_as_megatron_trapo_eval(tokenizer, monkeypatch):
-    records = [Record("What is 5 divided by 4?", "1.25", source="one"),
-               Record("What is 28 divided by 4?", "7", source="one"),
-               Record("What is 8 divided by 4?", "2", source="two")]
+def test_in_loop_eval_renders_and_grades_as_megatron_trapo_eval(tokenizer, monkeypatch,
+                                                                tmp_path):
+    records = [Record("What is 5 divided by 4?", "1.25", id="a", source="one"),
+               Record("What is 28 divided by 4?", "7", id="b", source="one"),
+               Record("What is 8 divided by 4?", "2", id="c", source="two")]
     responses = ["So the answer is \\boxed{\\text{1.25}}.",  # math-verify: wrong; PRM800K: right
                  "The answer is \\boxed{7}.",  # math-verify: right
                  "I do not know."]  # no \boxed{}
@@ -51,12 +53,19 @@ def test_in_loop_eval_renders_and_grades_as_megatron_trapo_eval(tokenizer, monke
     engine = ScriptedEngine(tokenizer, responses)
     monkeypatch.setattr(trainer, "gather_shares", lambda local, share: local)  # a world of one
     with MathReward(num_workers=1) as reward:
-        run = SimpleNamespace(cfg=TrainConfig(), tokenizer=tokenizer, stop_ids=[],
+        monkeypatch.setattr(trainer.torch.distributed, "get_rank", lambda: 0)
+        run = SimpleNamespace(cfg=TrainConfig(log_dir=str(tmp_path)), tokenizer=tokenizer,
+                              stop_ids=[],
                               rollout=RolloutSide(None, encode(records, tokenizer), engine,
                                                   reward))
-        metrics = trainer.evaluate(run)
+        metrics = trainer.evaluate(run, 7)
     assert engine.prompts == [prompt_ids(tokenizer, r.problem, "chat") for r in records]
     assert metrics["eval/accuracy"] == pytest.approx(2 / 3)
     assert metrics["eval/second_grader"] == pytest.approx(1 / 3)
     assert metrics["eval/no_answer"] == pytest.approx(1 / 3)
     assert metrics["eval/accuracy/one"] == 1.0 and metrics["eval/accuracy/two"] == 0.0
+    # every graded response, per problem, for paired comparisons between runs
+    rows = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["id"], r["source"], r["correct"], r["text"]) for r in rows] == [
+        (7, "a", "one", 1.0, responses[0]), (7, "b", "one", 1.0, responses[1]),
+        (7, "c", "two", 0.0, responses[2])]

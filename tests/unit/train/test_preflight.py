@@ -180,3 +180,21 @@ def test_every_rank_refuses_in_one_whole_line_without_a_traceback(tmp_path, tok_
         "without an expert solution (loss_mode=trapo needs one) (lines 1, 2, 3)" in ours[0]
     assert "exitcode  : 2" in proc.stderr  # torchrun's summary: both ranks exited with 2
     assert "gloo" not in proc.stderr.lower() and "megatron_trapo/" not in proc.stderr
+
+
+def test_prompt_template_renders_the_training_prompts(tmp_path, tok_dir):
+    """data.prompt_template reaches the encoded prompts (the default is the chat template
+    with the system line and the paper's instruction)."""
+    tok = load_tokenizer(cfg(tmp_path, tok_dir, write(tmp_path / "d.jsonl", [GOOD])))
+    default, _, _ = check(tmp_path, tok_dir, [GOOD])
+    plain, _, _ = check(tmp_path, tok_dir, [GOOD], 'data.prompt_template="Q: {problem}\\n"')
+    assert tok.decode(plain[0].prompt_ids) == "Q: What is 2 plus 2?\n"
+    text = tok.decode(default[0].prompt_ids)
+    assert "You are a helpful assistant." in text and "\\boxed{}" in text
+    bare, _, _ = check(tmp_path, tok_dir, [GOOD], "data.system_prompt=null")
+    assert "You are a helpful assistant." not in tok.decode(bare[0].prompt_ids)
+
+
+def test_a_template_without_the_problem_is_refused_by_name(tmp_path, tok_dir):
+    with pytest.raises(ConfigError, match="data.prompt_template"):
+        cfg(tmp_path, tok_dir, write(tmp_path / "d.jsonl", [GOOD]), "data.prompt_template=Q:")

@@ -1,0 +1,86 @@
+"""The demo's figures, from each run's metrics.jsonl (curves averaged over seeds):
+
+- ``accuracy.png``: held-out accuracy over steps per method, overall and per difficulty;
+- ``training.png``: free-rollout reward, the share of samples guided per micro-group level,
+  the share of expert tokens outside the trust region (p < α), the policy's entropy, and the
+  share of prompts whose free rollouts disagree (the only ones a group baseline learns from).
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from matplotlib.figure import Figure
+
+from megatron_trapo.metrics import read_metrics
+
+Curve = List[Tuple[int, float]]
+
+
+def mean_curve(runs: Sequence[Path], key: str) -> Curve:
+    """``key`` per step, averaged over the runs that logged it at that step."""
+    by_step: Dict[int, List[float]] = {}
+    for run in runs:
+        for r in read_metrics(run / "logs" / "metrics.jsonl"):
+            if key in r:
+                by_step.setdefault(r["step"], []).append(r[key])
+    return [(s, statistics.mean(v)) for s, v in sorted(by_step.items())]
+
+
+def _panel(ax, runs: Dict[str, Sequence[Path]], key: str, title: str, offset: Dict[str, int]
+           ) -> bool:
+    drawn = False
+    for method, paths in runs.items():
+        curve = mean_curve(paths, key)
+        if curve:
+            ax.plot([s + offset.get(method, 0) for s, _ in curve], [v for _, v in curve],
+                    marker="o" if len(curve) < 20 else None, label=method)
+            drawn = True
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    return drawn
+
+
+def plot_accuracy(out: Path, runs: Dict[str, Sequence[Path]], levels: Sequence[str],
+                  offset: Dict[str, int]) -> Path:
+    keys = [("eval/accuracy", "held-out accuracy")] + [
+        (f"eval/accuracy/{lv}", lv) for lv in levels]
+    fig = Figure(figsize=(3.4 * len(keys), 3.4))
+    axes = fig.subplots(1, len(keys))
+    for ax, (key, title) in zip(axes, keys):
+        _panel(ax, runs, key, title, offset)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("held-out accuracy (mean over seeds; greedy)")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=100)
+    return out / "accuracy.png"
+
+
+def plot_training(out: Path, runs: Dict[str, Sequence[Path]], offset: Dict[str, int],
+                  schedule_methods: Sequence[str]) -> Path:
+    fig = Figure(figsize=(20, 3.6))
+    axes = fig.subplots(1, 5)
+    _panel(axes[0], runs, "rollout/reward_unguided", "free-rollout reward", offset)
+    axes[0].legend(fontsize=8)
+    guided = {m: runs[m] for m in schedule_methods if m in runs}
+    for level in (1, 2, 3):
+        for method, paths in guided.items():
+            curve = mean_curve(paths, f"rollout/guided_share/level{level}")
+            if curve:
+                axes[1].plot(*zip(*curve), label=f"{method} level {level}",
+                             linestyle=("-", "--", ":")[level - 1])
+    axes[1].set_title("share guided per micro-group level", fontsize=10)
+    axes[1].set_xlabel("step")
+    axes[1].grid(alpha=0.3)
+    if guided:
+        axes[1].legend(fontsize=7)
+    _panel(axes[2], {m: runs[m] for m in runs if m in schedule_methods or m == "luffy"},
+           "expert/outside_trust_region", "expert tokens with p < α", offset)
+    _panel(axes[3], runs, "pg/entropy", "entropy of the policy's tokens", offset)
+    _panel(axes[4], runs, "rollout/prompts_with_signal",
+           "prompts whose free rollouts disagree", offset)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=100)
+    return out / "training.png"

@@ -1,0 +1,63 @@
+"""One stage of the demo: a ``megatron-trapo train`` run under torchrun, its log in a file,
+skipped when it finished before (``final.json``), continued from its last checkpoint when a
+previous attempt was cut off."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+# The demo's model: a 4-layer Llama-style GPT small enough for a 2-core laptop.
+MODEL = {"model_preset": "tiny", "model.num_layers": 4, "model.hidden_size": 128,
+         "model.ffn_hidden_size": 512, "model.num_attention_heads": 4,
+         "model.num_query_groups": 2, "model.vocab_size": 384,
+         "model.max_position_embeddings": 256}
+
+
+def run_stage(out: Path, name: str, overrides: Dict[str, object], nproc: int = 2) -> Path:
+    """Run ``megatron-trapo train`` with the demo's model and ``overrides`` into
+    ``out/runs/name`` (logs in ``logs/``, checkpoint in ``ckpt/``)."""
+    run = out / "runs" / name
+    done = run / "final.json"
+    if done.is_file():
+        return run
+    args = [f"{k}={_value(v)}" for k, v in {**MODEL, **overrides, "log_dir": run / "logs",
+                                             "checkpoint.save": run / "ckpt"}.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "megatron_trapo.cli", "train",
+           "--resume", *args]  # a stage cut off earlier continues from its last checkpoint
+    run.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+    t0 = time.time()
+    with open(out / "runs" / f"{name}.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {name} failed (exit {proc.returncode}); see "
+                         f"{out / 'runs' / (name + '.log')}")
+    evals = [r for r in metrics(run) if "eval/accuracy" in r]
+    done.write_text(json.dumps({"first_eval": evals[0], "last_eval": evals[-1],
+                                "wall_s": time.time() - t0}))
+    return run
+
+
+def _value(v: object) -> str:
+    """An override's value as the config parser (YAML) reads it back: a text with braces or a
+    newline, such as a prompt template, goes as a quoted string."""
+    if v is None:
+        return "null"
+    text = str(v)
+    return json.dumps(text) if any(c in text for c in "{}[]:#'\"\n") else text
+
+
+def metrics(run: Path) -> List[dict]:
+    path = run / "logs" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final(run: Path) -> dict:
+    return json.loads((run / "final.json").read_text())

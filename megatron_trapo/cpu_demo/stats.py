@@ -1,0 +1,86 @@
+"""The demo's statistics: mean ± std over seeds, and a paired comparison of two methods on the
+same held-out problems and seeds (difference in accuracy with a bootstrap confidence interval
+over seeds × problems, and a sign test over the problems where they disagree)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence
+
+Correct = Dict[str, float]  # problem id -> 1.0 / 0.0 at the final evaluation of one run
+
+
+def read_final_eval(path: Path) -> Correct:
+    """Per-problem correctness at the last evaluated step of ``eval_samples.jsonl``."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no evaluated problems")
+    last = max(r["step"] for r in rows)
+    return {r["id"]: float(r["correct"]) for r in rows if r["step"] == last}
+
+
+def mean_std(values: Sequence[float]) -> tuple:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``a`` minus ``b`` on the same seeds and problems (accuracy points in 0..1)."""
+
+    diff: float
+    low: float  # the bootstrap's 2.5 % quantile
+    high: float  # its 97.5 % quantile
+    wins: int  # (seed, problem) pairs that only ``a`` solved
+    losses: int  # … that only ``b`` solved
+    sign_p: float  # two-sided sign test over wins vs losses
+
+    def row(self) -> str:
+        return (f"{100 * self.diff:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}] "
+                f"| {self.wins}/{self.losses} | {self.sign_p:.3g}")
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial test of wins vs losses at p = 1/2 (ties dropped)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(a: Sequence[Correct], b: Sequence[Correct], reps: int = 2000, seed: int = 0
+           ) -> Paired:
+    """Compare runs ``a[s]`` and ``b[s]`` of the same seed ``s`` on the problems both graded.
+    The bootstrap resamples seeds, then problems, with replacement (the two sources of
+    spread: training randomness and the finite held-out set)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired comparison needs the same seeds on both sides "
+                         f"({len(a)} vs {len(b)} runs)")
+    ids = sorted(set.intersection(*(set(x) for x in (*a, *b))))
+    if not ids:
+        raise ValueError("the runs share no evaluated problem")
+    d = [[a[s][i] - b[s][i] for i in ids] for s in range(len(a))]
+    flat = [x for row in d for x in row]
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(reps):
+        seeds = [rng.randrange(len(d)) for _ in d]
+        probs = [rng.randrange(len(ids)) for _ in ids]
+        boots.append(sum(d[s][i] for s in seeds for i in probs) / (len(seeds) * len(probs)))
+    boots.sort()
+    wins, losses = sum(x > 0 for x in flat), sum(x < 0 for x in flat)
+    return Paired(sum(flat) / len(flat), boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1],
+                  wins, losses, sign_test(wins, losses))
+
+
+def by_source(correct: Correct, sources: Mapping[str, str]) -> Dict[str, float]:
+    """Accuracy per source (the demo's difficulty levels) of one run."""
+    out: Dict[str, List[float]] = {}
+    for pid, c in correct.items():
+        out.setdefault(sources[pid], []).append(c)
+    return {k: sum(v) / len(v) for k, v in sorted(out.items())}

@@ -1,0 +1,68 @@
+"""The demo's task and sizes: which problems the base is pretrained on, which the methods train
+and are evaluated on, and how long each stage runs (measured on 2 cores: README, "The CPU
+demo")."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from megatron_trapo.data.records import Record, save_records
+from megatron_trapo.data.synthetic import make_split, tokenizer_corpus
+from megatron_trapo.data.tokenizer import train_bpe_tokenizer
+
+LEVELS: Tuple[int, ...] = (1, 2, 3, 4, 5)  # steps per problem in the training/held-out splits
+
+
+@dataclass(frozen=True)
+class Sizes:
+    # the base: SFT on a mixture that thins out with the steps and never shows the hardest
+    pretrain_mix: Dict[int, float] = field(default_factory=lambda: {1: 5, 2: 3, 3: 2})
+    pretrain: int = 6000  # problems
+    pre_iters: int = 1000
+    pre_prompts: int = 16
+    pre_lr: float = 2e-3  # cosine to 0 (a base annealed to a floor of 1e-4 was worse: 27% vs 39%)
+    # every value in 0..30: few enough arithmetic facts that pretraining covers each one many
+    # times (with 0..99 the base memorised problems instead: 17% on unseen one-step ones)
+    max_value: int = 30
+    train: int = 2000  # the methods' training problems (every level)
+    eval: int = 400  # held-out problems (every level, 80 each)
+    probe: int = 200  # training problems the --tune grid is scored on (never held-out ones)
+    iters: int = 40  # optimizer steps of every method (SFT-then-RL: of its RL stage)
+    prompts: int = 16
+    evals: int = 4  # held-out evaluations during each run
+    max_response_length: int = 96
+
+
+FULL = Sizes()
+QUICK = Sizes(pretrain=2000, pre_iters=500, train=400, eval=100, probe=50, iters=10, prompts=8,
+              evals=2)
+
+
+def both_styles(records: List[Record]) -> List[Record]:
+    """Every other record with its two expert solutions swapped: SFT trains on the first, so
+    the base writes both styles (TRAPO's last micro-group and LUFFY use the second trace; a
+    base that never saw it put 55-75% of those expert tokens below p = 0.1, NLL 5-7 nats)."""
+    return [dataclasses.replace(r, solutions=r.solutions[::-1]) if i % 2 else r
+            for i, r in enumerate(records)]
+
+
+def prepare(data: Path, sizes: Sizes) -> None:
+    """The splits and the tokenizer, made once per output folder (a finished ``eval.jsonl``
+    means it is done)."""
+    if (data / "eval.jsonl").is_file():
+        return
+    data.mkdir(parents=True, exist_ok=True)
+    top = sizes.max_value
+    evals = make_split(sizes.eval, 0, LEVELS, "eval", top)
+    held_out = {r.problem for r in evals}
+    pre = both_styles(make_split(sizes.pretrain, 0, sizes.pretrain_mix, "pretrain", top,
+                                 exclude=held_out))
+    train = make_split(sizes.train, 0, LEVELS, "train", top, exclude=held_out)
+    train_bpe_tokenizer(tokenizer_corpus(pre + train), 400, data / "tokenizer",
+                        individual_digits=True)
+    save_records(pre, data / "pretrain.jsonl")
+    save_records(train, data / "train.jsonl")
+    save_records(train[:sizes.probe], data / "train_probe.jsonl")
+    save_records(evals, data / "eval.jsonl")

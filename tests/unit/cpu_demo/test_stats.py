@@ -1,0 +1,43 @@
+"""The demo's paired comparison, against sums worked by hand."""
+import math
+
+import pytest
+
+from megatron_trapo.cpu_demo.stats import paired, read_final_eval, sign_test
+
+
+def test_sign_test_by_hand():
+    # 8 wins, 2 losses: P(X <= 2) for Binomial(10, 1/2) = (1 + 10 + 45) / 1024, two-sided x2
+    assert sign_test(8, 2) == pytest.approx(2 * 56 / 1024)
+    assert sign_test(2, 8) == sign_test(8, 2)
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(20, 0) == pytest.approx(2 / 2 ** 20)
+
+
+def test_paired_difference_counts_and_interval():
+    a = [{"p1": 1.0, "p2": 1.0, "p3": 0.0, "p4": 1.0}, {"p1": 1.0, "p2": 0.0, "p3": 1.0, "p4": 1.0}]
+    b = [{"p1": 0.0, "p2": 1.0, "p3": 0.0, "p4": 0.0}, {"p1": 1.0, "p2": 0.0, "p3": 0.0, "p4": 0.0}]
+    r = paired(a, b, reps=4000)
+    # differences: seed 1 (+1, 0, 0, +1), seed 2 (0, 0, +1, +1): mean 4/8
+    assert r.diff == pytest.approx(0.5)
+    assert (r.wins, r.losses) == (4, 0)
+    assert r.sign_p == pytest.approx(2 / 16)
+    assert r.low <= r.diff <= r.high and r.low >= 0.0 and r.high <= 1.0
+    # the interval narrows with more problems of the same pattern
+    wide = r.high - r.low
+    a10 = [{f"{k}{i}": v for k, v in run.items() for i in range(10)} for run in a]
+    b10 = [{f"{k}{i}": v for k, v in run.items() for i in range(10)} for run in b]
+    assert paired(a10, b10, reps=4000).high - paired(a10, b10, reps=4000).low < wide
+
+
+def test_paired_refuses_mismatched_seeds():
+    with pytest.raises(ValueError, match="same seeds"):
+        paired([{"p": 1.0}], [{"p": 1.0}, {"p": 0.0}])
+
+
+def test_final_eval_is_the_last_step(tmp_path):
+    path = tmp_path / "eval_samples.jsonl"
+    path.write_text('{"step": 0, "id": "a", "correct": 0.0}\n{"step": 5, "id": "a", "correct": 1.0}\n'
+                    '{"step": 5, "id": "b", "correct": 0.0}\n')
+    assert read_final_eval(path) == {"a": 1.0, "b": 0.0}
+    assert math.isclose(sum(read_final_eval(path).values()), 1.0)

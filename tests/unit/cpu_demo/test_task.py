@@ -1,0 +1,23 @@
+"""The demo's splits: the held-out problems are in no training split, the base sees both
+solution styles, the tuning probe is made of training problems only."""
+from megatron_trapo.cpu_demo.task import LEVELS, Sizes, prepare
+from megatron_trapo.data.records import load_records
+
+
+def test_prepare_keeps_held_out_problems_out_and_shows_both_styles(tmp_path):
+    sizes = Sizes(pretrain=300, train=120, eval=60, probe=20)
+    prepare(tmp_path, sizes)
+    pre, train, probe, held = (load_records(tmp_path / f"{n}.jsonl")
+                               for n in ("pretrain", "train", "train_probe", "eval"))
+    assert (len(pre), len(train), len(probe), len(held)) == (300, 120, 20, 60)
+    held_out = {r.problem for r in held}
+    assert not held_out & {r.problem for r in pre + train}
+    assert [r.id for r in probe] == [r.id for r in train[:20]]
+    assert {r.source for r in held} == {f"synthetic-{k}step" for k in LEVELS}
+    # pretraining never shows the levels the mixture leaves out
+    assert {r.source for r in pre} == {f"synthetic-{k}step" for k in sizes.pretrain_mix}
+    # SFT trains the first solution: half the base's problems lead with the second style
+    step_by_step = sum(r.solutions[0].startswith("We go step by step") for r in pre)
+    assert step_by_step == 150
+    assert not any(r.solutions[0].startswith("We go") for r in train)  # methods: as made
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
