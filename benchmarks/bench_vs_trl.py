@@ -4,6 +4,8 @@ one run:
     .venv/bin/pip install -e '.[bench]'          # trl==1.16.0
     .venv/bin/python benchmarks/bench_vs_trl.py [--sizes 1m,10m] [--steps 8] [--warmup 2]
                                                 [--base runs/cpu_demo/runs/base/ckpt]
+    .venv/bin/python benchmarks/bench_vs_trl.py --learning --base runs/cpu_demo/runs/base/ckpt \
+        --out runs/cpu_demo [--seeds 3] [--lr 1e-5]   # held-out curves, ours vs TRL's
 
 Workload (the CPU demo's hyper-parameters): 16 prompts × 8 samples of the demo's synthetic
 training split, ≤ 64 new tokens, temperature 1, lr 1e-4 constant, Adam (0.9, 0.999, 1e-8),

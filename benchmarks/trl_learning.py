@@ -56,7 +56,10 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None)
     every = max(sizes.iters // sizes.evals, 1)
     curves: Dict[str, List[Dict[int, float]]] = {"ours": [], "trl": []}
     for seed in range(1, seeds + 1):
-        run = train_method(out, sizes, "grpo", seed, lr, tag=f"_lr{lr:g}")
+        # the demo's own GRPO run when the lr is the demo's (with --out the demo's folder, the
+        # runs it made are reused), else a run of its own
+        run = train_method(out, sizes, "grpo", seed, lr,
+                           tag="" if lr == LR["grpo"] else f"_lr{lr:g}")
         rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text()
                 .splitlines()]
         curves["ours"].append({r["step"]: r["eval/accuracy"] for r in rows
