@@ -34,6 +34,7 @@ def _link(src: Path, dst: Path) -> None:
 
 def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None) -> int:
     from megatron_trapo.cpu_demo.compare import LR, train_method  # lazy: the bench's CLI
+    from megatron_trapo.cpu_demo.stage import metrics
     from megatron_trapo.cpu_demo.task import FULL
 
     if not base:
@@ -60,9 +61,7 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None)
         # runs it made are reused), else a run of its own
         run = train_method(out, sizes, "grpo", seed, lr,
                            tag="" if lr == LR["grpo"] else f"_lr{lr:g}")
-        rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text()
-                .splitlines()]
-        curves["ours"].append({r["step"]: r["eval/accuracy"] for r in rows
+        curves["ours"].append({r["step"]: r["eval/accuracy"] for r in metrics(run)
                                if "eval/accuracy" in r})
         result = out / f"trl_lr{lr:g}_seed{seed}.json"
         if not result.is_file():

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from megatron_trapo.metrics import read_metrics
+
 # The demo's model: a 4-layer Llama-style GPT small enough for a 2-core laptop.
 MODEL = {"model_preset": "tiny", "model.num_layers": 4, "model.hidden_size": 128,
          "model.ffn_hidden_size": 512, "model.num_attention_heads": 4,
@@ -55,8 +57,7 @@ def _value(v: object) -> str:
 
 
 def metrics(run: Path) -> List[dict]:
-    path = run / "logs" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(run / "logs" / "metrics.jsonl")
 
 
 def final(run: Path) -> dict:

@@ -3,7 +3,6 @@ same held-out problems and seeds (difference in accuracy with a bootstrap confid
 over seeds × problems, and a sign test over the problems where they disagree)."""
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
@@ -11,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
+from megatron_trapo.metrics import read_metrics
+
 Correct = Dict[str, float]  # problem id -> 1.0 / 0.0 at the final evaluation of one run
 
 
 def read_final_eval(path: Path) -> Correct:
     """Per-problem correctness at the last evaluated step of ``eval_samples.jsonl``."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)  # any JSONL
     if not rows:
         raise ValueError(f"{path}: no evaluated problems")
     last = max(r["step"] for r in rows)
