@@ -15,8 +15,9 @@ architecture (4 layers, hidden 128; the pretrained base with ``--base``, else a 
 init), the 10m size hidden 384 × 6 layers (seeded random init). A random model never emits EOS,
 so each sample is the full 64 tokens on both sides; the generated tokens per step are printed.
 
-Ours: ``megatron-trapo train`` under torchrun on 2 processes (every phase from its
-``timing/*`` metrics). TRL: one process with the machine's threads (its profiling contexts
+Ours: ``megatron-trapo train`` under torchrun (every phase from its ``timing/*`` metrics): on
+2 processes for the demo sizes, on one process with the machine's threads for SmolLM2 (as
+examples/run_trapo_smollm2_gsm8k.sh runs it, with its config's micro-batching). TRL: one process with the machine's threads (its profiling contexts
 and the Trainer's callbacks give generate / reward / forward-backward / optimizer).
 Printed per size: median step over the steps after ``--warmup``, the ratio, each side's phase
 medians, generated tokens per step, peak memory (PSS summed over the process tree, so pages
@@ -68,6 +69,11 @@ class Workload:
     # fp32 | bf16, both sides: ours bf16 parameters (fp32 master weights and Adam in the
     # optimizer) and a bf16 engine; TRL's bf16=True (autocast over fp32 weights)
     precision: str = "fp32"
+    # our ranks: the demo's 2 gloo processes; SmolLM2 one process with both cores, as its
+    # example runs it (one replica of the model and Adam; the engine decodes every row at once)
+    nproc: int = 2
+    # ours: None = the config's micro-batching (the CPU default cuts at 1024 tokens)
+    max_tokens_per_microbatch: Optional[int] = 8192
 
     @property
     def title(self) -> str:
@@ -232,7 +238,7 @@ def smollm2_workload(out: Path, precision: str = "fp32") -> Workload:
                        capture_output=True)
     return Workload(prompts=2, group=8, new_tokens=256, lr=1e-6, train_data=str(data),
                     tokenizer=str(out / "hf_smollm2"), config=str(SMOLLM2_CONFIG),
-                    precision=precision)
+                    precision=precision, nproc=1, max_tokens_per_microbatch=None)
 
 
 def run_ours(out: Path, name: str, models: Dict[str, Path], work: Workload, method: str,
@@ -243,11 +249,13 @@ def run_ours(out: Path, name: str, models: Dict[str, Path], work: Workload, meth
             "prompts_per_step": work.prompts, "train_iters": iters,
             "loss.max_response_length": work.new_tokens, "optimizer.lr": work.lr,
             "loss.aggregation": "token_mean", "loss.entropy_coef": work.entropy,
-            "batching.max_tokens_per_microbatch": 8192, "log_dir": run, "seed": 1,
-            "checkpoint.save": "null"}
+            "log_dir": run, "seed": 1, "checkpoint.save": "null"}
+    if work.max_tokens_per_microbatch:
+        args["batching.max_tokens_per_microbatch"] = work.max_tokens_per_microbatch
     if work.precision == "bf16":
         args.update({"model.params_dtype": "bf16", "rollout.dtype": "bf16"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={work.nproc}",
            "-m", "megatron_trapo.cli", "train", *(["--config", work.config] if work.config else []),
            *[f"{k}={v}" for k, v in args.items()]]
     done = _reused(out / f"{name}.done.json", reuse)
@@ -405,7 +413,8 @@ def report(size: str, models: Dict[str, Path], ours: Dict[str, Dict], trl: Dict,
             lines.append(f"training phase vs {work.precision} matmul roof: ours "
                          f"{flops / train_s / 1e9:.1f} "
                          f"GFLOP/s = {100 * flops / train_s / roofs['ours']:.0f}% of "
-                         f"{roofs['ours'] / 1e9:.1f} (2 procs × 1 thread); TRL "
+                         f"{roofs['ours'] / 1e9:.1f} ({work.nproc} procs × "
+                         f"{max(1, (os.cpu_count() or 1) // work.nproc)} threads); TRL "
                          f"{flops / t_train / 1e9:.1f} GFLOP/s = "
                          f"{100 * flops / t_train / roofs['trl']:.0f}% of "
                          f"{roofs['trl'] / 1e9:.1f} (1 proc × {os.cpu_count()} threads)")
@@ -467,10 +476,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         cases = {size: (prepare_models(out, size, args.base), work)
                  for size in args.sizes.split(",")}
     iters = args.warmup + args.steps
-    roofs = {"ours": gemm_roof(2, 1, args.precision),
-             "trl": gemm_roof(1, os.cpu_count() or 1, args.precision)}
+    cpus = os.cpu_count() or 1
+    roofs = {"trl": gemm_roof(1, cpus, args.precision)}
     lines = [f"# bench_vs_trl: median of {args.steps} steps after {args.warmup} warm-up"]
     for size, (models, work) in cases.items():
+        roofs["ours"] = roofs["trl"] if work.nproc == 1 else \
+            gemm_roof(work.nproc, max(1, cpus // work.nproc), args.precision)
         ours = {}
         for method in args.methods.split(","):
             print(f"[{time.strftime('%H:%M:%S')}] {size}: ours {method}", flush=True)

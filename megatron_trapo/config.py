@@ -90,6 +90,10 @@ class ModelConfig:
     num_layers_at_start_in_bf16: int = 1
     num_layers_at_end_in_bf16: int = 1
     transformer_impl: str = "auto"  # auto | transformer_engine | local
+    # core attention without Transformer Engine (megatron's --attention-backend, local spec):
+    # auto = sdpa, torch's fused SDPA over packed sequences (models/sdpa_attention.py);
+    # local = megatron's unfused DotProductAttention (block-diagonal masks, [heads, s, s] scores)
+    attention_backend: str = "auto"
     # activation recompute (megatron's flags): selective (core attention) | full
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None  # full: uniform | block
@@ -112,6 +116,10 @@ class ModelConfig:
         _choice("model.fp8", self.fp8, [None, "hybrid", "e4m3"])
         _choice("model.fp8_recipe", self.fp8_recipe, ["delayed", "tensorwise", "mxfp8", "blockwise"])
         _choice("model.transformer_impl", self.transformer_impl, ["auto", "transformer_engine", "local"])
+        _choice("model.attention_backend", self.attention_backend, ["auto", "sdpa", "local"])
+        _check(not (self.attention_backend == "sdpa" and self.transformer_impl == "transformer_engine"),
+               "model.attention_backend=sdpa is for the local spec; with "
+               "model.transformer_impl=transformer_engine attention is Transformer Engine's")
         _check(not (self.first_last_layers_bf16 and self.fp8_recipe == "delayed"),
                "model.first_last_layers_bf16 does not work with model.fp8_recipe=delayed "
                "(megatron-core refuses it); use tensorwise or blockwise")
@@ -137,8 +145,8 @@ class ModelConfig:
 
 RUNTIME_MODEL_FIELDS = ("params_dtype", "fp8", "fp8_recipe", "first_last_layers_bf16",
                         "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
-                        "transformer_impl", "recompute_granularity", "recompute_method",
-                        "recompute_num_layers")
+                        "transformer_impl", "attention_backend", "recompute_granularity",
+                        "recompute_method", "recompute_num_layers")
 
 
 def runtime_model(checkpoint: ModelConfig, requested: ModelConfig) -> ModelConfig:

@@ -133,7 +133,8 @@ def grad_accumulation_fusion_available() -> bool:
 
 
 def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None):
-    """Transformer Engine spec on GPU, local spec with SP-capable torch norms on CPU."""
+    """Transformer Engine spec on GPU; otherwise megatron's local spec with SP-capable torch
+    norms and, unless ``model.attention_backend=local``, torch SDPA as core attention."""
     # lazy: megatron-core takes ~3 s to import (see transformer_config); norms subclass
     # megatron's modules
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -149,6 +150,11 @@ def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None):
     spec = specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm,
                                           normalization=model.normalization)
     sub = spec.submodules
+    if model.attention_backend in ("auto", "sdpa"):
+        # lazy: it subclasses megatron-core's attention (see the import above)
+        from megatron_trapo.models.sdpa_attention import SDPADotProductAttention
+
+        sub.self_attention.submodules.core_attention = SDPADotProductAttention
     sub.input_layernorm = SequenceParallelTorchNorm
     sub.pre_mlp_layernorm = SequenceParallelTorchNorm
     if model.qk_layernorm:
@@ -157,6 +163,29 @@ def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None):
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers,
                                       layer_norm=SequenceParallelTorchNorm)
+
+
+def takes_packed_sequences(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s core attention takes packed rows as THD ``PackedSeqParams``
+    (Transformer Engine's, or :class:`SDPADotProductAttention`); megatron's unfused local
+    attention needs a block-diagonal mask instead. Decided from the built modules, not from
+    the machine: a ``transformer_impl=local`` model on a TE machine needs the mask. Cached on
+    the model."""
+    cached = getattr(model, "_trapo_takes_packed_sequences", None)
+    if cached is None:
+        classes = []
+        if have_transformer_engine():
+            # lazy: Transformer Engine is optional, and megatron-core slow to import
+            from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+            classes.append(TEDotProductAttention)
+        # lazy: it subclasses megatron-core's attention, slow to import
+        from megatron_trapo.models.sdpa_attention import SDPADotProductAttention
+
+        classes.append(SDPADotProductAttention)
+        cached = any(isinstance(m, tuple(classes)) for m in model.modules())
+        model._trapo_takes_packed_sequences = cached
+    return cached
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig,

@@ -21,7 +21,7 @@ def make_engine(cfg, weight_updates: bool = False, hf_config: Optional[dict] = N
         from megatron_trapo.rollout.hf_engine import HFEngine
 
         if not cfg.model_path and hf_config is not None:
-            return HFEngine.from_hf_config(hf_config, device=cfg.device,
+            return HFEngine.from_hf_config(hf_config, device=cfg.device, dtype=cfg.dtype,
                                            max_batch_size=cfg.max_batch_size,
                                            share_weights=cfg.share_trainer_weights)
         if not cfg.model_path:

@@ -21,7 +21,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_trapo.algorithms.losses import aggregation_weights
 from megatron_trapo.algorithms.trajectory import Trajectory
 from megatron_trapo.config import LossConfig
-from megatron_trapo.models.provider import have_transformer_engine
+from megatron_trapo.models.provider import takes_packed_sequences
 from megatron_trapo.platform import compute_device
 
 
@@ -64,20 +64,23 @@ def to_device(batch: MicroBatch, device: Optional[torch.device] = None) -> Micro
             for k, v in batch.items()}
 
 
-def packed_attention(batch: MicroBatch):
+def packed_attention(batch: MicroBatch, thd: bool):
     """Megatron forward kwargs that keep packed sequences apart.
 
-    Transformer Engine: ``PackedSeqParams`` (THD) from the row's ``cu_seqlens`` (int32, on the
-    batch's device, built by :func:`pack_microbatches` with the padding tail as a segment of
-    its own, so every token of the row belongs to some segment). Local spec (CPU): a block-
-    diagonal causal mask (True = masked); RoPE needs no per-sequence reset there, because
-    attention between tokens of one sequence depends only on their relative positions.
+    ``thd`` (the model's core attention takes packed sequences: Transformer Engine's, or the
+    local spec's SDPA, see :func:`~megatron_trapo.models.provider.takes_packed_sequences`):
+    ``PackedSeqParams`` from the row's ``cu_seqlens`` (int32, on the batch's device, built by
+    :func:`pack_microbatches` with the padding tail as a segment of its own, so every token of
+    the row belongs to some segment); RoPE restarts per segment. Otherwise (megatron's unfused
+    attention): a block-diagonal causal mask (True = masked); RoPE needs no per-sequence reset
+    there, because attention between tokens of one sequence depends only on their relative
+    positions.
     """
     seg = batch.get("segment_ids")
     if seg is None:
         return {}
 
-    if have_transformer_engine():
+    if thd:
         cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
         return {"packed_seq_params": PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
@@ -89,7 +92,7 @@ def packed_attention(batch: MicroBatch):
 
 def model_forward(model, batch: MicroBatch) -> torch.Tensor:
     """Megatron forward of one micro-batch, packed (see :func:`packed_attention`) or padded."""
-    kwargs = packed_attention(batch)
+    kwargs = packed_attention(batch, thd=takes_packed_sequences(model))
     return model(batch["tokens"], batch["position_ids"], kwargs.pop("attention_mask", None),
                  **kwargs)
 

@@ -14,6 +14,7 @@ Requires an initialised world of one process (TP = PP = 1).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from typing import Callable, ContextManager, Dict, List
 
@@ -61,12 +62,15 @@ def _device_of(t: torch.Tensor) -> str:
 
 
 def run_device_check(packed: bool, loss_mode: str = "trapo",
-                     on_device: Callable[[], ContextManager] = contextlib.nullcontext
-                     ) -> Dict[str, object]:
+                     on_device: Callable[[], ContextManager] = contextlib.nullcontext,
+                     attention_backend: str = "auto") -> Dict[str, object]:
     """Build micro-batches (CPU, real data), then inside ``on_device()`` (``fake_cuda`` on
     CPU machines, nothing on a GPU) build the model, move, forward, backward; returns where
-    each kind of tensor ended up."""
-    cfg = TrainConfig(model=MODEL, batching=BatchingConfig(pack_sequences=packed,
+    each kind of tensor ended up. ``attention_backend``: ``model.attention_backend`` (fake
+    tensors hold no data, so they need ``local``: packed sequences in THD read their
+    ``cu_seqlens`` on the host, in megatron's RoPE and in the SDPA attention)."""
+    model = dataclasses.replace(MODEL, attention_backend=attention_backend)
+    cfg = TrainConfig(model=model, batching=BatchingConfig(pack_sequences=packed,
                                                           max_tokens_per_microbatch=48),
                       loss=LossConfig(loss_mode=loss_mode, max_response_length=16, tis_cap=2.0,
                                       logprob_chunk_size=7))
@@ -81,7 +85,7 @@ def _forward_backward_on_device(cfg: TrainConfig, cpu_mbs: List[dict], normalise
                                 packed: bool) -> Dict[str, object]:
     device = compute_device()
     # megatron's NaN check reads gradient values on the host: a fake device has none
-    chunks = wrap_ddp(build_model(MODEL, ParallelConfig(), perform_initialization=False),
+    chunks = wrap_ddp(build_model(cfg.model, ParallelConfig(), perform_initialization=False),
                       use_distributed_optimizer=False,
                       check_for_nan_in_grad=False)
     mbs = [to_device(mb) for mb in cpu_mbs]

@@ -16,6 +16,10 @@ from megatron_trapo.platform.fake_cuda import fake_cuda
 from megatron_trapo.train import batch as batch_module
 from megatron_trapo.train import device_check, smoke
 
+# fake tensors hold no data; packed sequences in THD read cu_seqlens on the host (megatron's
+# RoPE, the SDPA attention), so the fake-device runs take megatron's masked attention
+FAKE_TENSOR_ATTENTION = "local"
+
 
 def smoke_step(move: bool) -> list:
     """The smoke job's micro-batches and loss through megatron's schedule on the device."""
@@ -75,7 +79,8 @@ def main():
     for packed in (False, True):
         for mode in ("trapo", "luffy", "grpo", "sft"):
             cases[f"{mode}:{'packed' if packed else 'padded'}"] = DeviceReport(
-                **device_check.run_device_check(packed, mode, on_device=fake_cuda))
+                **device_check.run_device_check(packed, mode, on_device=fake_cuda,
+                                                 attention_backend=FAKE_TENSOR_ATTENTION))
     r = DeviceCheck(cases=cases, smoke_metrics=smoke_step(move=True), knobs=knobs(), unmoved={})
     # before the fix nothing moved a micro-batch: the same run must fail
     identity = lambda mb, device=None: mb  # noqa: E731
@@ -84,9 +89,11 @@ def main():
     device_check.to_device = identity
     try:
         r.unmoved["padded"] = expect_mismatch(
-            lambda: device_check.run_device_check(False, "trapo", on_device=fake_cuda))
+            lambda: device_check.run_device_check(False, "trapo", on_device=fake_cuda,
+                                               attention_backend=FAKE_TENSOR_ATTENTION))
         r.unmoved["packed"] = expect_mismatch(
-            lambda: device_check.run_device_check(True, "trapo", on_device=fake_cuda))
+            lambda: device_check.run_device_check(True, "trapo", on_device=fake_cuda,
+                                               attention_backend=FAKE_TENSOR_ATTENTION))
         r.unmoved["smoke"] = expect_mismatch(lambda: smoke_step(move=False))
     finally:
         device_check.to_device = device_check_to_device

@@ -296,3 +296,22 @@ class GroupPeer:
     values: Optional[List[float]] = None
     error: Optional[str] = None
     source: Optional[str] = None  # the sglang role: the wheel's file the function came from
+
+
+# --- sdpa_attention.py: the local spec's SDPA core attention ---------------------------------
+
+@dataclass
+class SdpaSuite:
+    """Max |Δ| of logits / parameter gradients between the two core attentions and against
+    each packed sequence run on its own."""
+
+    same_weights: bool  # the two models' parameters are identical (only attention differs)
+    packed_vs_local_logits: float  # SDPA on THD rows vs megatron's block-diagonal mask
+    packed_vs_local_grads: float
+    packed_vs_alone_logits: float  # SDPA on THD rows vs each sequence alone (unfused)
+    local_packed_vs_alone_logits: float  # the same check of the unfused reference itself
+    padded_vs_local_logits: float  # [b, s] rows with a causal mask, no packing
+    ref_grad_max: float  # largest reference gradient (the grads compared are not ~0)
+    tp2sp_packed_vs_tp1_logits: float  # TP=2 with sequence parallel, SDPA on THD rows
+    leaky_vs_alone_logits: float  # one row attended as ONE sequence (what the check catches)
+    takes_packed: Dict[str, bool]  # provider.takes_packed_sequences per backend

@@ -1,6 +1,8 @@
 """The in-process HF engine generating from the trainer's own tensors
 (``rollout.share_trainer_weights``): no second copy, in-place updates seen after a sync, the
 same samples as an engine that copied the weights, copies where sharing is not possible."""
+import json
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -64,3 +66,23 @@ def test_no_sharing_unless_both_sides_allow_it(tmp_path):
         assert not any(p.data_ptr() in ptrs for p in e.model.parameters())
         assert e.memory_bytes(list(trainer.parameters()))[0] == \
             sum(p.numel() * 4 for p in trainer.parameters())
+
+
+def test_the_trainers_engine_takes_rollout_dtype_and_copies_into_it(tmp_path):
+    """The in-process engine the trainer builds from its own architecture (no model_path) runs
+    in ``rollout.dtype``: bf16 was silently fp32 before (the bf16 bench's engine decoded in
+    fp32). A bf16 engine cannot share the trainer's fp32 tensors: it holds bf16 copies."""
+    from megatron_trapo.config import RolloutConfig
+    from megatron_trapo.rollout import make_engine
+
+    hf = tiny_qwen2(tmp_path / "m")
+    trainer = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    config = json.loads((hf / "config.json").read_text())
+    engine = make_engine(RolloutConfig(dtype="bf16"), hf_config=config)
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    engine.update_weights_from_tensors(_trainer_tensors(trainer), "1", share=True)
+    ptrs = {p.data_ptr() for p in trainer.parameters()}
+    assert not any(p.data_ptr() in ptrs for p in engine.model.parameters())
+    for name, p in engine.model.named_parameters():
+        assert torch.equal(p, dict(trainer.named_parameters())[name].to(torch.bfloat16)), name
+    assert engine.generate(REQ)[0][0].token_ids  # it generates in bf16

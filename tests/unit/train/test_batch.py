@@ -69,7 +69,7 @@ def test_packing_keeps_sequences_whole_and_apart():
     assert sum(float(mb["generated_mask"].sum()) for mb in mbs) == sum(
         float(s["generated_mask"].sum()) for s in seqs)
     mb = max(mbs, key=lambda m: int(m["segment_ids"].max()))
-    mask = packed_attention(mb)["attention_mask"][0, 0]  # True = masked
+    mask = packed_attention(mb, thd=False)["attention_mask"][0, 0]  # True = masked
     seg = mb["segment_ids"][0]
     i, j = int((seg == 1).nonzero()[0]), int((seg == 0).nonzero()[0])
     assert mask[i, j]  # a later sequence cannot see an earlier one
@@ -77,7 +77,7 @@ def test_packing_keeps_sequences_whole_and_apart():
     assert mb["position_ids"][0, i] == 0  # positions restart per sequence
 
 
-def test_packed_rows_are_aligned_and_padding_is_a_segment(monkeypatch):
+def test_packed_rows_are_aligned_and_padding_is_a_segment():
     from megatron_trapo.train import batch as B
 
     _, trajs = group_from_plan([0] * 8)
@@ -104,9 +104,8 @@ def test_packed_rows_are_aligned_and_padding_is_a_segment(monkeypatch):
                 assert sum(lengths[:int(mb["segment_ids"].max()) + 1]) == real
                 assert mb["max_seqlen"] == max(lengths)
     # the THD path hands exactly these (device-resident) cu_seqlens to PackedSeqParams
-    monkeypatch.setattr("megatron_trapo.train.batch.have_transformer_engine", lambda: True)
     mb = B.pack_microbatches(seqs, max_tokens=32, multiple=16)[0]
-    params = B.packed_attention(B.to_device(mb))["packed_seq_params"]
+    params = B.packed_attention(B.to_device(mb), thd=True)["packed_seq_params"]
     assert params.cu_seqlens_q is not None and params.cu_seqlens_q.dtype == torch.int32
     assert int(params.cu_seqlens_q[-1]) == mb["tokens"].shape[1]
     assert params.max_seqlen_q == mb["max_seqlen"]
