@@ -8,10 +8,12 @@ KV cache (every row of a level × (longest prompt + response budget)) — of its
 v, gate and up when it shares the trainer's (``rollout.share_trainer_weights``) — the Python /
 torch /
 megatron runtime, the verifier workers' share, and the activations of one micro-batch:
-what backward keeps per token and layer, the attention scores megatron's unfused CPU attention
-keeps (2 × heads × tokens × sequence per layer, one layer's with selective recompute) and the
-loss's logits. Checked against 1024-token micro-batches of SmolLM2-135M on 2 ranks: estimated
-2.5 GB of activations + logits per rank, measured 2.7 GB (``memory/forward_backward_transient_gb``).
+what backward keeps per token and layer, the attention scores megatron's unfused attention
+keeps (``model.attention_backend=local``: 2 × heads × tokens × sequence per layer, one layer's
+with selective recompute; none with the default SDPA attention) and the loss's logits.
+Checked against 1024-token micro-batches of SmolLM2-135M on 2 ranks (unfused attention,
+selective recompute): estimated 2.5 GB of activations + logits per rank, measured 2.7 GB
+(``memory/forward_backward_transient_gb``).
 
 The machine's budget is ``batching.cpu_memory_target_gb`` (null: 90 % of what the kernel
 reports available at start), shared by the ranks on the node (``LOCAL_WORLD_SIZE``). When the
@@ -80,7 +82,10 @@ def _params(m: ModelConfig) -> float:
 def _activation_bytes_per_token(m: ModelConfig, cfg: TrainConfig, seq: int) -> float:
     scale = _BYTES[m.dtype] / 2  # the formulas count bf16 activations
     body = stored_activation_bytes(m, m.num_layers, 1, 1, False) * scale
-    scored_layers = 1 if m.recompute_granularity in ("selective", "full") else m.num_layers
+    if m.attention_backend == "local":  # megatron's unfused attention keeps them for backward
+        scored_layers = 1 if m.recompute_granularity in ("selective", "full") else m.num_layers
+    else:  # torch SDPA (models/sdpa_attention.py): its fused CPU kernel keeps no scores
+        scored_layers = 0
     scores = 2 * m.num_attention_heads * seq * _BYTES[m.dtype] * scored_layers
     vocab = padded_vocab_size(m)
     logits = 0.0 if cfg.loss.fused_output_layer else 2 * _BYTES[m.dtype] * vocab

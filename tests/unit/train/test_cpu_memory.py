@@ -48,13 +48,19 @@ def test_terms_per_rank():
     assert f["engine_kv_cache"] == pytest.approx(4 * 400 * 2 * 30 * 3 * 64 * 4 / GIB)
     assert plan.sequence_tokens == 400 and plan.microbatch_tokens == 1024  # room: the default
     # sharded Adam, speculative levels (4 + 2·2 + 2·1 + 1 rows), selective recompute
-    selective = dataclasses.replace(SMOL, recompute_granularity="selective")
+    local = dataclasses.replace(SMOL, attention_backend="local")
+    selective = dataclasses.replace(local, recompute_granularity="selective")
     spec = plan_cpu_memory(cfg("optimizer.use_distributed_optimizer=true"), selective, True, 2,
                            144, speculative=True, ranks=2, available_gib=24.0)
     assert spec.fixed_gib["optimizer"] == pytest.approx(f["optimizer"] / 2)
     assert spec.fixed_gib["engine_kv_cache"] == pytest.approx(f["engine_kv_cache"] * 11 / 4)
-    # selective recompute keeps one layer's attention scores (2 × 9 heads × 400 × 4 B) of 30
-    assert plan.activation_bytes_per_token - spec.activation_bytes_per_token == \
+    # megatron's unfused attention keeps every layer's scores (2 × 9 heads × 400 × 4 B), the
+    # default SDPA attention none, selective recompute one layer's of 30
+    unfused_attention = plan_cpu_memory(c, local, True, 2, 144, False, ranks=2,
+                                        available_gib=24.0)
+    assert unfused_attention.activation_bytes_per_token - plan.activation_bytes_per_token == \
+        pytest.approx(30 * 2 * 9 * 400 * 4)
+    assert unfused_attention.activation_bytes_per_token - spec.activation_bytes_per_token == \
         pytest.approx(29 * 2 * 9 * 400 * 4)
     unfused = plan_cpu_memory(cfg("loss.fused_output_layer=false"), SMOL, True, 2, 144, False,
                               ranks=2, available_gib=24.0)
