@@ -254,9 +254,12 @@ def run_ours(out: Path, name: str, models: Dict[str, Path], work: Workload, meth
         args["batching.max_tokens_per_microbatch"] = work.max_tokens_per_microbatch
     if work.precision == "bf16":
         args.update({"model.params_dtype": "bf16", "rollout.dtype": "bf16"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={work.nproc}",
-           "-m", "megatron_trapo.cli", "train", *(["--config", work.config] if work.config else []),
+    # one process runs without torchrun (a world of one), as a user would: no launcher process
+    launcher = [sys.executable] if work.nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={work.nproc}"]
+    cmd = [*launcher, "-m", "megatron_trapo.cli", "train",
+           *(["--config", work.config] if work.config else []),
            *[f"{k}={v}" for k, v in args.items()]]
     done = _reused(out / f"{name}.done.json", reuse)
     if done:

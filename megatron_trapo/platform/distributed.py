@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,7 @@ import torch
 from megatron_trapo.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_trapo.models.provider import have_transformer_engine
 from megatron_trapo.platform import activate
+from megatron_trapo.platform.cpu_threads import confine_openmp_to_main_thread
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,9 @@ def initialize_distributed(parallel: ParallelConfig, model: Optional[ModelConfig
     rank = int(os.environ.get("RANK", "0"))
     layout = validate_layout(parallel, world_size, model, seq_length)
     device = activate()
+    if device == "cpu" and threading.current_thread() is threading.main_thread():
+        # before gloo's threads exist: a team on one of them slows every parallel region here
+        confine_openmp_to_main_thread()
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()) if world_size == 1 else "29500")

@@ -56,3 +56,46 @@ def test_the_run_peak_survives_the_transient_measurements_reset(monkeypatch):
         alloc["peak"] = 4 * memory.GB  # forward/backward rose 3 GB above its start
     assert peak.gb == 3.0
     assert memory.peak_memory_gb() == 10.0
+
+
+_HEAP_SCRIPT = r"""
+import ctypes, json
+import psutil
+from megatron_trapo.train import memory
+assert memory.fix_mmap_threshold(32768)  # 32 MiB: the 16 MB block below comes from the heap
+libc = memory._LIBC
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+rss = lambda: psutil.Process().memory_info().rss
+block = libc.malloc(16 << 20)  # as an activation's storage is allocated: the heap's top
+ctypes.memset(block, 1, 16 << 20)  # touched: resident
+held = rss()
+libc.free(block)
+after_free = rss()
+memory.release_freed_memory()
+print(json.dumps({"freed_on_free": held - after_free, "freed_on_trim": after_free - rss()}))
+"""
+
+
+def test_the_heap_is_given_back_between_phases_not_inside_them():
+    """With a fixed mmap threshold of megabytes, a freed activation stays in the heap for the
+    next micro-batch (glibc's 128 KiB trim threshold would hand it back at ``free`` and the
+    next micro-batch would fault it in again) until ``release_freed_memory`` at the phase's
+    end returns it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from megatron_trapo.train import memory
+
+    if memory._LIBC is None:
+        pytest.skip("not glibc")
+    out = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[3], timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["freed_on_free"] < 2 << 20, got  # kept at free
+    assert got["freed_on_trim"] > 14 << 20, got  # returned at the phase boundary
