@@ -15,10 +15,11 @@ architecture (4 layers, hidden 128; the pretrained base with ``--base``, else a 
 init), the 10m size hidden 384 × 6 layers (seeded random init). A random model never emits EOS,
 so each sample is the full 64 tokens on both sides; the generated tokens per step are printed.
 
-Ours: ``megatron-trapo train`` under torchrun (every phase from its ``timing/*`` metrics): on
-2 processes for the demo sizes, on one process with the machine's threads for SmolLM2 (as
-examples/run_trapo_smollm2_gsm8k.sh runs it, with its config's micro-batching). TRL: one process with the machine's threads (its profiling contexts
-and the Trainer's callbacks give generate / reward / forward-backward / optimizer).
+Ours: ``megatron-trapo train`` (every phase from its ``timing/*`` metrics): under torchrun on
+2 processes for the demo sizes; for SmolLM2 in one process with the machine's threads, without
+torchrun (as examples/run_trapo_smollm2_gsm8k.sh runs it, with its config's micro-batching).
+TRL: one process with the machine's threads (its profiling contexts and the Trainer's
+callbacks give generate / reward / forward-backward / optimizer).
 Printed per size: median step over the steps after ``--warmup``, the ratio, each side's phase
 medians, generated tokens per step, peak memory (PSS summed over the process tree, so pages
 shared by forked workers count once), and the training phase against the machine's matmul roof
@@ -72,7 +73,7 @@ class Workload:
     # our ranks: the demo's 2 gloo processes; SmolLM2 one process with both cores, as its
     # example runs it (one replica of the model and Adam; the engine decodes every row at once)
     nproc: int = 2
-    # ours: None = the config's micro-batching (the CPU default cuts at 1024 tokens)
+    # ours: None = the config's micro-batching (SmolLM2's example config: 512-token CPU cuts)
     max_tokens_per_microbatch: Optional[int] = 8192
 
     @property

@@ -42,18 +42,17 @@ def _loaded_library(fragment: str) -> Optional[str]:
 
 
 def _knobs():
-    """(omp_set_num_threads, omp_get_max_threads, mkl_set_num_threads_local), or None."""
+    """(libgomp's omp_set_num_threads, MKL's per-thread count setter), or None."""
     gomp_path = _loaded_library("libgomp")
     torch_cpu = _loaded_library("libtorch_cpu")
     if gomp_path is None or torch_cpu is None:
         return None
     gomp, mkl = ctypes.CDLL(gomp_path), ctypes.CDLL(torch_cpu)  # already loaded: same handles
-    if not all(hasattr(gomp, f) for f in ("omp_set_num_threads", "omp_get_max_threads")) \
-            or not hasattr(mkl, "MKL_Set_Num_Threads_Local"):
+    if not hasattr(gomp, "omp_set_num_threads") or not hasattr(mkl, "MKL_Set_Num_Threads_Local"):
         return None
     # MKL's C entry point (its header maps mkl_set_num_threads_local to it); the lower-case
     # export is the Fortran one, which takes a pointer
-    return gomp.omp_set_num_threads, gomp.omp_get_max_threads, mkl.MKL_Set_Num_Threads_Local
+    return gomp.omp_set_num_threads, mkl.MKL_Set_Num_Threads_Local
 
 
 def confine_openmp_to_main_thread(threads: Optional[int] = None) -> Optional[int]:
@@ -66,12 +65,12 @@ def confine_openmp_to_main_thread(threads: Optional[int] = None) -> Optional[int
     knobs = _knobs()
     if knobs is None or n <= 1:
         return None if knobs is None else n
-    omp_set, omp_get, mkl_set_local = knobs
+    omp_set, mkl_set_local = knobs
     torch.ones(1 << 16).add_(1)  # the main thread's own lazy thread init happens now, not later
     torch.set_num_threads(1)  # the process-wide count every other thread starts from
     omp_set(n)
     mkl_set_local(n)
-    if torch.get_num_threads() != n or omp_get() != n:
+    if torch.get_num_threads() != n:  # torch reads the calling thread's OpenMP count
         raise RuntimeError(f"confine_openmp_to_main_thread: main thread has "
                            f"{torch.get_num_threads()} threads after asking for {n}")
     logger.info("OpenMP: %d threads on the main thread, 1 on every other", n)

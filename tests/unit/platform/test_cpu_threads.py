@@ -37,6 +37,7 @@ print(json.dumps({"returned": got, "main": torch.get_num_threads(),
                   "main_mkl": mkl.mkl_get_max_threads(), "helper": seen["threads_in_helper"],
                   "extra_threads": extra}))
 go.set()
+t.join()  # a helper still inside torch when the interpreter exits aborts it
 """
 
 

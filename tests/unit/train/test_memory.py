@@ -1,5 +1,11 @@
 """memory/<part>_gb: storages counted once, and the transient peak of a block measured."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from megatron_trapo.train.memory import TransientPeak, breakdown, unique_bytes
@@ -82,13 +88,6 @@ def test_the_heap_is_given_back_between_phases_not_inside_them():
     next micro-batch (glibc's 128 KiB trim threshold would hand it back at ``free`` and the
     next micro-batch would fault it in again) until ``release_freed_memory`` at the phase's
     end returns it."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import pytest
-
     from megatron_trapo.train import memory
 
     if memory._LIBC is None:
