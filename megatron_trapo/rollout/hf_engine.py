@@ -44,11 +44,19 @@ def _sample_rows(logits: torch.Tensor, params: List[SamplingParams],
     inverting each row's CDF at one uniform draw from the row's own generator (exact sampling,
     vectorised over the batch, reproducible per sample). One draw per row, where the Gumbel-max
     trick drew one per vocabulary entry: for SmolLM2's 49k vocab that noise was ~10% of a decode
-    step."""
+    step. The probabilities are the fp32 softmax the reported logprobs come from; only the
+    running sum is float64 (a 49k-long fp32 sum loses its tail), and the work a rare case needs
+    (greedy rows, top-k/p, a draw that rounds to the total) is done only when it occurs: at 22
+    rows of SmolLM2 that bookkeeping over the vocabulary was ~10% of a decode step."""
     rows, vocab = logits.shape
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float64)
-    greedy = temps == 0
-    scaled = logits.double() / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(-1)
+    logits = logits.float()
+    temps = [p.temperature for p in params]
+    greedy = torch.tensor([t == 0 for t in temps])
+    if bool(greedy.all()):
+        return torch.argmax(logits, dim=-1)
+    scaled = logits
+    if any(t not in (0, 1) for t in temps):
+        scaled = logits / torch.tensor([t if t else 1.0 for t in temps]).unsqueeze(-1)
     ks = [p.top_k if p.top_k and 0 < p.top_k < vocab else 0 for p in params]
     tops = torch.tensor([p.top_p for p in params], dtype=torch.float64)
     if any(ks) or bool((tops < 1).any()):
@@ -57,18 +65,21 @@ def _sample_rows(logits: torch.Tensor, params: List[SamplingParams],
         for r, k in enumerate(ks):
             if k:
                 drop[r, k:] = True
-        probs = torch.softmax(sorted_logits, -1)
+        probs = torch.softmax(sorted_logits.double(), -1)
         drop |= (probs.cumsum(-1) - probs) >= tops.unsqueeze(-1)  # keep the token crossing p
         scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    cdf = torch.softmax(scaled, dim=-1).cumsum_(-1)  # float64: a 49k-long sum keeps its tail
+    cdf = torch.softmax(scaled, dim=-1).double().cumsum_(-1)
     draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
-    # the first token whose cumulative mass exceeds u·total: token t with probability p_t
+    # the first token whose cumulative mass exceeds u·total: token t with probability p_t (it
+    # has mass, as cdf[t] > cdf[t - 1])
     sampled = torch.searchsorted(cdf, (draws * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    # u·total may round up to the total: then the last token that has mass, never one without
-    positive = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[:, :1])) > 0
-    last = vocab - 1 - torch.argmax(positive.flip(-1).to(torch.uint8), dim=-1)
-    sampled = torch.minimum(sampled, last)
-    return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+    over = sampled >= vocab
+    if bool(over.any()):  # u·total rounded up to the total: the last token that has mass
+        positive = torch.diff(cdf[over], dim=-1, prepend=torch.zeros_like(cdf[over][:, :1])) > 0
+        sampled[over] = vocab - 1 - torch.argmax(positive.flip(-1).to(torch.uint8), dim=-1)
+    if bool(greedy.any()):
+        sampled = torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
+    return sampled
 
 
 class _GrowingLayer(DynamicLayer):
@@ -310,8 +321,8 @@ class HFEngine(RolloutEngine):
         the in-process sync at TP = PP = 1) and the engine's ``share_weights``, a contiguous
         tensor of the engine's dtype is taken over, not copied: the
         trainer's fp32 weights (views of them: every HF tensor but q/k/v, cut out of the fused
-        QKV, and gate/up, which the sync assembles from megatron's sharded state dict) then
-        serve generation directly (SmolLM2-135M: the engine's own weights 0.50 → 0.26 GB). Sound because the trainer
+        QKV) then serve generation directly (SmolLM2-135M: the engine's own weights 0.50 →
+        0.06 GB). Sound because the trainer
         changes its weights only in the optimizer step, which is followed by this sync before
         anything is generated again; a tensor whose storage changed is taken over again."""
         with self._lock:

@@ -30,7 +30,7 @@ from megatron.core import parallel_state as ps
 from megatron_trapo.config import LOOPBACK_HOSTS, ModelConfig
 from megatron_trapo.models.hf.files import HFCheckpointWriter
 from megatron_trapo.models.hf.mapping import expand, model_to_hf_config, rule_for_key, to_hf
-from megatron_trapo.models.sharding import local_shards
+from megatron_trapo.models.sharding import local_shards, whole_view
 from megatron_trapo.platform import compute_device
 from megatron_trapo.platform.distributed import free_port, host_group
 from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
@@ -57,6 +57,8 @@ def _stage_hf_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.T
         full = None
         if all(tuple(v.shape) == tuple(global_shape) for v, _, _ in items):
             full = items[0][0].detach()  # replicated over TP (norms) or TP=1
+        elif tp == 1 and (whole := whole_view(items)) is not None:
+            full = whole.detach()  # SwiGLU's halves of one fused tensor: a view, not a copy
         else:
             full = torch.empty(global_shape, dtype=items[0][0].dtype, device=items[0][0].device)
             for idx, (view, _, _) in enumerate(items):

@@ -4,9 +4,8 @@ micro-batch token budget it leaves room for.
 
 Per rank (fp32 on CPU): weights, grads (4 B/param each), Adam (8 B/param, divided by DP under
 ``optimizer.use_distributed_optimizer``), the in-process engine's copy of the weights and its
-KV cache (every row of a level × (longest prompt + response budget)) — of its weights only q, k,
-v, gate and up when it shares the trainer's (``rollout.share_trainer_weights``) — the Python /
-torch /
+KV cache (every row of a level × (longest prompt + response budget)) — of its weights only q, k
+and v when it shares the trainer's (``rollout.share_trainer_weights``) — the Python / torch /
 megatron runtime, the verifier workers' share, and the activations of one micro-batch:
 what backward keeps per token and layer, the attention scores megatron's unfused attention
 keeps (``model.attention_backend=local``: 2 × heads × tokens × sequence per layer, one layer's
@@ -127,10 +126,10 @@ def plan_cpu_memory(cfg: TrainConfig, m: ModelConfig, generates: bool, dp: int,
         shared = cfg.rollout.share_trainer_weights and cfg.rollout.dtype == m.dtype and \
             cfg.parallel.tensor_model_parallel_size == cfg.parallel.pipeline_model_parallel_size == 1
         if shared:  # the engine generates from the trainer's tensors but the ones the sync
-            # assembles: q, k, v (cut from the fused QKV) and SwiGLU's gate and up
+            # assembles: q, k, v, cut from megatron's fused QKV (SwiGLU's gate and up are
+            # views of linear_fc1: models/sharding.py whole_view)
             qkv = m.hidden_size * (m.num_attention_heads + 2 * m.query_groups) * head_dim
-            gate_up = 2 * m.hidden_size * m.ffn_hidden_size if m.swiglu else 0
-            fixed["engine_weights"] = m.num_layers * (qkv + gate_up) * ebytes
+            fixed["engine_weights"] = m.num_layers * qkv * ebytes
         fixed["engine_kv_cache"] = rows * seq * 2 * m.num_layers * m.query_groups * head_dim \
             * ebytes
     local_vocab = padded_vocab_size(m)

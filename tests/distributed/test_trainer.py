@@ -37,6 +37,20 @@ def args(task, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def test_tp1_engine_generates_from_the_trainers_tensors_but_q_k_v(task, tmp_path):
+    """At TP = PP = 1 the in-process engine takes the trainer's tensors as its weights: every
+    HF tensor is a view of a megatron parameter but q, k and v (cut out of the interleaved
+    QKV). SwiGLU's gate and up, which megatron's sharded state dict hands over as two halves
+    of linear_fc1, were assembled into a copy before: the engine's own memory was q, k, v,
+    gate and up."""
+    r = run_worker("trapo_step.py", 1, tmp_path, env={"TRAIN_ARGS": " ".join(args(
+        task, **{"log_dir": tmp_path / "runs"}))}, result=TrapoStep)
+    m = r.metrics
+    assert r.engine_qkv_bytes > 0
+    assert m["memory/engine_weights_gb"] * 2**30 == r.engine_qkv_bytes
+    assert m["pg/rollout_logprob_gap"] < 1e-4  # the views generate what the trainer computes
+
+
 def test_one_trapo_step_masks_follow_sampler(task, tmp_path):
     r = run_worker("trapo_step.py", 2, tmp_path, env={"TRAIN_ARGS": " ".join(args(
         task, **{"parallel.tensor_model_parallel_size": 2, "log_dir": tmp_path / "runs"}))},

@@ -183,6 +183,7 @@ class TrapoStep:
     param_bytes: int  # rank 0's model parameters, numel × element size
     engine_param_bytes: int  # its HF engine's, in fp32
     rows: List[SampledRow]
+    engine_qkv_bytes: int = 0  # of which its q, k, v projections
 
 
 # --- device_check.py: the fake-CUDA dry run ---------------------------------------------------

@@ -1,4 +1,4 @@
-"""One full TRAPO step at TP=2 on CPU: record the trajectories the sampler made (rank 0) and
+"""One full TRAPO step on CPU (TP=2, or TP=1): record the trajectories the sampler made (rank 0) and
 the loss function's token counts, to check that the masks follow the sampler's decisions."""
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def main():
             param_bytes=sum(p.numel() * p.element_size()
                             for chunk in run.ddp for p in chunk.parameters()),
             engine_param_bytes=sum(p.numel() * 4 for p in run.engine.model.parameters()),
+            engine_qkv_bytes=sum(p.numel() * 4 for n, p in run.engine.model.named_parameters()
+                                 if n.endswith(("q_proj.weight", "k_proj.weight",
+                                                "v_proj.weight"))),
             rows=[SampledRow(prompt_index=t.prompt_index, level=t.level, guided=t.guided,
                              train_prefix=t.train_prefix, prefix_len=len(t.prefix_ids),
                              completion_len=len(t.completion_ids), reward=t.reward)
