@@ -598,10 +598,14 @@ class InLoopEvalConfig:
     data: Optional[str] = None  # .jsonl records
     interval: int = 0  # 0 = only at the end
     max_problems: Optional[int] = None
-    temperature: float = 0.0
+    temperature: float = 0.0  # 0: greedy; the paper samples at 0.6 (EvalConfig)
+    k: int = 1  # samples per problem: accuracy is avg@k (the paper's pass@1 over k samples)
 
     def __post_init__(self) -> None:
         _check(self.interval >= 0, f"eval.interval must be >= 0, got {self.interval}")
+        _check(self.k >= 1, f"eval.k must be >= 1, got {self.k}")
+        _check(self.k == 1 or self.temperature > 0,
+               f"eval.k={self.k} needs eval.temperature > 0 (greedy samples are all the same)")
 
 
 @dataclass

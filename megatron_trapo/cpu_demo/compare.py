@@ -51,6 +51,7 @@ def common(data: Path, sizes: Sizes) -> Dict[str, object]:
     # paper's instruction, and on this model a prompt token costs about what a response one does
     return {"rollout.tokenizer_path": data / "tokenizer", "data.prompt_template": PROMPT,
             "loss.max_response_length": sizes.max_response_length,
+            "eval.temperature": sizes.eval_temperature, "eval.k": sizes.eval_k,
             "batching.max_tokens_per_microbatch": 8192, "loss.aggregation": "token_mean",
             # glibc's own allocation: the per-tensor mmap that bounds a large model's memory
             # costs this tiny one a quarter of its step (page faults), for nothing

@@ -94,8 +94,11 @@ def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, floa
           "ablation rows take TRAPO's",
           "- every method trains the same number of optimizer steps from the base; "
           "SFT-then-RL is GRPO from the SFT run (so its curve starts at the SFT run's end)",
-          "- held-out accuracy: greedy decoding on `data/eval.jsonl`, at the last step; "
-          "mean ± std over seeds", "", *table(result, levels), ""]
+          "- held-out accuracy on `data/eval.jsonl` at the last step: "
+          + (f"avg@{sizes.eval_k} (pass@1 averaged over {sizes.eval_k} samples per problem) "
+             f"at temperature {sizes.eval_temperature:g}, as the paper samples"
+             if sizes.eval_temperature else "greedy decoding")
+          + "; mean ± std over seeds", "", *table(result, levels), ""]
     pairs = paired_table(result)
     if pairs:
         md += ["TRAPO against each method on the same seeds and held-out problems:", "",

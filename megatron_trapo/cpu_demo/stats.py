@@ -12,16 +12,21 @@ from typing import Dict, List, Mapping, Sequence
 
 from megatron_trapo.metrics import read_metrics
 
-Correct = Dict[str, float]  # problem id -> 1.0 / 0.0 at the final evaluation of one run
+Correct = Dict[str, float]  # problem id -> share of its samples correct at the final evaluation
 
 
 def read_final_eval(path: Path) -> Correct:
-    """Per-problem correctness at the last evaluated step of ``eval_samples.jsonl``."""
+    """Per-problem accuracy at the last evaluated step of ``eval_samples.jsonl``: the mean
+    over the problem's samples (``eval.k`` of them: avg@k; 1.0 / 0.0 for one sample)."""
     rows = read_metrics(path)  # any JSONL
     if not rows:
         raise ValueError(f"{path}: no evaluated problems")
     last = max(r["step"] for r in rows)
-    return {r["id"]: float(r["correct"]) for r in rows if r["step"] == last}
+    scores: Dict[str, List[float]] = {}
+    for r in rows:
+        if r["step"] == last:
+            scores.setdefault(r["id"], []).append(float(r["correct"]))
+    return {pid: sum(v) / len(v) for pid, v in scores.items()}
 
 
 def mean_std(values: Sequence[float]) -> tuple:

@@ -26,6 +26,9 @@ class Sizes:
     # every value in 0..30: few enough arithmetic facts that pretraining covers each one many
     # times (with 0..99 the base memorised problems instead: 17% on unseen one-step ones)
     max_value: int = 30
+    # how often a step of a pretraining solution is written off by 1-2, per solution style
+    # (data/synthetic.py): the base writes both styles, one of them less reliably
+    pretrain_slip: Tuple[float, float] = (0.0, 0.0)
     train: int = 2000  # the methods' training problems (every level)
     eval: int = 400  # held-out problems (every level, 80 each)
     probe: int = 200  # training problems the --tune grid is scored on (never held-out ones)
@@ -33,6 +36,10 @@ class Sizes:
     prompts: int = 16
     evals: int = 4  # held-out evaluations during each run
     max_response_length: int = 96
+    # held-out accuracy: greedy (0), or as the paper measures it, pass@1 at temperature 0.6,
+    # averaged over eval_k samples per problem (avg@k)
+    eval_temperature: float = 0.0
+    eval_k: int = 1
 
 
 FULL = Sizes()
@@ -58,7 +65,7 @@ def prepare(data: Path, sizes: Sizes) -> None:
     evals = make_split(sizes.eval, 0, LEVELS, "eval", top)
     held_out = {r.problem for r in evals}
     pre = both_styles(make_split(sizes.pretrain, 0, sizes.pretrain_mix, "pretrain", top,
-                                 exclude=held_out))
+                                 exclude=held_out, slip=sizes.pretrain_slip))
     train = make_split(sizes.train, 0, LEVELS, "train", top, exclude=held_out)
     train_bpe_tokenizer(tokenizer_corpus(pre + train), 400, data / "tokenizer",
                         individual_digits=True)

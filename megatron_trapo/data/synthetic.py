@@ -12,12 +12,13 @@ guidance is what TRAPO adds.
 from __future__ import annotations
 
 import random
-from typing import AbstractSet, List, Mapping, Sequence, Union
+from typing import AbstractSet, List, Mapping, Sequence, Tuple, Union
 
 from megatron_trapo.data.prompts import INSTRUCTION, SYSTEM
 from megatron_trapo.data.records import Record
 
 _WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
+STYLES = ("main", "second")
 MAX_VALUE = 99
 
 
@@ -39,27 +40,46 @@ def _step(rng: random.Random, value: int, top: int) -> tuple:
     return sym, operand, value * operand
 
 
+Slips = Tuple[float, float]  # per solution style (terse, "We go step by step")
+
+
 def make_problem(rng: random.Random, steps: int, index: int, split: str,
-                 max_value: int = MAX_VALUE) -> Record:
+                 max_value: int = MAX_VALUE, slip: Slips = (0.0, 0.0)) -> Record:
+    """One problem and its two solutions. ``slip``: per style, the chance that a solution
+    writes a step's result off by one or two (each step drawn apart); the solution goes on from
+    the value it wrote, so a slipped solution is a consistent one with a wrong answer — a
+    teacher who errs now and then, and more often in one style than the other, as the text a
+    real base model learned from does (which style to write is then a choice RL can learn)."""
     value = rng.randint(2, min(12, max_value))
-    text = [f"Start with {value}."]
-    lines, alt = [], []
+    start, text, ops = value, [f"Start with {value}."], []
     for _ in range(steps):
         sym, operand, new = _step(rng, value, max_value)
         text.append(f"{_WORDS[sym]} {operand}.")
-        lines.append(f"{value} {sym} {operand} = {new}.")
-        alt.append(f"Now {value} {sym} {operand} gives {new}.")
+        ops.append((sym, operand))
         value = new
     text.append("What is the result?")
     answer = str(value)
-    main = "\n\n".join(lines + [f"The answer is \\boxed{{{answer}}}."])
-    second = "\n\n".join(["We go step by step."] + alt + [f"So the result is \\boxed{{{answer}}}."])
+    main, second = (_solution(rng, start, ops, p, style) for p, style in zip(slip, STYLES))
     return Record(" ".join(text), answer, [main, second], f"{split}-{index}", f"synthetic-{steps}step")
 
 
+def _solution(rng: random.Random, value: int, ops: Sequence[tuple], slip: float,
+              style: str) -> str:
+    lines = [] if style == "main" else ["We go step by step."]
+    for sym, operand in ops:
+        new = value + operand if sym == "+" else value - operand if sym == "-" else value * operand
+        if slip and rng.random() < slip:
+            new += rng.choice((-2, -1, 1, 2))
+        lines.append(f"{value} {sym} {operand} = {new}." if style == "main"
+                     else f"Now {value} {sym} {operand} gives {new}.")
+        value = new
+    end = "The answer is" if style == "main" else "So the result is"
+    return "\n\n".join(lines + [f"{end} \\boxed{{{value}}}."])
+
+
 def make_split(n: int, seed: int, steps: Union[Sequence[int], Mapping[int, float]],
-               split: str, max_value: int = MAX_VALUE, exclude: AbstractSet[str] = frozenset()
-               ) -> List[Record]:
+               split: str, max_value: int = MAX_VALUE, exclude: AbstractSet[str] = frozenset(),
+               slip: Slips = (0.0, 0.0)) -> List[Record]:
     """``n`` problems; ``steps`` lists the levels (drawn uniformly) or maps each level to its
     weight in the mixture; every value stays in 0..``max_value``. A problem whose text is in
     ``exclude`` (the held-out split's) is drawn again at the same level: there are only a few hundred distinct
@@ -71,7 +91,7 @@ def make_split(n: int, seed: int, steps: Union[Sequence[int], Mapping[int, float
     for i in range(n):
         level = rng.choices(levels, w)[0]
         for _ in range(1000):  # the level is kept: a redraw must not thin out the mixture
-            r = make_problem(rng, level, i, split, max_value)
+            r = make_problem(rng, level, i, split, max_value, slip)
             if r.problem not in exclude:
                 break
         else:

@@ -162,14 +162,17 @@ def evaluate(run: Run, step: int) -> Dict[str, float]:
     if side is not None and side.eval_items:
         mine = side.share.indices(len(side.eval_items))
         items = [side.eval_items[i] for i in mine]
+        k = run.cfg.eval.k  # sample j of problem i: seed + i·k + j, however it is sharded
         reqs = [RolloutRequest(it.prompt_ids, SamplingParams(
             temperature=run.cfg.eval.temperature, max_new_tokens=run.cfg.loss.max_response_length,
-            stop_token_ids=run.stop_ids, seed=run.cfg.seed + i)) for i, it in zip(mine, items)]
-        samples = side.engine.generate(reqs)
-        texts = [run.tokenizer.decode(s[0].token_ids, skip_special_tokens=True) for s in samples]
-        grades = grade_all(side.reward, [(t, it.record.answer) for t, it in zip(texts, items)])
-        local = [(float(g["correct"]), len(s[0].token_ids), g["grader"], it.record.source,
-                  it.record.id, text) for g, s, it, text in zip(grades, samples, items, texts)]
+            stop_token_ids=run.stop_ids, seed=run.cfg.seed + i * k, n=k))
+            for i, it in zip(mine, items)]
+        samples = [(s, it) for group, it in zip(side.engine.generate(reqs), items) for s in group]
+        texts = [run.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s, _ in samples]
+        grades = grade_all(side.reward,
+                           [(t, it.record.answer) for t, (_, it) in zip(texts, samples)])
+        local = [(float(g["correct"]), len(s.token_ids), g["grader"], it.record.source,
+                  it.record.id, text) for g, (s, it), text in zip(grades, samples, texts)]
     rows = gather_shares(local, side.share if side is not None else None)
     if not rows:
         return {}

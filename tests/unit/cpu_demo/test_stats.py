@@ -41,3 +41,12 @@ def test_final_eval_is_the_last_step(tmp_path):
                     '{"step": 5, "id": "b", "correct": 0.0}\n')
     assert read_final_eval(path) == {"a": 1.0, "b": 0.0}
     assert math.isclose(sum(read_final_eval(path).values()), 1.0)
+
+
+def test_final_eval_averages_a_problems_samples(tmp_path):
+    """eval.k samples per problem: the problem's score is the share correct (avg@k)."""
+    path = tmp_path / "eval_samples.jsonl"
+    rows = [(0, "a", 0.0)] * 4 + [(5, "a", 1.0), (5, "a", 0.0), (5, "a", 1.0), (5, "a", 1.0),
+                                  (5, "b", 0.0), (5, "b", 1.0), (5, "b", 0.0), (5, "b", 0.0)]
+    path.write_text("".join(f'{{"step": {s}, "id": "{i}", "correct": {c}}}\n' for s, i, c in rows))
+    assert read_final_eval(path) == {"a": 0.75, "b": 0.25}

@@ -39,3 +39,44 @@ def test_mixture_weights_and_held_out_exclusion():
     assert not texts & {r.problem for r in pre}
     # without the exclusion, one-step problems repeat across splits (a few hundred exist)
     assert texts & {r.problem for r in make_split(3000, 0, {1: 3, 2: 1}, "pretrain")}
+
+
+def _lines(solution: str) -> list:
+    """(value, op, operand, written result) of each step line, either style."""
+    return [(int(a), op, int(b), int(c)) for a, op, b, c in
+            re.findall(r"(-?\d+) ([-+*]) (\d+) (?:=|gives) (-?\d+)\.", solution)]
+
+
+def test_slipped_solutions_go_on_from_what_they_wrote_at_each_styles_rate():
+    """A slip writes a step off by 1-2; the next step starts from the written value, the boxed
+    answer is the last written value; the problem and its answer stay the true ones; each
+    style slips at its own rate."""
+    records = make_split(2000, 1, [1, 2, 3], "pretrain", max_value=30, slip=(0.05, 0.25))
+    slipped, steps = [0, 0], [0, 0]
+    for r in records:
+        answer, values = _replay(r.problem)
+        assert r.answer == str(answer)
+        for style, solution in enumerate(r.solutions):
+            lines = _lines(solution)
+            assert len(lines) == len(values) - 1
+            assert lines[0][0] == values[0]
+            for (a, op, b, c), nxt in zip(lines, lines[1:] + [None]):
+                true = {"+": a + b, "-": a - b, "*": a * b}[op]
+                assert 1 <= abs(c - true) <= 2 or c == true
+                slipped[style] += c != true
+                steps[style] += 1
+                if nxt is not None:
+                    assert nxt[0] == c  # goes on from the written value
+            assert solution.endswith(f"\\boxed{{{lines[-1][3]}}}.")
+    # ~4000 steps per style: the bounds are 3 standard errors either side
+    assert 0.040 < slipped[0] / steps[0] < 0.060, slipped[0] / steps[0]
+    assert 0.23 < slipped[1] / steps[1] < 0.27, slipped[1] / steps[1]
+
+
+def test_no_slip_writes_every_step_right_in_both_styles():
+    clean = make_split(200, 2, [1, 2, 3], "t", max_value=30)
+    for r in clean:
+        _, values = _replay(r.problem)
+        for solution in r.solutions:
+            assert [line[3] for line in _lines(solution)] == values[1:]
+    assert clean != make_split(200, 2, [1, 2, 3], "t", max_value=30, slip=(0.0, 0.5))

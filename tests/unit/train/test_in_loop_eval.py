@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_trapo.config import TrainConfig
+from megatron_trapo.config import ConfigError, TrainConfig, load_config
 from megatron_trapo.data.items import encode
 from megatron_trapo.data.prompts import prompt_ids
 from megatron_trapo.data.records import Record
@@ -69,3 +69,52 @@ def test_in_loop_eval_renders_and_grades_as_megatron_trapo_eval(tokenizer, monke
     assert [(r["step"], r["id"], r["source"], r["correct"], r["text"]) for r in rows] == [
         (7, "a", "one", 1.0, responses[0]), (7, "b", "one", 1.0, responses[1]),
         (7, "c", "two", 0.0, responses[2])]
+
+
+class SampledEngine:
+    """``n`` scripted responses per request; remembers each request's sampling."""
+
+    def __init__(self, tokenizer, responses):
+        self.tok, self.responses, self.sampling = tokenizer, responses, []
+
+    def generate(self, requests):
+        out = []
+        for req, texts in zip(requests, self.responses):
+            self.sampling.append(req.sampling)
+            assert len(texts) == req.sampling.n
+            out.append([Sample(ids, [0.0] * len(ids), "stop", "v0") for ids in
+                        (self.tok(t, add_special_tokens=False)["input_ids"] for t in texts)])
+        return out
+
+
+def test_in_loop_eval_k_samples_per_problem_is_avg_at_k(tokenizer, monkeypatch, tmp_path):
+    """eval.k: k samples of each problem at eval.temperature, each graded and logged; the
+    accuracy is their mean (avg@k); sample j of problem i has seed seed + i·k + j."""
+    records = [Record("What is 28 divided by 4?", "7", id="a", source="one"),
+               Record("What is 8 divided by 4?", "2", id="b", source="two")]
+    right_a, wrong, right_b = "\\boxed{7}", "\\boxed{5}", "\\boxed{2}"
+    engine = SampledEngine(tokenizer, [[right_a, wrong, right_a], [wrong, wrong, right_b]])
+    monkeypatch.setattr(trainer, "gather_shares", lambda local, share: local)
+    monkeypatch.setattr(trainer.torch.distributed, "get_rank", lambda: 0)
+    cfg = TrainConfig(log_dir=str(tmp_path), seed=5)
+    cfg.eval.k, cfg.eval.temperature = 3, 0.6
+    with MathReward(num_workers=1) as reward:
+        run = SimpleNamespace(cfg=cfg, tokenizer=tokenizer, stop_ids=[],
+                              rollout=RolloutSide(None, encode(records, tokenizer), engine,
+                                                  reward))
+        metrics = trainer.evaluate(run, 3)
+    assert [(s.n, s.seed, s.temperature) for s in engine.sampling] == [(3, 5, 0.6), (3, 8, 0.6)]
+    assert metrics["eval/accuracy"] == pytest.approx(3 / 6)
+    assert metrics["eval/accuracy/one"] == pytest.approx(2 / 3)
+    assert metrics["eval/accuracy/two"] == pytest.approx(1 / 3)
+    rows = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["correct"]) for r in rows] == [
+        ("a", 1.0), ("a", 0.0), ("a", 1.0), ("b", 0.0), ("b", 0.0), ("b", 1.0)]
+
+
+def test_eval_k_needs_sampling():
+    with pytest.raises(ConfigError, match="eval.k=4 needs eval.temperature > 0"):
+        load_config(TrainConfig, None, ["eval.k=4"])
+    with pytest.raises(ConfigError, match="eval.k must be >= 1"):
+        load_config(TrainConfig, None, ["eval.k=0", "eval.temperature=0.6"])
+    assert load_config(TrainConfig, None, ["eval.k=4", "eval.temperature=0.6"]).eval.k == 4
