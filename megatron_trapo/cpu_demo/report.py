@@ -11,7 +11,8 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_trapo.cpu_demo.plots import plot_accuracy, plot_training
 from megatron_trapo.cpu_demo.stage import MODEL, final
-from megatron_trapo.cpu_demo.stats import by_source, mean_std, paired, read_final_eval
+from megatron_trapo.cpu_demo.stats import (by_source, mean_std, paired, read_final_eval,
+                                           right_length_share)
 from megatron_trapo.data.records import load_records
 
 SCHEDULE = ("trapo", "trapo_prefix_context", "trapo_plain_sft", "trapo_luffy_prefix")
@@ -41,6 +42,8 @@ def collect(out: Path, runs: Dict[str, Sequence[Path]]) -> Dict[str, dict]:
                             for p in entry["runs"]]
         entry["accuracy"] = [final(p)["last_eval"]["eval/accuracy"] for p in entry["runs"]]
         entry["by_level"] = [by_source(c, sources) for c in entry["correct"]]
+        entry["right_length"] = [right_length_share(p / "logs" / "eval_samples.jsonl", sources)
+                                 for p in entry["runs"]]
     return result
 
 
@@ -54,6 +57,18 @@ def table(result: Dict[str, dict], levels: List[str]) -> List[str]:
             lm, ls = mean_std([b.get(lv, 0.0) for b in entry["by_level"]])
             cells.append(f"{100 * lm:.1f} ± {100 * ls:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(entry['accuracy'])} |")
+    return lines
+
+
+def length_table(result: Dict[str, dict], levels: List[str]) -> List[str]:
+    """The share of answers writing the problem's number of steps, per difficulty."""
+    lines = ["| method | " + " | ".join(levels) + " |", "|---" * (len(levels) + 1) + "|"]
+    for method, entry in result.items():
+        cells = []
+        for lv in levels:
+            m, s = mean_std([b.get(lv, 0.0) for b in entry["right_length"]])
+            cells.append(f"{100 * m:.1f} ± {100 * s:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -99,6 +114,9 @@ def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, floa
              f"at temperature {sizes.eval_temperature:g}, as the paper samples"
              if sizes.eval_temperature else "greedy decoding")
           + "; mean ± std over seeds", "", *table(result, levels), ""]
+    md += ["Answers that write as many steps as the problem has (%, last evaluation): a wrong "
+           "number of steps is how the base fails the chains it was never shown", "",
+           *length_table(result, levels), ""]
     pairs = paired_table(result)
     if pairs:
         md += ["TRAPO against each method on the same seeds and held-out problems:", "",
@@ -107,6 +125,7 @@ def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, floa
     (out / "results.md").write_text("\n".join(md))
     (out / "results.json").write_text(json.dumps(
         {m: {"accuracy": e["accuracy"], "by_level": e["by_level"],
+             "right_length": e["right_length"],
              "runs": [str(p) for p in e["runs"]]} for m, e in result.items()}, indent=2))
     print("\n".join(md[:-3]))
     print(f"wrote {out / 'results.md'}, results.json, accuracy.png and training.png "

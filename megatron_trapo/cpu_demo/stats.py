@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,4 +90,27 @@ def by_source(correct: Correct, sources: Mapping[str, str]) -> Dict[str, float]:
     out: Dict[str, List[float]] = {}
     for pid, c in correct.items():
         out.setdefault(sources[pid], []).append(c)
+    return {k: sum(v) / len(v) for k, v in sorted(out.items())}
+
+
+_STEP_LINE = re.compile(r"(?:=|gives) -?\d+\.")  # "8 + 5 = 13." / "Now 8 + 5 gives 13."
+
+
+def steps_written(text: str) -> int:
+    """How many step lines an answer writes, in either solution style (data/synthetic.py)."""
+    return len(_STEP_LINE.findall(text))
+
+
+def right_length_share(path: Path, sources: Mapping[str, str]) -> Dict[str, float]:
+    """Per difficulty (``synthetic-{n}step``), the share of the last evaluation's answers that
+    write exactly n steps: where a base never shown long chains fails them by stopping early,
+    this separates "wrong number of steps" from "wrong arithmetic"."""
+    rows = read_metrics(path)
+    last = max(r["step"] for r in rows)
+    out: Dict[str, List[float]] = {}
+    for r in rows:
+        level = re.fullmatch(r"synthetic-(\d+)step", sources.get(r["id"], ""))
+        if r["step"] == last and level:
+            out.setdefault(level.group(0), []).append(
+                float(steps_written(r.get("text", "")) == int(level.group(1))))
     return {k: sum(v) / len(v) for k, v in sorted(out.items())}

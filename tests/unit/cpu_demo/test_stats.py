@@ -1,4 +1,5 @@
 """The demo's paired comparison, against sums worked by hand."""
+import json
 import math
 
 import pytest
@@ -50,3 +51,18 @@ def test_final_eval_averages_a_problems_samples(tmp_path):
                                   (5, "b", 0.0), (5, "b", 1.0), (5, "b", 0.0), (5, "b", 0.0)]
     path.write_text("".join(f'{{"step": {s}, "id": "{i}", "correct": {c}}}\n' for s, i, c in rows))
     assert read_final_eval(path) == {"a": 0.75, "b": 0.25}
+
+
+def test_right_length_share_counts_step_lines_of_either_style(tmp_path):
+    from megatron_trapo.cpu_demo.stats import right_length_share, steps_written
+
+    assert steps_written("8 + 5 = 13.\n\n13 - 2 = 11.\n\nThe answer is \\boxed{11}.") == 2
+    assert steps_written("We go step by step.\n\nNow 3 - 5 gives -2.\n\nSo \\boxed{-2}.") == 1
+    assert steps_written("The answer is \\boxed{4}.") == 0
+    two, three = "1 + 1 = 2.\n\n2 + 1 = 3.", "1 + 1 = 2.\n\n2 + 1 = 3.\n\n3 + 1 = 4."
+    rows = [(0, "a", three), (4, "a", two), (4, "a", three), (4, "b", three), (4, "c", two)]
+    path = tmp_path / "eval_samples.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "id": i, "correct": 0.0, "text": t}) + "\n"
+                            for s, i, t in rows))
+    sources = {"a": "synthetic-2step", "b": "synthetic-3step", "c": "synthetic-3step"}
+    assert right_length_share(path, sources) == {"synthetic-2step": 0.5, "synthetic-3step": 0.5}
