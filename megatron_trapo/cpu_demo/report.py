@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_trapo.cpu_demo.plots import plot_accuracy, plot_training
 from megatron_trapo.cpu_demo.stage import MODEL, final
-from megatron_trapo.cpu_demo.stats import (by_source, mean_std, paired, read_final_eval,
-                                           right_length_share)
+from megatron_trapo.cpu_demo.stats import (by_source, final_rows, mean_std, paired,
+                                           read_final_eval, right_length_share)
 from megatron_trapo.data.records import load_records
 
 SCHEDULE = ("trapo", "trapo_prefix_context", "trapo_plain_sft", "trapo_luffy_prefix")
@@ -38,12 +38,11 @@ def collect(out: Path, runs: Dict[str, Sequence[Path]]) -> Dict[str, dict]:
     result = {"base": {"runs": [out / "runs" / "base"]}}
     result.update({m: {"runs": list(paths)} for m, paths in runs.items()})
     for entry in result.values():
-        entry["correct"] = [read_final_eval(p / "logs" / "eval_samples.jsonl")
-                            for p in entry["runs"]]
+        rows = [final_rows(p / "logs" / "eval_samples.jsonl") for p in entry["runs"]]
+        entry["correct"] = [read_final_eval(r) for r in rows]
         entry["accuracy"] = [final(p)["last_eval"]["eval/accuracy"] for p in entry["runs"]]
         entry["by_level"] = [by_source(c, sources) for c in entry["correct"]]
-        entry["right_length"] = [right_length_share(p / "logs" / "eval_samples.jsonl", sources)
-                                 for p in entry["runs"]]
+        entry["right_length"] = [right_length_share(r, sources) for r in rows]
     return result
 
 

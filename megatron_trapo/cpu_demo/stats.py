@@ -11,22 +11,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
+from megatron_trapo.data.synthetic import steps_written
 from megatron_trapo.metrics import read_metrics
 
 Correct = Dict[str, float]  # problem id -> share of its samples correct at the final evaluation
 
 
-def read_final_eval(path: Path) -> Correct:
-    """Per-problem accuracy at the last evaluated step of ``eval_samples.jsonl``: the mean
-    over the problem's samples (``eval.k`` of them: avg@k; 1.0 / 0.0 for one sample)."""
+def final_rows(path: Path) -> List[dict]:
+    """The rows of the last evaluated step of ``eval_samples.jsonl`` (one per sample)."""
     rows = read_metrics(path)  # any JSONL
     if not rows:
         raise ValueError(f"{path}: no evaluated problems")
     last = max(r["step"] for r in rows)
+    return [r for r in rows if r["step"] == last]
+
+
+def read_final_eval(rows: Sequence[dict]) -> Correct:
+    """Per-problem accuracy of the last evaluation's ``rows`` (:func:`final_rows`): the mean
+    over the problem's samples (``eval.k`` of them: avg@k; 1.0 / 0.0 for one sample)."""
     scores: Dict[str, List[float]] = {}
     for r in rows:
-        if r["step"] == last:
-            scores.setdefault(r["id"], []).append(float(r["correct"]))
+        scores.setdefault(r["id"], []).append(float(r["correct"]))
     return {pid: sum(v) / len(v) for pid, v in scores.items()}
 
 
@@ -93,24 +98,14 @@ def by_source(correct: Correct, sources: Mapping[str, str]) -> Dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(out.items())}
 
 
-_STEP_LINE = re.compile(r"(?:=|gives) -?\d+\.")  # "8 + 5 = 13." / "Now 8 + 5 gives 13."
-
-
-def steps_written(text: str) -> int:
-    """How many step lines an answer writes, in either solution style (data/synthetic.py)."""
-    return len(_STEP_LINE.findall(text))
-
-
-def right_length_share(path: Path, sources: Mapping[str, str]) -> Dict[str, float]:
-    """Per difficulty (``synthetic-{n}step``), the share of the last evaluation's answers that
-    write exactly n steps: where a base never shown long chains fails them by stopping early,
-    this separates "wrong number of steps" from "wrong arithmetic"."""
-    rows = read_metrics(path)
-    last = max(r["step"] for r in rows)
+def right_length_share(rows: Sequence[dict], sources: Mapping[str, str]) -> Dict[str, float]:
+    """Per difficulty (``synthetic-{n}step``), the share of the last evaluation's answers
+    (:func:`final_rows`) that write exactly n steps: where a base never shown long chains fails
+    them by stopping early, this separates "wrong number of steps" from "wrong arithmetic"."""
     out: Dict[str, List[float]] = {}
     for r in rows:
         level = re.fullmatch(r"synthetic-(\d+)step", sources.get(r["id"], ""))
-        if r["step"] == last and level:
+        if level:
             out.setdefault(level.group(0), []).append(
                 float(steps_written(r.get("text", "")) == int(level.group(1))))
     return {k: sum(v) / len(v) for k, v in sorted(out.items())}

@@ -11,14 +11,19 @@ guidance is what TRAPO adds.
 """
 from __future__ import annotations
 
+import operator
 import random
+import re
 from typing import AbstractSet, List, Mapping, Sequence, Tuple, Union
 
 from megatron_trapo.data.prompts import INSTRUCTION, SYSTEM
 from megatron_trapo.data.records import Record
 
 _WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 STYLES = ("main", "second")
+# a step line of either style: "8 + 5 = 13." / "Now 8 + 5 gives 13."
+STEP_LINE = re.compile(r"(?:=|gives) -?\d+\.")
 MAX_VALUE = 99
 
 
@@ -32,12 +37,11 @@ def _step(rng: random.Random, value: int, top: int) -> tuple:
     sym = rng.choice(choices)
     if sym == "+":
         operand = rng.randint(1, min(9, top - value))
-        return sym, operand, value + operand
-    if sym == "-":
+    elif sym == "-":
         operand = rng.randint(1, min(9, value))
-        return sym, operand, value - operand
-    operand = rng.randint(2, 3 if value * 3 <= top else 2)
-    return sym, operand, value * operand
+    else:
+        operand = rng.randint(2, 3 if value * 3 <= top else 2)
+    return sym, operand, _APPLY[sym](value, operand)
 
 
 Slips = Tuple[float, float]  # per solution style (terse, "We go step by step")
@@ -67,7 +71,7 @@ def _solution(rng: random.Random, value: int, ops: Sequence[tuple], slip: float,
               style: str) -> str:
     lines = [] if style == "main" else ["We go step by step."]
     for sym, operand in ops:
-        new = value + operand if sym == "+" else value - operand if sym == "-" else value * operand
+        new = _APPLY[sym](value, operand)
         if slip and rng.random() < slip:
             new += rng.choice((-2, -1, 1, 2))
         lines.append(f"{value} {sym} {operand} = {new}." if style == "main"
@@ -99,6 +103,11 @@ def make_split(n: int, seed: int, steps: Union[Sequence[int], Mapping[int, float
                              "in the excluded (held-out) set; use fewer held-out problems")
         out.append(r)
     return out
+
+
+def steps_written(text: str) -> int:
+    """How many step lines an answer writes, in either solution style."""
+    return len(STEP_LINE.findall(text))
 
 
 def tokenizer_corpus(records: Sequence[Record]) -> List[str]:

@@ -1,5 +1,6 @@
-"""One full TRAPO step on CPU (TP=2, or TP=1): record the trajectories the sampler made (rank 0) and
-the loss function's token counts, to check that the masks follow the sampler's decisions."""
+"""One full TRAPO step on CPU (TP=2, or TP=1): record the trajectories the sampler made (rank
+0) and the loss function's token counts, to check that the masks follow the sampler's
+decisions."""
 from __future__ import annotations
 
 import os

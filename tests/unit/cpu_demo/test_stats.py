@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from megatron_trapo.cpu_demo.stats import paired, read_final_eval, sign_test
+from megatron_trapo.cpu_demo.stats import (final_rows, paired, read_final_eval,
+                                          right_length_share, sign_test)
+from megatron_trapo.data.synthetic import steps_written
 
 
 def test_sign_test_by_hand():
@@ -40,8 +42,8 @@ def test_final_eval_is_the_last_step(tmp_path):
     path = tmp_path / "eval_samples.jsonl"
     path.write_text('{"step": 0, "id": "a", "correct": 0.0}\n{"step": 5, "id": "a", "correct": 1.0}\n'
                     '{"step": 5, "id": "b", "correct": 0.0}\n')
-    assert read_final_eval(path) == {"a": 1.0, "b": 0.0}
-    assert math.isclose(sum(read_final_eval(path).values()), 1.0)
+    assert read_final_eval(final_rows(path)) == {"a": 1.0, "b": 0.0}
+    assert math.isclose(sum(read_final_eval(final_rows(path)).values()), 1.0)
 
 
 def test_final_eval_averages_a_problems_samples(tmp_path):
@@ -50,12 +52,10 @@ def test_final_eval_averages_a_problems_samples(tmp_path):
     rows = [(0, "a", 0.0)] * 4 + [(5, "a", 1.0), (5, "a", 0.0), (5, "a", 1.0), (5, "a", 1.0),
                                   (5, "b", 0.0), (5, "b", 1.0), (5, "b", 0.0), (5, "b", 0.0)]
     path.write_text("".join(f'{{"step": {s}, "id": "{i}", "correct": {c}}}\n' for s, i, c in rows))
-    assert read_final_eval(path) == {"a": 0.75, "b": 0.25}
+    assert read_final_eval(final_rows(path)) == {"a": 0.75, "b": 0.25}
 
 
 def test_right_length_share_counts_step_lines_of_either_style(tmp_path):
-    from megatron_trapo.cpu_demo.stats import right_length_share, steps_written
-
     assert steps_written("8 + 5 = 13.\n\n13 - 2 = 11.\n\nThe answer is \\boxed{11}.") == 2
     assert steps_written("We go step by step.\n\nNow 3 - 5 gives -2.\n\nSo \\boxed{-2}.") == 1
     assert steps_written("The answer is \\boxed{4}.") == 0
@@ -65,4 +65,4 @@ def test_right_length_share_counts_step_lines_of_either_style(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "id": i, "correct": 0.0, "text": t}) + "\n"
                             for s, i, t in rows))
     sources = {"a": "synthetic-2step", "b": "synthetic-3step", "c": "synthetic-3step"}
-    assert right_length_share(path, sources) == {"synthetic-2step": 0.5, "synthetic-3step": 0.5}
+    assert right_length_share(final_rows(path), sources) == {"synthetic-2step": 0.5, "synthetic-3step": 0.5}

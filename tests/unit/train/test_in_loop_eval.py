@@ -21,17 +21,20 @@ CORPUS = [f"What is {i} divided by 4? The answer is \\boxed{{{i / 4}}}." for i i
 
 
 class ScriptedEngine:
-    """Answers each prompt with a fixed response text; remembers the prompts it got."""
+    """Answers request i with the fixed texts ``responses[i]`` (one per sample it asks for);
+    remembers the prompts and sampling it got."""
 
     def __init__(self, tokenizer, responses):
-        self.tok, self.responses, self.prompts = tokenizer, responses, []
+        self.tok, self.responses, self.prompts, self.sampling = tokenizer, responses, [], []
 
     def generate(self, requests):
         out = []
-        for req, text in zip(requests, self.responses):
+        for req, texts in zip(requests, self.responses):
             self.prompts.append(list(req.prompt_ids))
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-            out.append([Sample(ids, [0.0] * len(ids), "stop", "v0")])
+            self.sampling.append(req.sampling)
+            assert len(texts) == req.sampling.n
+            out.append([Sample(ids, [0.0] * len(ids), "stop", "v0") for ids in
+                        (self.tok(t, add_special_tokens=False)["input_ids"] for t in texts)])
         return out
 
 
@@ -50,7 +53,7 @@ def test_in_loop_eval_renders_and_grades_as_megatron_trapo_eval(tokenizer, monke
                  "I do not know."]  # no \boxed{}
     assert [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"])
             for t in responses] == responses  # byte-level: the texts survive the round trip
-    engine = ScriptedEngine(tokenizer, responses)
+    engine = ScriptedEngine(tokenizer, [[r] for r in responses])
     monkeypatch.setattr(trainer, "gather_shares", lambda local, share: local)  # a world of one
     with MathReward(num_workers=1) as reward:
         monkeypatch.setattr(trainer.torch.distributed, "get_rank", lambda: 0)
@@ -71,29 +74,13 @@ def test_in_loop_eval_renders_and_grades_as_megatron_trapo_eval(tokenizer, monke
         (7, "c", "two", 0.0, responses[2])]
 
 
-class SampledEngine:
-    """``n`` scripted responses per request; remembers each request's sampling."""
-
-    def __init__(self, tokenizer, responses):
-        self.tok, self.responses, self.sampling = tokenizer, responses, []
-
-    def generate(self, requests):
-        out = []
-        for req, texts in zip(requests, self.responses):
-            self.sampling.append(req.sampling)
-            assert len(texts) == req.sampling.n
-            out.append([Sample(ids, [0.0] * len(ids), "stop", "v0") for ids in
-                        (self.tok(t, add_special_tokens=False)["input_ids"] for t in texts)])
-        return out
-
-
 def test_in_loop_eval_k_samples_per_problem_is_avg_at_k(tokenizer, monkeypatch, tmp_path):
     """eval.k: k samples of each problem at eval.temperature, each graded and logged; the
     accuracy is their mean (avg@k); sample j of problem i has seed seed + i·k + j."""
     records = [Record("What is 28 divided by 4?", "7", id="a", source="one"),
                Record("What is 8 divided by 4?", "2", id="b", source="two")]
     right_a, wrong, right_b = "\\boxed{7}", "\\boxed{5}", "\\boxed{2}"
-    engine = SampledEngine(tokenizer, [[right_a, wrong, right_a], [wrong, wrong, right_b]])
+    engine = ScriptedEngine(tokenizer, [[right_a, wrong, right_a], [wrong, wrong, right_b]])
     monkeypatch.setattr(trainer, "gather_shares", lambda local, share: local)
     monkeypatch.setattr(trainer.torch.distributed, "get_rank", lambda: 0)
     cfg = TrainConfig(log_dir=str(tmp_path), seed=5)
