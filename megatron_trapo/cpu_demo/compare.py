@@ -36,9 +36,9 @@ TABLE1 = ("sft", "grpo", "sft_then_rl", "luffy", "trapo")
 QUICK_METHODS = ("grpo", "trapo")  # --quick: the RL baseline and TRAPO, for CI's time
 ABLATION = ("grpo", "trapo_prefix_context", "trapo_plain_sft", "trapo_luffy_prefix", "trapo")
 # The learning rate of each method (SFT-then-RL: of its RL stage; its SFT stage is the SFT
-# run), chosen by `--tune` (the README's `--tune --seeds 3 --ablation` run, its tuning.json):
-# the best final accuracy on training problems of LR_GRID after the same steps. The ablation
-# rows take TRAPO's.
+# run), chosen by `--tune` on the previous base (values 0-30, levels 1-3; README, "The CPU
+# demo"): the best final accuracy on training problems of LR_GRID after the same steps. Not
+# yet tuned again on the current base. The ablation rows take TRAPO's.
 LR: Dict[str, float] = {"sft": 1e-5, "grpo": 1e-5, "sft_then_rl": 1e-5, "luffy": 3e-5,
                         "trapo": 1e-5, "trapo_prefix_context": 1e-5, "trapo_plain_sft": 1e-5,
                         "trapo_luffy_prefix": 1e-5}

@@ -1,7 +1,9 @@
 """The demo's figures, from each run's metrics.jsonl (curves averaged over seeds):
 
 - ``accuracy.png``: held-out accuracy over steps per method, overall and per difficulty;
-- ``training.png``: free-rollout reward, the share of samples guided per micro-group level,
+- ``training.png``: free-rollout reward (as logged, and with every difficulty weighted
+  equally: a step's prompts are drawn at random, and the raw curve moves with their mix), the
+  share of samples guided per micro-group level,
   the share of expert tokens outside the trust region (p < α), the policy's entropy, and the
   share of prompts whose free rollouts disagree (the only ones a group baseline learns from).
 """
@@ -25,6 +27,18 @@ def mean_curve(runs: Sequence[Path], key: str) -> Curve:
         for r in read_metrics(run / "logs" / "metrics.jsonl"):
             if key in r:
                 by_step.setdefault(r["step"], []).append(r[key])
+    return [(s, statistics.mean(v)) for s, v in sorted(by_step.items())]
+
+
+def equal_weight_curve(runs: Sequence[Path], prefix: str) -> Curve:
+    """Per step, the mean over the keys under ``prefix`` (one per difficulty) that the step
+    logged, averaged over the runs."""
+    by_step: Dict[int, List[float]] = {}
+    for run in runs:
+        for r in read_metrics(run / "logs" / "metrics.jsonl"):
+            parts = [v for k, v in r.items() if k.startswith(prefix)]
+            if parts:
+                by_step.setdefault(r["step"], []).append(statistics.mean(parts))
     return [(s, statistics.mean(v)) for s, v in sorted(by_step.items())]
 
 
@@ -60,10 +74,23 @@ def plot_accuracy(out: Path, runs: Dict[str, Sequence[Path]], levels: Sequence[s
 
 def plot_training(out: Path, runs: Dict[str, Sequence[Path]], offset: Dict[str, int],
                   schedule_methods: Sequence[str]) -> Path:
-    fig = Figure(figsize=(20, 3.6))
-    axes = fig.subplots(1, 5)
+    fig = Figure(figsize=(24, 3.6))
+    axes = fig.subplots(1, 6)
     _panel(axes[0], runs, "rollout/reward_unguided", "free-rollout reward", offset)
     axes[0].legend(fontsize=8)
+    drawn = False
+    for method, paths in runs.items():
+        curve = equal_weight_curve(paths, "rollout/reward_unguided/")
+        if curve:
+            axes[5].plot([s + offset.get(method, 0) for s, _ in curve], [v for _, v in curve],
+                         label=method)
+            drawn = True
+    if not drawn:  # runs made before the step logged per-source rewards
+        axes[5].text(0.5, 0.5, "not logged by these runs", ha="center", va="center",
+                     transform=axes[5].transAxes)
+    axes[5].set_title("free-rollout reward, difficulties weighted equally", fontsize=10)
+    axes[5].set_xlabel("step")
+    axes[5].grid(alpha=0.3)
     guided = {m: runs[m] for m in schedule_methods if m in runs}
     for level in (1, 2, 3):
         for method, paths in guided.items():

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_trapo.cpu_demo.plots import plot_accuracy, plot_training
 from megatron_trapo.cpu_demo.stage import MODEL, final
-from megatron_trapo.cpu_demo.stats import (by_source, final_rows, mean_std, paired,
+from megatron_trapo.cpu_demo.stats import (by_source, final_rows, gain_over, mean_std, paired,
                                            read_final_eval, right_length_share)
 from megatron_trapo.data.records import load_records
 
@@ -57,6 +57,19 @@ def table(result: Dict[str, dict], levels: List[str]) -> List[str]:
             cells.append(f"{100 * lm:.1f} ± {100 * ls:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(entry['accuracy'])} |")
     return lines
+
+
+def above_base(result: Dict[str, dict]) -> List[str]:
+    """Each method's gain over the base in units of its seed std (the issue's bar for "RL
+    works": GRPO above the base by more than 3 of its stds); nothing with one seed."""
+    base = result["base"]["accuracy"][0]
+    cells = []
+    for method, entry in result.items():
+        if method != "base" and len(entry["accuracy"]) > 1:
+            gain, std, ratio = gain_over(base, entry["accuracy"])
+            cells.append(f"{method} {100 * gain:+.1f} (std {100 * std:.1f}, {ratio:+.1f}×)")
+    return ["- gain over the base, points (seed std, gain in stds): " + "; ".join(cells), ""] \
+        if cells else []
 
 
 def length_table(result: Dict[str, dict], levels: List[str]) -> List[str]:
@@ -112,7 +125,7 @@ def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, floa
           + (f"avg@{sizes.eval_k} (pass@1 averaged over {sizes.eval_k} samples per problem) "
              f"at temperature {sizes.eval_temperature:g}, as the paper samples"
              if sizes.eval_temperature else "greedy decoding")
-          + "; mean ± std over seeds", "", *table(result, levels), ""]
+          + "; mean ± std over seeds", "", *table(result, levels), "", *above_base(result)]
     md += ["Answers that write as many steps as the problem has (%, last evaluation): a wrong "
            "number of steps is how the base fails the chains it was never shown", "",
            *length_table(result, levels), ""]

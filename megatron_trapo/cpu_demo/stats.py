@@ -9,7 +9,7 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 from megatron_trapo.data.synthetic import steps_written
 from megatron_trapo.metrics import read_metrics
@@ -37,6 +37,16 @@ def read_final_eval(rows: Sequence[dict]) -> Correct:
 
 def mean_std(values: Sequence[float]) -> tuple:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def gain_over(reference: float, values: Sequence[float]) -> Tuple[float, float, float]:
+    """The mean gain of ``values`` (one per seed) over ``reference``, their seed std, and the
+    gain in units of that std (inf when the std is 0 and the gain is not; 0 with one seed)."""
+    m, s = mean_std(values)
+    gain = m - reference
+    if len(values) < 2:
+        return gain, 0.0, 0.0
+    return gain, s, gain / s if s else (math.copysign(math.inf, gain) if gain else 0.0)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state as ps
@@ -44,12 +44,13 @@ def trapo_step(run, step: int) -> StepResult:
     cfg, timers = run.cfg, run.timers
     m = method(cfg.loss.loss_mode)
     # 1-3. this step's prompts, their micro-group rollouts and rewards (the generating ranks)
-    local, side = None, run.rollout
+    local, side, sources = None, run.rollout, None
     if side is not None:  # a generating rank: its share of the prompts
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.loss.max_response_length,
                                   stop_token_ids=run.stop_ids)
         items = side.data.batch(step)
+        sources = [it.record.source for it in items]
         score = timers.timed("reward", reward_scorer(items, run.tokenizer, side.reward))
         local = sample_groups(items, TimedEngine(side.engine, timers), score, m, cfg.sampler,
                               sampling, run.eos_id, seed=cfg.seed * 7919 + step,
@@ -91,7 +92,7 @@ def trapo_step(run, step: int) -> StepResult:
         with timers.phase("weight_sync"):
             synced = run.sync.sync(run.ddp, str(step + 1))
     # 9. metrics
-    metrics = {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs), **health,
+    metrics = {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs, sources), **health,
                "rollout/generating_ranks": float(side.share.world) if side is not None else 0.0,
                **{f"sync/{k}": float(v) for k, v in synced.items()},
                "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
@@ -173,11 +174,19 @@ def fill_old_logprobs(chunks, mbs, cfg: LossConfig, seq_len: int, mb_size: int) 
         mb["old_logprobs"] = o["lp"] * mb["generated_mask"]
 
 
-def rollout_metrics(trajs: List[Trajectory]) -> Dict[str, float]:
+MAX_SOURCES = 16  # per-source rewards are logged for at most this many sources in a step
+
+
+def rollout_metrics(trajs: List[Trajectory], sources: Optional[Sequence[str]] = None
+                    ) -> Dict[str, float]:
     """Reward and length of free rollouts (guided samples excluded), the share of prompts whose
     free rollouts are not all equally rewarded, guidance statistics:
     the share of each later micro-group level's samples that are guided (level 0, the free
-    rollouts, is never guided)."""
+    rollouts, is never guided). With ``sources`` (each prompt's record source, by its place in
+    the step) the free-rollout reward per source too: a step's reward moves with how hard its
+    prompts happen to be, and only the per-source curves say whether the policy improved
+    (the demo's seed 1 draws harder prompts late: the base's own expected reward falls from
+    0.53 over its first 10 steps to 0.47 over its last 10)."""
     free = [t for t in trajs if not t.guided]
     guided = [t for t in trajs if t.guided]
     out = {"rollout/samples": float(len(trajs)),
@@ -192,6 +201,13 @@ def rollout_metrics(trajs: List[Trajectory]) -> Dict[str, float]:
         out["rollout/prompts_with_signal"] = (sum(len(r) > 1 for r in rewards.values())
                                               / len(rewards))
         out["rollout/length_unguided"] = sum(len(t.completion_ids) for t in free) / len(free)
+        if sources:
+            by_source: Dict[str, List[float]] = {}
+            for t in free:
+                by_source.setdefault(sources[t.prompt_index] or "unknown", []).append(t.reward)
+            if len(by_source) <= MAX_SOURCES:
+                for name, r in sorted(by_source.items()):
+                    out[f"rollout/reward_unguided/{name}"] = sum(r) / len(r)
     if guided:
         out["rollout/reward_guided"] = sum(t.reward for t in guided) / len(guided)
     for level in sorted({t.level for t in trajs} - {0}):

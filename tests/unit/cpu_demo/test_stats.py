@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from megatron_trapo.cpu_demo.stats import (final_rows, paired, read_final_eval,
+from megatron_trapo.cpu_demo.stats import (final_rows, gain_over, paired, read_final_eval,
                                           right_length_share, sign_test)
 from megatron_trapo.data.synthetic import steps_written
 
@@ -66,3 +66,12 @@ def test_right_length_share_counts_step_lines_of_either_style(tmp_path):
                             for s, i, t in rows))
     sources = {"a": "synthetic-2step", "b": "synthetic-3step", "c": "synthetic-3step"}
     assert right_length_share(final_rows(path), sources) == {"synthetic-2step": 0.5, "synthetic-3step": 0.5}
+
+
+def test_gain_over_the_base_in_seed_stds():
+    # seeds 0.62, 0.64, 0.66 over a base of 0.60: mean gain 0.04, sample std 0.02, 2 stds
+    gain, std, ratio = gain_over(0.60, [0.62, 0.64, 0.66])
+    assert (gain, std, ratio) == pytest.approx((0.04, 0.02, 2.0))
+    assert gain_over(0.60, [0.55, 0.57, 0.59])[2] == pytest.approx(-1.5)  # mean 0.57
+    assert gain_over(0.60, [0.70]) == pytest.approx((0.10, 0.0, 0.0))  # one seed: no ratio
+    assert gain_over(0.60, [0.65, 0.65])[2] == math.inf

@@ -38,3 +38,18 @@ def test_prompts_with_signal_counts_groups_that_disagree():
     trajs = ([_t(0, False, 0.0, 0)] * 4 + [_t(1, True, 1.0, 0)]
              + [_t(0, False, 1.0, 1), _t(0, False, 0.0, 1)] + [_t(0, False, 1.0, 2)] * 4)
     assert rollout_metrics(trajs)["rollout/prompts_with_signal"] == pytest.approx(1 / 3)
+
+
+def test_free_reward_per_source():
+    # prompts 0 and 2 are one-step problems, prompt 1 a five-step one; guided samples and
+    # sources beyond the step's prompts do not count
+    trajs = ([_t(0, False, 1.0, 0)] * 3 + [_t(0, False, 0.0, 0)] + [_t(0, False, 0.0, 1)] * 4
+             + [_t(1, True, 1.0, 1)] + [_t(0, False, 1.0, 2)] * 4)
+    m = rollout_metrics(trajs, ["synthetic-1step", "synthetic-5step", "synthetic-1step"])
+    assert m["rollout/reward_unguided/synthetic-1step"] == pytest.approx(7 / 8)
+    assert m["rollout/reward_unguided/synthetic-5step"] == 0.0
+    assert m["rollout/reward_unguided"] == pytest.approx(7 / 12)
+    assert not [k for k in rollout_metrics(trajs) if k.startswith("rollout/reward_unguided/")]
+    many = [f"s{i}" for i in range(20)]  # a step of 20 sources logs none of them
+    wide = [_t(0, False, 1.0, i) for i in range(20)]
+    assert not [k for k in rollout_metrics(wide, many) if k.startswith("rollout/reward_unguided/")]
