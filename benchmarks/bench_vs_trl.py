@@ -447,6 +447,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="--learning: seeds per side")
     ap.add_argument("--lr", type=float, help="--learning: the lr of both sides (default: the "
                     "demo's GRPO lr)")
+    ap.add_argument("--same-prompt-order", action="store_true",
+                    help="--learning: TRL takes the training prompts in our order for each seed "
+                         "(unshuffled), so both sides see the same prompts at every step")
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--learning-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--hf-model", help=argparse.SUPPRESS)
@@ -460,7 +463,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if args.learning_worker:
             return trl_learning.worker(json.loads(args.workload), Path(args.result))
-        return trl_learning.main(Path(args.out), args.base, args.seeds, args.lr)
+        return trl_learning.main(Path(args.out), args.base, args.seeds, args.lr,
+                                 args.same_prompt_order)
     if args.trl_worker:
         trl_worker(args.hf_model, Workload(**json.loads(args.workload)), args.iters,
                    Path(args.result))

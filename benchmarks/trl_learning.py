@@ -3,7 +3,7 @@
 hyper-parameters, for the same steps and seeds; both sides' held-out accuracy curves.
 
     .venv/bin/python benchmarks/bench_vs_trl.py --learning --base runs/cpu_demo/runs/base/ckpt \
-        [--seeds 3] [--out runs/bench_learning]
+        [--seeds 3] [--out runs/bench_learning] [--same-prompt-order]
 
 The base is the CPU demo's (its folder's ``data/`` holds the splits and tokenizer); TRL loads
 it as an HF safetensors folder made by ``tools/convert_mcore_to_hf.py``. Ours is the demo's own
@@ -12,6 +12,9 @@ one process; 16 prompts × 8 generations per step, the same ≤ 96 new tokens, t
 constant lr, Adam (0.9, 0.999, 1e-8), grad clip 1.0, no KL, no std scaling, token-mean loss
 (``dapo``), entropy bonus 0.001, one optimizer step per generation batch. Held-out accuracy on
 both sides: greedy decoding of the demo's ``eval.jsonl``, graded by ``reward.grading``.
+Each side shuffles the training prompts with its own generator, unless
+``--same-prompt-order``: then TRL takes them unshuffled in our order for the seed
+(``data.items.PromptData``), and step k of both sides trains on the same 16 prompts.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def _link(src: Path, dst: Path) -> None:
         dst.symlink_to(src.resolve())
 
 
-def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None) -> int:
+def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
+         same_order: bool = False) -> int:
     from megatron_trapo.cpu_demo.compare import LR, train_method  # lazy: the bench's CLI
     from megatron_trapo.cpu_demo.stage import metrics
     from megatron_trapo.cpu_demo.task import FULL
@@ -63,12 +67,13 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None)
                            tag="" if lr == LR["grpo"] else f"_lr{lr:g}")
         curves["ours"].append({r["step"]: r["eval/accuracy"] for r in metrics(run)
                                if "eval/accuracy" in r})
-        result = out / f"trl_lr{lr:g}_seed{seed}.json"
+        result = out / f"trl_lr{lr:g}{'_ordered' * same_order}_seed{seed}.json"
         if not result.is_file():
             print(f"[{time.strftime('%H:%M:%S')}] TRL GRPO seed {seed}", flush=True)
             work = {"model": str(hf), "data": str(out / "data"), "seed": seed, "lr": lr,
                     "steps": sizes.iters, "prompts": sizes.prompts, "group": 8,
-                    "new_tokens": sizes.max_response_length, "every": every}
+                    "new_tokens": sizes.max_response_length, "every": every,
+                    "same_order": same_order}
             with open(result.with_suffix(".log"), "w") as log:
                 subprocess.run([sys.executable, str(Path(__file__).parent / "bench_vs_trl.py"),
                                 "--learning-worker", "--workload", json.dumps(work),
@@ -76,7 +81,7 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None)
                                stderr=subprocess.STDOUT)
         curves["trl"].append({int(k): v for k, v in json.loads(result.read_text()).items()})
     lines = report(curves, lr, sizes)
-    out = out / f"lr{lr:g}"
+    out = out / f"lr{lr:g}{'_ordered' * same_order}"
     out.mkdir(exist_ok=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(out, curves)
@@ -154,6 +159,9 @@ def worker(work: dict, result: Path) -> int:
     def prompt(problem: str) -> str:  # the demo's prompt (data.prompt_template), as plain text
         return PROMPT.replace("{problem}", problem)
 
+    if work.get("same_order"):  # our seeded order (PromptData's own), one epoch is enough
+        from megatron_trapo.data.items import PromptData
+        train = [train[i] for i in PromptData(train, work["prompts"], work["seed"]).order(0)]
     ds = Dataset.from_list([{"prompt": prompt(r.problem), "answer": r.answer} for r in train])
     stops = stop_token_ids(tok)
 
@@ -192,6 +200,7 @@ def worker(work: dict, result: Path) -> int:
                      learning_rate=work["lr"], lr_scheduler_type="constant", warmup_steps=0,
                      weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                      max_grad_norm=1.0, beta=0.0, scale_rewards="none", loss_type="dapo",
+                     shuffle_dataset=not work.get("same_order", False),
                      entropy_coef=0.001, max_steps=work["steps"], logging_steps=1,
                      save_strategy="no", report_to="none", seed=work["seed"],
                      dataloader_num_workers=0, disable_tqdm=True)
