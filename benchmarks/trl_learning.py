@@ -58,6 +58,7 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
                         "--mcore-dir", str(base_ckpt), "--out-dir", str(hf)], check=True,
                        capture_output=True)
     sizes, lr = FULL, lr or LR["grpo"]
+    name = f"lr{lr:g}" + ("_ordered" if same_order else "")  # TRL's results and the report
     every = max(sizes.iters // sizes.evals, 1)
     curves: Dict[str, List[Dict[int, float]]] = {"ours": [], "trl": []}
     for seed in range(1, seeds + 1):
@@ -67,7 +68,7 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
                            tag="" if lr == LR["grpo"] else f"_lr{lr:g}")
         curves["ours"].append({r["step"]: r["eval/accuracy"] for r in metrics(run)
                                if "eval/accuracy" in r})
-        result = out / f"trl_lr{lr:g}{'_ordered' * same_order}_seed{seed}.json"
+        result = out / f"trl_{name}_seed{seed}.json"
         if not result.is_file():
             print(f"[{time.strftime('%H:%M:%S')}] TRL GRPO seed {seed}", flush=True)
             work = {"model": str(hf), "data": str(out / "data"), "seed": seed, "lr": lr,
@@ -81,7 +82,7 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
                                stderr=subprocess.STDOUT)
         curves["trl"].append({int(k): v for k, v in json.loads(result.read_text()).items()})
     lines = report(curves, lr, sizes)
-    out = out / f"lr{lr:g}{'_ordered' * same_order}"
+    out = out / name
     out.mkdir(exist_ok=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(out, curves)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from matplotlib.figure import Figure
 
@@ -20,30 +20,33 @@ from megatron_trapo.metrics import read_metrics
 Curve = List[Tuple[int, float]]
 
 
-def mean_curve(runs: Sequence[Path], key: str) -> Curve:
-    """``key`` per step, averaged over the runs that logged it at that step."""
+Value = Callable[[dict], Optional[float]]  # a metrics row's value; None: not logged there
+
+
+def mean_curve(runs: Sequence[Path], key: Union[str, Value]) -> Curve:
+    """``key`` (a metric's name, or a :data:`Value` of a row) per step, averaged over the runs
+    that logged it at that step."""
+    value = key if callable(key) else (lambda r: r.get(key))
     by_step: Dict[int, List[float]] = {}
     for run in runs:
         for r in read_metrics(run / "logs" / "metrics.jsonl"):
-            if key in r:
-                by_step.setdefault(r["step"], []).append(r[key])
+            v = value(r)
+            if v is not None:
+                by_step.setdefault(r["step"], []).append(v)
     return [(s, statistics.mean(v)) for s, v in sorted(by_step.items())]
 
 
-def equal_weight_curve(runs: Sequence[Path], prefix: str) -> Curve:
-    """Per step, the mean over the keys under ``prefix`` (one per difficulty) that the step
-    logged, averaged over the runs."""
-    by_step: Dict[int, List[float]] = {}
-    for run in runs:
-        for r in read_metrics(run / "logs" / "metrics.jsonl"):
-            parts = [v for k, v in r.items() if k.startswith(prefix)]
-            if parts:
-                by_step.setdefault(r["step"], []).append(statistics.mean(parts))
-    return [(s, statistics.mean(v)) for s, v in sorted(by_step.items())]
+def equal_weight(prefix: str) -> Value:
+    """The mean of a row's metrics under ``prefix`` (one per difficulty), every one weighted
+    the same whatever the step's mix of difficulties."""
+    def value(r: dict) -> Optional[float]:
+        parts = [v for k, v in r.items() if k.startswith(prefix)]
+        return statistics.mean(parts) if parts else None
+    return value
 
 
-def _panel(ax, runs: Dict[str, Sequence[Path]], key: str, title: str, offset: Dict[str, int]
-           ) -> bool:
+def _panel(ax, runs: Dict[str, Sequence[Path]], key: Union[str, Value], title: str,
+           offset: Dict[str, int]) -> bool:
     drawn = False
     for method, paths in runs.items():
         curve = mean_curve(paths, key)
@@ -78,19 +81,11 @@ def plot_training(out: Path, runs: Dict[str, Sequence[Path]], offset: Dict[str, 
     axes = fig.subplots(1, 6)
     _panel(axes[0], runs, "rollout/reward_unguided", "free-rollout reward", offset)
     axes[0].legend(fontsize=8)
-    drawn = False
-    for method, paths in runs.items():
-        curve = equal_weight_curve(paths, "rollout/reward_unguided/")
-        if curve:
-            axes[5].plot([s + offset.get(method, 0) for s, _ in curve], [v for _, v in curve],
-                         label=method)
-            drawn = True
-    if not drawn:  # runs made before the step logged per-source rewards
+    if not _panel(axes[5], runs, equal_weight("rollout/reward_unguided/"),
+                  "free-rollout reward, difficulties weighted equally", offset):
+        # runs made before the step logged per-source rewards
         axes[5].text(0.5, 0.5, "not logged by these runs", ha="center", va="center",
                      transform=axes[5].transAxes)
-    axes[5].set_title("free-rollout reward, difficulties weighted equally", fontsize=10)
-    axes[5].set_xlabel("step")
-    axes[5].grid(alpha=0.3)
     guided = {m: runs[m] for m in schedule_methods if m in runs}
     for level in (1, 2, 3):
         for method, paths in guided.items():
