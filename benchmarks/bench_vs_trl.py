@@ -6,6 +6,8 @@ one run:
                                                 [--base runs/cpu_demo/runs/base/ckpt]
     .venv/bin/python benchmarks/bench_vs_trl.py --learning --base runs/cpu_demo/runs/base/ckpt \
         --out runs/cpu_demo [--seeds 3] [--lr 1e-5]   # held-out curves, ours vs TRL's
+    .venv/bin/python benchmarks/bench_vs_trl.py --gradient --base runs/cpu_demo/runs/base/ckpt \
+        --out runs/cpu_demo                           # one batch's gradient, both vs float64
 
 Workload (the CPU demo's hyper-parameters): 16 prompts × 8 samples of the demo's synthetic
 training split, ≤ 64 new tokens, temperature 1, lr 1e-4 constant, Adam (0.9, 0.999, 1e-8),
@@ -250,6 +252,7 @@ def run_ours(out: Path, name: str, models: Dict[str, Path], work: Workload, meth
             "prompts_per_step": work.prompts, "train_iters": iters,
             "loss.max_response_length": work.new_tokens, "optimizer.lr": work.lr,
             "loss.aggregation": "token_mean", "loss.entropy_coef": work.entropy,
+            "optimizer.weight_decay": 0.0,  # as TRL's side below
             "log_dir": run, "seed": 1, "checkpoint.save": "null"}
     if work.max_tokens_per_microbatch:
         args["batching.max_tokens_per_microbatch"] = work.max_tokens_per_microbatch
@@ -444,6 +447,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--learning", action="store_true",
                     help="instead of step times: held-out accuracy curves of our GRPO and TRL's "
                          "from the CPU demo's base (--base, --seeds; benchmarks/trl_learning.py)")
+    ap.add_argument("--gradient", action="store_true",
+                    help="instead of step times: one GRPO batch's gradient, ours and TRL's (fp32 "
+                         "and its bf16 default), against a float64 reference "
+                         "(benchmarks/trl_gradient.py)")
     ap.add_argument("--seeds", type=int, default=3, help="--learning: seeds per side")
     ap.add_argument("--lr", type=float, help="--learning: the lr of both sides (default: the "
                     "demo's GRPO lr)")
@@ -457,6 +464,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--iters", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.gradient:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import trl_gradient  # lazy: in its own file, as the learning comparison
+
+        return trl_gradient.main(Path(args.out), args.base)
     if args.learning or args.learning_worker:
         sys.path.insert(0, str(Path(__file__).parent))
         import trl_learning  # lazy: the learning comparison lives in its own file

@@ -10,7 +10,11 @@ it as an HF safetensors folder made by ``tools/convert_mcore_to_hf.py``. Ours is
 GRPO run (``cpu_demo.compare.train_method``: 2 gloo processes, the demo's lr and sizes). TRL:
 one process; 16 prompts × 8 generations per step, the same ≤ 96 new tokens, temperature 1,
 constant lr, Adam (0.9, 0.999, 1e-8), grad clip 1.0, no KL, no std scaling, token-mean loss
-(``dapo``), entropy bonus 0.001, one optimizer step per generation batch. Held-out accuracy on
+(``dapo``), entropy bonus 0.001, one optimizer step per generation batch, and float32 like ours
+(``bf16=False``: GRPOConfig's own default is bf16=True, which on a CPU runs TRL's forward and
+backward under bf16 autocast — its gradient then differs from the exact one by cos 0.9992 where
+ours and TRL's in fp32 agree with a float64 reference to cos 1.000000;
+``bench_vs_trl.py --gradient``). Held-out accuracy on
 both sides: greedy decoding of the demo's ``eval.jsonl``, graded by ``reward.grading``.
 Each side shuffles the training prompts with its own generator, unless
 ``--same-prompt-order``: then TRL takes them unshuffled in our order for the seed
@@ -35,14 +39,11 @@ def _link(src: Path, dst: Path) -> None:
         dst.symlink_to(src.resolve())
 
 
-def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
-         same_order: bool = False) -> int:
-    from megatron_trapo.cpu_demo.compare import LR, train_method  # lazy: the bench's CLI
-    from megatron_trapo.cpu_demo.stage import metrics
-    from megatron_trapo.cpu_demo.task import FULL
-
+def export_base(out: Path, base: Optional[str]) -> tuple:
+    """(the demo's folder, the base as an HF folder in ``out/hf_base``); ``out`` gets links to
+    the demo's ``data/`` and base run, so that our runs made there start from the same base."""
     if not base:
-        raise SystemExit("--learning needs --base: the CPU demo's base checkpoint "
+        raise SystemExit("--learning/--gradient need --base: the CPU demo's base checkpoint "
                          "(runs/cpu_demo/runs/base/ckpt after bash examples/run_trapo_cpu.sh)")
     base_ckpt = Path(base).resolve()
     demo = base_ckpt.parents[2]  # <demo out>/runs/base/ckpt
@@ -57,8 +58,21 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
         subprocess.run([sys.executable, str(ROOT / "tools" / "convert_mcore_to_hf.py"),
                         "--mcore-dir", str(base_ckpt), "--out-dir", str(hf)], check=True,
                        capture_output=True)
+    return demo, hf
+
+
+def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
+         same_order: bool = False) -> int:
+    from megatron_trapo.cpu_demo.compare import LR, train_method  # lazy: the bench's CLI
+    from megatron_trapo.cpu_demo.stage import metrics
+    from megatron_trapo.cpu_demo.task import FULL
+
+    _, hf = export_base(out, base)
+    out = out.resolve()
     sizes, lr = FULL, lr or LR["grpo"]
-    name = f"lr{lr:g}" + ("_ordered" if same_order else "")  # TRL's results and the report
+    # TRL's results and the report; "fp32": results of the earlier bf16-autocast worker are
+    # not picked up
+    name = f"fp32_lr{lr:g}" + ("_ordered" if same_order else "")
     every = max(sizes.iters // sizes.evals, 1)
     curves: Dict[str, List[Dict[int, float]]] = {"ours": [], "trl": []}
     for seed in range(1, seeds + 1):
@@ -117,6 +131,13 @@ def report(curves: Dict[str, List[Dict[int, float]]], lr: float, sizes) -> List[
     lines += ["", f"final difference ours − TRL {100 * gap:+.1f} points; the larger seed std "
               f"{100 * spread:.1f}: " + ("within the seed spread" if abs(gap) <= 2 * spread
                                        else "outside twice the seed spread")]
+    if len(ours) == len(trl) > 1:  # seed k on both sides: the same base and, ordered, prompts
+        diffs = [100 * (o - t) for o, t in zip(ours, trl)]
+        sd = statistics.stdev(diffs)
+        t_stat = statistics.mean(diffs) / (sd / len(diffs) ** 0.5) if sd > 0 else float("inf")
+        lines += [f"paired by seed, ours − TRL: {', '.join(f'{d:+.2f}' for d in diffs)} "
+                  f"(mean {statistics.mean(diffs):+.2f}, paired t {t_stat:+.2f}, "
+                  f"{len(diffs) - 1} dof)"]
     return lines
 
 
@@ -167,7 +188,8 @@ def worker(work: dict, result: Path) -> int:
     stops = stop_token_ids(tok)
 
     def reward(completions, answer, **_):
-        return [verify_answer(c, a) for c, a in zip(completions, answer)]
+        return [verify_answer(c, a, extraction="last_boxed")  # the demo's reward.extraction
+                for c, a in zip(completions, answer)]
 
     accuracy: Dict[int, float] = {}
 
@@ -204,7 +226,7 @@ def worker(work: dict, result: Path) -> int:
                      shuffle_dataset=not work.get("same_order", False),
                      entropy_coef=0.001, max_steps=work["steps"], logging_steps=1,
                      save_strategy="no", report_to="none", seed=work["seed"],
-                     dataloader_num_workers=0, disable_tqdm=True)
+                     dataloader_num_workers=0, disable_tqdm=True, bf16=False)
     model = AutoModelForCausalLM.from_pretrained(work["model"], dtype=torch.float32)
     evaluate(model, 0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds,

@@ -48,6 +48,7 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})  # servers on this
 
 # The choice lists, each defined once (the code that implements them checks against these).
 AGGREGATIONS = ("constant", "token_mean", "seq_mean_token_mean")  # algorithms/losses.py
+REWARD_EXTRACTIONS = ("whole_response", "last_boxed")  # reward/math_reward.py
 ENGINES = ("hf", "sglang", "vllm")  # rollout/__init__.py: make_engine
 SERVER_IMPLS = ("hf", "sglang")  # rollout/servers.py: server_command
 WEIGHT_SYNC_MODES = ("inprocess", "disk", "distributed")  # rollout/weight_sync.py: STRATEGIES
@@ -206,7 +207,11 @@ class OptimizerConfig:
     lr_decay_style: str = "constant"  # constant | linear | cosine
     lr_warmup_iters: int = 0
     lr_decay_iters: Optional[int] = None
-    weight_decay: float = 0.0
+    # AdamW's decoupled decay; 0.01 on every parameter, as the reference (verl's FSDP AdamW
+    # over model.parameters(); fidelity review D7)
+    weight_decay: float = 0.01
+    # megatron's own default leaves biases and 1-D parameters (norms) undecayed; false does
+    weight_decay_norms_and_biases: bool = True
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -225,6 +230,8 @@ class OptimizerConfig:
         _choice("optimizer.lr_decay_style", self.lr_decay_style, ["constant", "linear", "cosine"])
         _check(self.lr >= 0, f"optimizer.lr must be >= 0, got {self.lr}")
         _check(self.clip_grad >= 0, f"optimizer.clip_grad must be >= 0, got {self.clip_grad}")
+        _check(self.weight_decay >= 0,
+               f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         for flag in ("optimizer_cpu_offload", "use_precision_aware_optimizer", "overlap_param_gather"):
             _check(not getattr(self, flag) or self.use_distributed_optimizer,
                    f"optimizer.{flag} needs optimizer.use_distributed_optimizer=true")
@@ -307,7 +314,12 @@ class LossConfig:
     trust_region_alpha: float = 0.1  # TrSFT's α
     aggregation: str = "constant"  # constant (sum / L_max per sequence) | token_mean | seq_mean_token_mean
     max_response_length: int = 8192  # L_max of the constant normaliser
-    entropy_coef: float = 0.001  # bonus on generated tokens
+    entropy_coef: float = 0.001  # the bonus −coef·H, with RL methods only
+    # which tokens the bonus covers, and how it is averaged. response (the reference:
+    # masked_mean(entropy, response_mask), fidelity review D6): every response token, expert
+    # prefixes (trained or context) and generated ones alike, as a token mean over the step;
+    # generated: the policy's own tokens only, weighted like the loss (loss.aggregation)
+    entropy_tokens: str = "response"
     sft_weight: float = 1.0
     rl_weight: float = 1.0
     clip_ratio_low: Optional[float] = None  # PPO ε; the paper runs on-policy without clipping
@@ -324,6 +336,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         _choice("loss.loss_mode", self.loss_mode, LOSS_MODES)
         _choice("loss.aggregation", self.aggregation, AGGREGATIONS)
+        _choice("loss.entropy_tokens", self.entropy_tokens, ["response", "generated"])
         _check(0.0 <= self.trust_region_alpha <= 1.0,
                f"loss.trust_region_alpha must be in [0, 1], got {self.trust_region_alpha}")
         _check(self.max_response_length >= 1, "loss.max_response_length must be >= 1")
@@ -533,6 +546,19 @@ class AdvantageConfig:
 
 
 @dataclass
+class RewardConfig:
+    """How the binary math reward reads a response (reward/math_reward.py)."""
+
+    # whole_response (the reference: math_verify.parse of the whole response, its last
+    # answer-like expression; fidelity review D10) or last_boxed (only the last balanced
+    # \boxed{}/\fbox{} counts: the spec's wording, strict about format)
+    extraction: str = "whole_response"
+
+    def __post_init__(self) -> None:
+        _choice("reward.extraction", self.extraction, REWARD_EXTRACTIONS)
+
+
+@dataclass
 class BatchingConfig:
     """How a step's sequences become micro-batches, and whether old logprobs are recomputed."""
 
@@ -598,7 +624,9 @@ class InLoopEvalConfig:
     data: Optional[str] = None  # .jsonl records
     interval: int = 0  # 0 = only at the end
     max_problems: Optional[int] = None
-    temperature: float = 0.0  # 0: greedy; the paper samples at 0.6 (EvalConfig)
+    # 0.6, the reference's val_temperature (train_trapo.sh; fidelity review D13), sample j of
+    # problem i seeded with seed + i·k + j; 0: greedy
+    temperature: float = 0.6
     k: int = 1  # samples per problem: accuracy is avg@k (the paper's pass@1 over k samples)
 
     def __post_init__(self) -> None:
@@ -629,6 +657,7 @@ class TrainConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)  # megatron-trapo launch / plan
     data: DataConfig = field(default_factory=DataConfig)  # bad rows: skipped or refused
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     eval: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)

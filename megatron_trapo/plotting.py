@@ -8,8 +8,8 @@ from matplotlib.figure import Figure
 
 from megatron_trapo.metrics import read_metrics
 
-DEFAULT_KEYS = ("loss", "rollout/reward_unguided", "eval/accuracy", "rollout/guided_fraction",
-                "pg/entropy", "expert/nll")
+DEFAULT_KEYS = ("loss", "rollout/reward_unguided", "rollout/reward_first_micro_group",
+                "eval/accuracy", "rollout/guided_fraction", "pg/entropy", "expert/nll")
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path,

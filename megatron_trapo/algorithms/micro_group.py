@@ -31,19 +31,18 @@ def is_guided(cfg: MicroGroupConfig, level: int, rewards_so_far: Sequence[float]
 
 
 def cut_prefix(token_texts: Sequence[str], ratio: float, window: float = 0.3) -> int:
-    """Number of expert tokens in the prefix of ``ratio``: int(ratio·len), moved forward to just
-    after the first token containing "\\n\\n" at or after that point if it lies before
-    (ratio + window)·len."""
-    n = len(token_texts)
+    """Number of expert tokens in the prefix of ``ratio``, as the reference computes it
+    (``get_prefix_end_idx``; fidelity review D9): over the trace *with* its EOS, n = len + 1,
+    the plain cut is int(ratio·n); the first token containing "\\n\\n" strictly after it moves
+    the cut to just past that token if it lies before (ratio + window)·n. ``token_texts`` is
+    the trace already cut to the response budget (the reference truncates before cutting)."""
     if ratio >= 1.0:
-        return n
+        return len(token_texts)
+    n = len(token_texts) + 1  # the EOS the reference appends before measuring
     cut = int(ratio * n)
-    limit = (ratio + window) * n
-    for k in range(cut, n):
-        if k >= limit:
-            break
+    for k in range(cut + 1, len(token_texts)):
         if "\n\n" in token_texts[k]:
-            return k + 1
+            return k + 1 if k < (ratio + window) * n else cut
     return cut
 
 

@@ -78,11 +78,12 @@ def schedule_plan(level: Level, item: PromptItem, sampler: MicroGroupConfig, eos
     first = samples[0]
     prefix: List[int] = []
     if first.guided:
-        cut = cut_prefix(item.trace_texts[first.trace], first.prefix_ratio, sampler.snap_window)
-        prefix = item.traces[first.trace][:cut] + ([eos_id] if first.full_solution else [])
         # the prefix counts against the response budget (paper §4): a longer expert trace is
-        # cut to it rather than failing the step
-        prefix = prefix[:max_new_tokens]
+        # cut to it first (as the reference does), rather than failing the step
+        trace = item.traces[first.trace][:max_new_tokens]
+        texts = item.trace_texts[first.trace][:max_new_tokens]
+        cut = cut_prefix(texts, first.prefix_ratio, sampler.snap_window)
+        prefix = (trace[:cut] + ([eos_id] if first.full_solution else []))[:max_new_tokens]
     return Plan(prefix, [s.train_prefix for s in samples], guided=first.guided,
                 generate=not (first.guided and first.full_solution))
 

@@ -32,7 +32,10 @@ class Trajectory:
 def assign_advantages(trajs: Sequence[Trajectory], group_size: int, normalize_std: bool = False,
                       on_policy_stats_only: bool = False) -> None:
     """Group-relative advantages over each prompt's G samples (guided ones included). With
-    ``on_policy_stats_only`` (LUFFY's code) the mean/std come from unguided samples only."""
+    ``on_policy_stats_only`` (LUFFY's ``grpo_split``) the mean/std come from the unguided
+    samples only, with that estimator's guards: a zero std counts as 1, and a lone unguided
+    sample gives mean 0 and std 1 — else an all-wrong on-policy set divides the expert's
+    reward by 1e-6 (fidelity review D3)."""
     if not on_policy_stats_only:
         rewards = torch.tensor([t.reward for t in trajs])
         for t, a in zip(trajs, group_advantages(rewards, group_size, normalize_std).tolist()):
@@ -40,8 +43,12 @@ def assign_advantages(trajs: Sequence[Trajectory], group_size: int, normalize_st
         return
     for g in range(0, len(trajs), group_size):
         group = trajs[g:g + group_size]
+        # a group without unguided samples (LUFFY always has G − k of them) takes all its own
         base = [t.reward for t in group if not t.guided] or [t.reward for t in group]
-        mean = sum(base) / len(base)
-        std = (sum((r - mean) ** 2 for r in base) / max(len(base) - 1, 1)) ** 0.5
+        if len(base) == 1:
+            mean, std = 0.0, 1.0
+        else:
+            mean = sum(base) / len(base)
+            std = (sum((r - mean) ** 2 for r in base) / (len(base) - 1)) ** 0.5 or 1.0
         for t in group:
             t.advantage = (t.reward - mean) / (std + 1e-6) if normalize_std else t.reward - mean

@@ -1,16 +1,20 @@
 """One stage of the demo: a ``megatron-trapo train`` run under torchrun, its log in a file,
-skipped when it finished before (``final.json``), continued from its last checkpoint when a
-previous attempt was cut off."""
+skipped when it finished before with the same settings (``final.json``, ``stage_args.json``),
+continued from its last checkpoint when a previous attempt with them was cut off, run afresh
+when its settings changed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
+from megatron_trapo.config import TrainConfig, load_config
 from megatron_trapo.metrics import read_metrics
 
 # The demo's model: a 4-layer Llama-style GPT small enough for a 2-core laptop.
@@ -20,19 +24,40 @@ MODEL = {"model_preset": "tiny", "model.num_layers": 4, "model.hidden_size": 128
          "model.max_position_embeddings": 256}
 
 
+def stage_args(run: Path, overrides: Dict[str, object]) -> List[str]:
+    """The ``key=value`` arguments of the stage whose folder is ``run``."""
+    return [f"{k}={_value(v)}" for k, v in {**MODEL, **overrides, "log_dir": run / "logs",
+                                             "checkpoint.save": run / "ckpt"}.items()]
+
+
+def resolved_config(args: List[str]) -> dict:
+    """Every setting the trainer will run with, defaults included, as JSON values: a stage is
+    reused only if these are the same, so a default changed in the code re-runs it."""
+    cfg = dataclasses.asdict(load_config(TrainConfig, None, args))
+    return json.loads(json.dumps(cfg, default=str))
+
+
 def run_stage(out: Path, name: str, overrides: Dict[str, object], nproc: int = 2) -> Path:
     """Run ``megatron-trapo train`` with the demo's model and ``overrides`` into
     ``out/runs/name`` (logs in ``logs/``, checkpoint in ``ckpt/``)."""
     run = out / "runs" / name
-    done = run / "final.json"
-    if done.is_file():
-        return run
-    args = [f"{k}={_value(v)}" for k, v in {**MODEL, **overrides, "log_dir": run / "logs",
-                                             "checkpoint.save": run / "ckpt"}.items()]
+    done, recorded = run / "final.json", run / "stage_args.json"
+    args = stage_args(run, overrides)
+    settings = {"args": args, "config": resolved_config(args)}
+    if recorded.is_file() and json.loads(recorded.read_text()) == settings:
+        if done.is_file():
+            return run
+    elif run.exists():  # made with other settings (an lr --tune has changed since, a default
+        # the code changed) or by a version that did not record them: neither its result nor
+        # its checkpoint is this stage's
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: settings differ from the earlier run "
+              f"in {run}; running it again", flush=True)
+        shutil.rmtree(run)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "megatron_trapo.cli", "train",
            "--resume", *args]  # a stage cut off earlier continues from its last checkpoint
     run.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(settings))
     print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
     t0 = time.time()
     with open(out / "runs" / f"{name}.log", "w") as log:

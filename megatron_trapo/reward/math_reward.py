@@ -1,5 +1,7 @@
-"""Binary math reward: 1 if the last ``\\boxed{…}`` of prefix + completion is equivalent to the
-ground truth under math-verify, else 0 (docs/algorithm.md §3; no format reward).
+"""Binary math reward: 1 if the answer of prefix + completion is equivalent to the ground truth
+under math-verify, else 0 (docs/algorithm.md §3; no format reward). The answer is what
+math-verify parses from the whole response (the reference's) or the last ``\\boxed{…}``
+(``reward.extraction``).
 
 math-verify's own timeouts use signals, which only work in a process's main thread, and a
 pathological answer (``\\boxed{10^{10^{10}}}``) can take seconds or hang in sympy. So answers are
@@ -64,10 +66,21 @@ def math_verify_equal(answer: str, ground_truth: str, timeout_s: int = 3) -> boo
     return bool(verify(gold, pred, timeout_seconds=timeout_s))
 
 
-def verify_answer(response: str, ground_truth: str, timeout_s: int = 3) -> float:
-    """The reward of one response (runs in a pool worker's main thread)."""
-    boxed = last_boxed(response)
-    return 1.0 if boxed is not None and math_verify_equal(boxed, ground_truth, timeout_s) else 0.0
+def verify_answer(response: str, ground_truth: str, timeout_s: int = 3,
+                  extraction: str = "whole_response") -> float:
+    """The reward of one response (runs in a pool worker's main thread). ``whole_response``
+    (the reference's): math-verify parses the whole response — a box where there is one, else
+    its last answer-like expression ("so the answer is 5."); two boxes parse as a set, which
+    no single answer equals. ``last_boxed``: the last balanced ``\\boxed{}``/``\\fbox{}``
+    or nothing."""
+    if extraction == "last_boxed":
+        boxed = last_boxed(response)
+        return float(boxed is not None and math_verify_equal(boxed, ground_truth, timeout_s))
+    if not response.strip():
+        return 0.0
+    gold = parse(_as_latex(ground_truth), parsing_timeout=timeout_s)
+    pred = parse(response, parsing_timeout=timeout_s)
+    return float(bool(gold and pred and verify(gold, pred, timeout_seconds=timeout_s)))
 
 
 def _own_session() -> None:
@@ -155,9 +168,15 @@ class VerifierPool:
 
 
 class MathReward(VerifierPool):
-    """The binary reward of (response, ground truth) pairs."""
+    """The binary reward of (response, ground truth) pairs (``extraction``: see
+    :func:`verify_answer`; ``reward.extraction``)."""
+
+    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0,
+                 extraction: str = "whole_response"):
+        super().__init__(num_workers, timeout_s)
+        self.extraction = extraction
 
     def score(self, pairs: Sequence[Tuple[str, str]]) -> List[float]:
         """Rewards of (response text, ground truth) pairs, in order (0 on timeout or crash)."""
-        return [float(r) for r in self.map(verify_answer, [(t, gt, self.inner_timeout)
-                                                           for t, gt in pairs], lambda _: 0.0)]
+        args = [(t, gt, self.inner_timeout, self.extraction) for t, gt in pairs]
+        return [float(r) for r in self.map(verify_answer, args, lambda _: 0.0)]

@@ -43,6 +43,7 @@ class MicroBatch(TypedDict, total=False):
     rollout_logprobs: torch.Tensor  # float: the engine's logprobs, for TIS
     agg_weight: torch.Tensor  # float: w_t, the token's weight in Σ w·ℓ / N
     agg_norm: torch.Tensor  # float: c_t, its share of the step's normaliser N = Σ c
+    entropy_weight: torch.Tensor  # float: e_t, the entropy bonus is −coef·Σ e·H / N
     sample_ids: torch.Tensor  # long: the step-wide sequence index of each position
     segment_ids: torch.Tensor  # long, packed rows: the sequence within the row (−1: padding)
     cu_seqlens: torch.Tensor  # int32, packed rows: cumulative sequence lengths (THD attention)
@@ -51,7 +52,8 @@ class MicroBatch(TypedDict, total=False):
 
 # the per-token fields every micro-batch has (packing adds segment_ids, cu_seqlens, max_seqlen)
 FIELDS = ("tokens", "labels", "position_ids", "expert_mask", "generated_mask", "advantages",
-          "old_logprobs", "rollout_logprobs", "agg_weight", "agg_norm", "sample_ids")
+          "old_logprobs", "rollout_logprobs", "agg_weight", "agg_norm", "entropy_weight",
+          "sample_ids")
 
 
 def to_device(batch: MicroBatch, device: Optional[torch.device] = None) -> MicroBatch:
@@ -132,16 +134,25 @@ def build_sequences(trajs: Sequence[Trajectory], cfg: LossConfig) -> List[Dict[s
             "position_ids": torch.arange(n),
             "expert_mask": (in_prefix & t.train_prefix).float(),
             "generated_mask": in_completion.float(),
+            "response_mask": (in_prefix | in_completion).float(),
             "advantages": torch.full((n,), float(t.advantage)),
             "old_logprobs": rollout.clone(), "rollout_logprobs": rollout,
             "sample_ids": torch.full((n,), i, dtype=torch.long)})
     loss_mask = torch.cat([s["expert_mask"] + s["generated_mask"] for s in seqs])
     ids = torch.cat([s["sample_ids"] for s in seqs])
     w, c = aggregation_weights(ids, loss_mask, cfg.aggregation, cfg.max_response_length)
+    if cfg.entropy_tokens == "response":  # a token mean over the step's response tokens:
+        # e = N / (their count) on each, so that Σ e·H / N is that mean
+        response = torch.cat([s["response_mask"] for s in seqs])
+        e = response * (c.sum() / response.sum().clamp(min=1))
+    else:  # the policy's own tokens, weighted as their loss
+        e = torch.cat([s["generated_mask"] for s in seqs]) * w
     offset = 0
     for s in seqs:
         n = s["tokens"].numel()
         s["agg_weight"], s["agg_norm"] = w[offset:offset + n], c[offset:offset + n]
+        s["entropy_weight"] = e[offset:offset + n]
+        del s["response_mask"]
         offset += n
     return seqs
 

@@ -4,10 +4,11 @@ Contract with Megatron (models are built with ``calculate_per_token_loss=True``)
 
     loss_func(output_tensor) -> (loss, num_tokens, metrics)
 
-- ``loss = Σ_t w_t·ℓ_t / N``: ``ℓ_t`` the per-token loss, ``w_t`` the token's aggregation
-  weight (``batch["agg_weight"]``) and ``N`` the *step's* normaliser ``Σ c_t`` over every
-  micro-batch and every data-/context-parallel rank, computed once per step by
-  :func:`global_normaliser` before the schedule runs.
+- ``loss = (Σ_t w_t·ℓ_t − coef·Σ_t e_t·H_t) / N``: ``ℓ_t`` the per-token loss, ``w_t`` the
+  token's aggregation weight (``batch["agg_weight"]``), ``H_t`` its entropy and ``e_t`` its
+  entropy weight (``batch["entropy_weight"]``, RL methods only; see ``loss.entropy_tokens``),
+  ``N`` the *step's* normaliser ``Σ c_t`` over every micro-batch and every data-/context-
+  parallel rank, computed once per step by :func:`global_normaliser` before the schedule runs.
 - ``num_tokens = 0``: the loss is already globally normalised. The schedule sums gradients over
   micro-batches, megatron's DDP sums them over DP×CP (per-token mode reduces with SUM), and
   ``finalize_model_grads`` divides only by a positive global count, so the gradient is exactly
@@ -73,7 +74,7 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
         if cfg.tis_cap is not None and batch.get("rollout_logprobs") is not None:
             tis = L.tis_weights(old, batch["rollout_logprobs"].float(), cfg.tis_cap)
             pg = pg * tis
-        loss = loss + cfg.rl_weight * generated * pg - cfg.entropy_coef * generated * entropy
+        loss = loss + cfg.rl_weight * generated * pg
         with torch.no_grad():
             n_gen = generated.sum()
             ratio = (logprobs.detach() - old).exp()
@@ -116,7 +117,10 @@ def trapo_loss_func(cfg: LossConfig, batch: MicroBatch, normaliser: float,
     logprobs, entropy = token_logprobs_entropy(output_tensor, weight, batch["labels"],
                                                cfg.logprob_chunk_size)
     per_token, metrics = token_losses(cfg, logprobs, entropy, batch, old_is_current)
-    loss = (per_token * batch["agg_weight"].float()).sum() / normaliser
+    weighted = (per_token * batch["agg_weight"].float()).sum()
+    if method(cfg.loss_mode).policy_gradient:  # the entropy bonus, on its own weights
+        weighted = weighted - cfg.entropy_coef * (entropy * batch["entropy_weight"].float()).sum()
+    loss = weighted / normaliser
     metrics["loss"] = torch.stack([loss.detach(), torch.zeros_like(loss.detach())])
     return loss, torch.zeros((), dtype=torch.int, device=loss.device), metrics
 

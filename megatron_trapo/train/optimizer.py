@@ -98,7 +98,10 @@ def build_optimizer(ddp_chunks: List[torch.nn.Module], cfg: OptimizerConfig):
         optimizer_cpu_offload=cfg.optimizer_cpu_offload,
         use_precision_aware_optimizer=cfg.use_precision_aware_optimizer,
     )
-    return get_megatron_optimizer(mcfg, ddp_chunks)
+    # {}: no parameter group override, so every parameter decays (the reference); None:
+    # megatron's standard overrides, which exempt biases and 1-D parameters
+    overrides = {} if cfg.weight_decay_norms_and_biases else None
+    return get_megatron_optimizer(mcfg, ddp_chunks, config_overrides=overrides)
 
 
 def build_scheduler(optimizer, cfg: OptimizerConfig, train_iters: int):

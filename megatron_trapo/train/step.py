@@ -179,7 +179,8 @@ MAX_SOURCES = 16  # per-source rewards are logged for at most this many sources 
 
 def rollout_metrics(trajs: List[Trajectory], sources: Optional[Sequence[str]] = None
                     ) -> Dict[str, float]:
-    """Reward and length of free rollouts (guided samples excluded), the share of prompts whose
+    """Reward and length of free rollouts (guided samples excluded) and the reward of the first
+    micro-group alone (the reference's training curve), the share of prompts whose
     free rollouts are not all equally rewarded, guidance statistics:
     the share of each later micro-group level's samples that are guided (level 0, the free
     rollouts, is never guided). With ``sources`` (each prompt's record source, by its place in
@@ -192,6 +193,11 @@ def rollout_metrics(trajs: List[Trajectory], sources: Optional[Sequence[str]] = 
     out = {"rollout/samples": float(len(trajs)),
            "rollout/guided_fraction": len(guided) / max(len(trajs), 1),
            "rollout/full_solution_samples": float(sum(1 for t in guided if not t.completion_ids))}
+    first = [t for t in trajs if t.level == 0]  # TRAPO's first micro-group, never guided
+    if first and not any(t.guided for t in first):
+        # the reference's curve (critic/score/mask1_mean): later levels are free only where a
+        # prompt already did well, so the all-free mean below leans high (fidelity review D11)
+        out["rollout/reward_first_micro_group"] = sum(t.reward for t in first) / len(first)
     if free:
         out["rollout/reward_unguided"] = sum(t.reward for t in free) / len(free)
         rewards: Dict[int, set] = {}

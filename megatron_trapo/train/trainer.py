@@ -64,7 +64,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
         cfg = fit_cpu_memory(cfg, model, share is not None, train_items)
     # the verifier workers start (from a forkserver, in the background) before the model is
     # built; two verifier processes on the machine either way
-    reward = MathReward(num_workers=max(1, 2 // share.world)) if share is not None else None
+    reward = (MathReward(num_workers=max(1, 2 // share.world),
+                         extraction=cfg.reward.extraction) if share is not None else None)
     torch.manual_seed(cfg.seed)
     chunks = build_model(model, cfg.parallel, perform_initialization=cfg.load is None)
     ddp, optimizer, scheduler = build_training_state(chunks, cfg.optimizer, cfg.train_iters)

@@ -80,6 +80,7 @@ def mixed_batch():
     labels = torch.randint(0, MODEL.vocab_size, (B, S), generator=g)
     expert = torch.zeros(B, S)
     generated = torch.zeros(B, S)
+    response = torch.zeros(B, S)  # expert prefix (trained or context) + generated
     for b in range(B):
         prompt = 3 + b % 3
         prefix = [0, 3, 5, 0, 4, 6, 2, 0][b]
@@ -87,9 +88,12 @@ def mixed_batch():
         if b in (1, 2, 5, 6):  # flagged for TrSFT (others: prefix as context only)
             expert[b, prompt:prompt + prefix] = 1
         generated[b, prompt + prefix:S - pad] = 1
+        response[b, prompt:S - pad] = 1
     if True:  # one pure-TrSFT sample (the full-solution level): no generated tokens
         generated[6] = 0
         expert[6, 4:S] = 1
+        response[6] = 0
+        response[6, 4:S] = 1
     adv = (torch.rand(B, 1, generator=g) - 0.5).expand(B, S).clone()
     old = -torch.rand(B, S, generator=g) * 3 - 0.1
     rollout = old + 0.3 * torch.randn(B, S, generator=g)
@@ -97,13 +101,19 @@ def mixed_batch():
     pos = torch.arange(S).unsqueeze(0).expand(B, S)
     return dict(tokens=tokens, labels=labels, position_ids=pos, expert_mask=expert,
                 generated_mask=generated, advantages=adv, old_logprobs=old,
-                rollout_logprobs=rollout, sample_ids=ids)  # agg weights added per mode
+                rollout_logprobs=rollout, sample_ids=ids, response_mask=response)
+    # agg and entropy weights added per mode
 
 
 def with_weights(batch, cfg):
+    """The step's weights as build_sequences makes them: the loss's per aggregation, the
+    entropy bonus's a token mean over the response tokens (loss.entropy_tokens=response)."""
+    batch = dict(batch)
+    response = batch.pop("response_mask")
     w, c = aggregation_weights(batch["sample_ids"], batch["expert_mask"] + batch["generated_mask"],
                                cfg.aggregation, cfg.max_response_length)
-    return dict(batch, agg_weight=w, agg_norm=c)
+    e = response * (c.sum() / response.sum())
+    return dict(batch, agg_weight=w, agg_norm=c, entropy_weight=e)
 
 
 def split(batch, rows):

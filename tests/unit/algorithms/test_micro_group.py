@@ -50,13 +50,26 @@ def test_no_trace_means_no_guidance():
 
 
 def test_prefix_cut_snaps_to_paragraph():
-    texts = ["a"] * 20
-    assert cut_prefix(texts, 0.25) == 5
+    texts = ["a"] * 20  # with its EOS the reference measures 21 tokens
+    assert cut_prefix(texts, 0.25) == 5     # int(0.25 · 21)
     texts[7] = ".\n\n"
-    assert cut_prefix(texts, 0.25) == 8     # 7 < (0.25 + 0.3)·20 = 11: cut just after it
+    assert cut_prefix(texts, 0.25) == 8     # 7 < (0.25 + 0.3)·21 = 11.55: cut just after it
     texts[7], texts[12] = "a", "\n\n"
-    assert cut_prefix(texts, 0.25) == 5     # 12 ≥ 11: too far, plain cut
+    assert cut_prefix(texts, 0.25) == 5     # 12 ≥ 11.55: too far, plain cut
+    texts[12], texts[11] = "a", "\n\n"
+    assert cut_prefix(texts, 0.25) == 12    # 11 < 11.55 (without the EOS: 11 ≥ 11, no snap)
     assert cut_prefix(texts, 1.0) == 20
+
+
+def test_prefix_cut_is_the_references_worked_case():
+    """Fidelity review D9: 100 tokens, "\n\n" at index 25, ratio 0.25. The reference's
+    get_prefix_end_idx measures 101 (with EOS), int(25.25) = 25, and wants a "\n\n" strictly
+    after 25: none, so the cut is 25 (this project cut at 26 before)."""
+    texts = ["a"] * 100
+    texts[25] = "\n\n"
+    assert cut_prefix(texts, 0.25) == 25
+    texts[26] = "\n\n"  # strictly after: snapped to just past it
+    assert cut_prefix(texts, 0.25) == 27
 
 
 def test_config_validation():

@@ -119,7 +119,8 @@ def test_a_long_trace_is_cut_to_the_response_budget():
     engine = ScriptedEngine()
     groups = sample_groups(items()[:1], engine, lambda trajs: None, METHODS["trapo"],
                            MicroGroupConfig(), SamplingParams(max_new_tokens=3), EOS, seed=0)
-    assert engine.calls[2][0].prefix_ids == TRACE_A[:3]  # 50 % = 4 tokens, budget 3
+    # the trace is cut to the budget first (3 tokens, 4 with EOS), then 50 %: int(2.0) = 2
+    assert engine.calls[2][0].prefix_ids == TRACE_A[:2]
     assert groups[0][-1].prefix_ids == TRACE_B  # 3 + EOS cut to 3
 
 

@@ -10,6 +10,27 @@ def test_optimizer_defaults_follow_the_paper():
     assert cfg.lr == 5e-6 and cfg.lr_decay_style == "constant" and cfg.clip_grad == 1.0
 
 
+def test_the_7b_example_takes_batch_and_lr_from_one_source():
+    """Fidelity review D8: the 7B example mixed the paper's 128 prompts with the script's lr
+    1e-6 (LUFFY's setting). Paper: 128 prompts × 8, constant 5e-6; script: 8 prompts, 1e-6."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "examples/configs/trapo_qwen2.5_math_7b.yaml"
+    cfg = load_config(TrainConfig, path)
+    assert (cfg.prompts_per_step, cfg.optimizer.lr) in ((128, 5e-6), (8, 1e-6))
+    assert cfg.sampler.group_size == 8 and cfg.optimizer.lr_decay_style == "constant"
+    assert cfg.optimizer.weight_decay == 0.01
+
+
+def test_in_training_eval_samples_at_the_references_temperature():
+    """Fidelity review D13: the reference validates at val_temperature 0.6; this project's
+    in-loop evaluation was greedy by default. Greedy stays one override away."""
+    from megatron_trapo.config import InLoopEvalConfig
+
+    assert TrainConfig().eval.temperature == 0.6 == InLoopEvalConfig().temperature
+    assert load_config(TrainConfig, None, ["eval.temperature=0"]).eval.temperature == 0.0
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train_iters: 7\nparallel:\n  tensor_model_parallel_size: 2\n"

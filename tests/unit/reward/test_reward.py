@@ -24,14 +24,41 @@ def reward():
         yield r
 
 
-def test_equivalence_and_last_box(reward):
+def test_equivalence_and_last_box():
     pairs = [(r"so the answer is \boxed{0.5}", r"\frac{1}{2}"),
              (r"\boxed{3} wait, no: \boxed{4}", "4"),
              (r"\boxed{4} wait, no: \boxed{3}", "4"),
              ("The answer is 4.", "4"),  # no box, no reward (no format guessing)
              (r"\boxed{x^2+2x+1}", "(x+1)^2"),
              (r"\boxed{12}", "12")]
-    assert reward.score(pairs) == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    with MathReward(num_workers=1, timeout_s=4.0, extraction="last_boxed") as r:
+        assert r.score(pairs) == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+# fidelity review D10: the three cases where the reference's extraction (math_verify.parse
+# of the whole response) and the last-\boxed one disagree, worked against math-verify
+DISAGREE = [("So the final answer is 5.", "5"),  # no box: the last expression counts
+            (r"First \boxed{5}, then \boxed{", "5"),  # last box cut off: the earlier one
+            (r"\fbox{7}", "7")]  # math-verify reads no \fbox
+
+
+def test_the_default_extraction_is_the_references_whole_response(reward):
+    from megatron_trapo.config import RewardConfig
+
+    assert RewardConfig().extraction == "whole_response" == reward.extraction
+    assert reward.score(DISAGREE) == [1.0, 1.0, 0.0]
+    assert reward.score([(r"\boxed{x^2+2x+1}", "(x+1)^2"), (r"\boxed{12}", "12"),
+                         (r"\boxed{3} wait, no: \boxed{4}", "4"), ("", "4")]) == \
+        [1.0, 1.0, 0.0, 0.0]  # two boxes parse as the set {3, 4}
+
+
+def test_last_boxed_extraction_is_one_setting_away():
+    from megatron_trapo.config import TrainConfig, load_config
+
+    assert load_config(TrainConfig, None, ["reward.extraction=last_boxed"]).reward.extraction \
+        == "last_boxed"
+    with MathReward(num_workers=1, timeout_s=4.0, extraction="last_boxed") as r:
+        assert r.score(DISAGREE) == [0.0, 0.0, 1.0]
 
 
 def test_pathological_answer_scores_zero_without_hanging(reward):

@@ -121,3 +121,35 @@ def test_padded_microbatches_are_aligned():
     assert row_multiple(4, True, fp8=True, cp=3) == 48
     for mb in make_microbatches(seqs, max_tokens=64, multiple=8):
         assert mb["tokens"].shape[1] % 8 == 0
+
+
+def _luffy_group(free_rewards, expert_rewards):
+    return [Trajectory(prompt_index=0, prompt_ids=[1], prefix_ids=[2] * guided, completion_ids=[3],
+                       rollout_logprobs=[0.0], train_prefix=bool(guided), guided=bool(guided),
+                       reward=float(r))
+            for guided, rewards in ((0, free_rewards), (1, expert_rewards)) for r in rewards]
+
+
+def test_on_policy_statistics_with_a_zero_std_count_it_as_one():
+    """Fidelity review D3: 7 wrong free rollouts and a right expert sample gave the expert
+    A = 1e6 (÷ (0 + 1e-6)); LUFFY's grpo_split counts std 0 as 1: A = 1 / (1 + 1e-6)."""
+    trajs = _luffy_group([0] * 7, [1])
+    assign_advantages(trajs, 8, normalize_std=True, on_policy_stats_only=True)
+    assert [t.advantage for t in trajs[:7]] == [0.0] * 7
+    assert abs(trajs[7].advantage - 1 / (1 + 1e-6)) < 1e-12
+
+
+def test_a_lone_on_policy_sample_gives_mean_zero_and_std_one():
+    trajs = _luffy_group([1], [0] * 6 + [1])
+    for std in (False, True):
+        assign_advantages(trajs, 8, normalize_std=std, on_policy_stats_only=True)
+        want = [t.reward / (1 + 1e-6) if std else t.reward for t in trajs]
+        assert [t.advantage for t in trajs] == want  # A = r − 0, ÷ (1 + eps) with std
+
+
+def test_on_policy_statistics_with_a_spread_use_the_unbiased_std():
+    trajs = _luffy_group([1, 0, 0, 1], [1] * 4)  # mean 0.5, unbiased std (1/3)**0.5
+    assign_advantages(trajs, 8, normalize_std=True, on_policy_stats_only=True)
+    sd = (1 / 3) ** 0.5
+    assert [round(t.advantage, 9) for t in trajs] == \
+        [round((r - 0.5) / (sd + 1e-6), 9) for r in (1, 0, 0, 1, 1, 1, 1, 1)]

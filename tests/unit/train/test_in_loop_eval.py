@@ -101,7 +101,7 @@ def test_in_loop_eval_k_samples_per_problem_is_avg_at_k(tokenizer, monkeypatch, 
 
 def test_eval_k_needs_sampling():
     with pytest.raises(ConfigError, match="eval.k=4 needs eval.temperature > 0"):
-        load_config(TrainConfig, None, ["eval.k=4"])
+        load_config(TrainConfig, None, ["eval.k=4", "eval.temperature=0"])
     with pytest.raises(ConfigError, match="eval.k must be >= 1"):
         load_config(TrainConfig, None, ["eval.k=0", "eval.temperature=0.6"])
     assert load_config(TrainConfig, None, ["eval.k=4", "eval.temperature=0.6"]).eval.k == 4

@@ -27,6 +27,20 @@ def test_guided_share_per_level():
     assert m["rollout/reward_unguided"] == pytest.approx(4 / 11)
 
 
+def test_the_first_micro_group_reward_is_the_references_curve():
+    """Fidelity review D11: later levels are free only where a prompt already did well, so
+    the all-free mean leans high; the reference logs the first micro-group alone."""
+    trajs = ([_t(0, False, 0.0)] * 4 + [_t(1, True, 1.0)] * 2 + [_t(2, True, 1.0), _t(3, True, 1.0)]
+             + [_t(0, False, 1.0)] * 2 + [_t(0, False, 0.0)] * 2 + [_t(1, False, 1.0)] * 2
+             + [_t(2, False, 1.0), _t(3, False, 1.0)])
+    m = rollout_metrics(trajs)
+    assert m["rollout/reward_first_micro_group"] == pytest.approx(2 / 8)
+    assert m["rollout/reward_unguided"] == pytest.approx(6 / 12)
+    # GRPO: one level of free rollouts, the two curves are one
+    m = rollout_metrics([_t(0, False, 1.0)] * 3 + [_t(0, False, 0.0)])
+    assert m["rollout/reward_first_micro_group"] == m["rollout/reward_unguided"] == 0.75
+
+
 def test_grpo_has_no_guided_levels():
     m = rollout_metrics([_t(0, False, 1.0)] * 8)
     assert not [k for k in m if k.startswith("rollout/guided_share")]
