@@ -166,7 +166,7 @@ def our_side(demo: Path, batch_file: str, result: Path) -> None:
     from megatron_trapo.cpu_demo.stage import MODEL, _value
     from megatron_trapo.cpu_demo.task import FULL
     from megatron_trapo.models.hf.mapping import expand, rule_for_key, to_hf
-    from megatron_trapo.models.names import global_named_main_grads
+    from megatron_trapo.models.sharding import gather_global
     from megatron_trapo.train.trainer import setup
 
     samples = torch.load(batch_file)["samples"]
@@ -193,31 +193,17 @@ def our_side(demo: Path, batch_file: str, result: Path) -> None:
     grads: Dict[str, torch.Tensor] = {}
     optimizer_step = run.optimizer.step
 
-    def read_then_step():
-        for chunk in run.ddp:
-            grads.update(global_named_main_grads(chunk))
+    def read_then_step():  # named as the checkpoint names them, which the HF mapping reads
+        grads.update(gather_global(run.ddp, "grad"))
         return optimizer_step()
 
     run.optimizer.step = read_then_step
     step_module.trapo_step(run, 0)
     hf_grads = {}
     for name, grad in grads.items():
-        rule, layer = rule_for_key(run.model, te_name(name))
+        rule, layer = rule_for_key(run.model, name)
         hf_grads.update(zip(expand(rule, layer)[1], to_hf(rule.kind, grad, run.model)))
     torch.save(hf_grads, result)
-
-
-# the CPU model's separate norms under the names of TE's fused norm + linear, which the HF
-# mapping (like megatron's own sharded_state_dict_keys_map for this spec) is written in
-_TE_NAMES = {".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
-             ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight"}
-
-
-def te_name(name: str) -> str:
-    for local, te in _TE_NAMES.items():
-        if name.endswith(local):
-            return name[:-len(local)] + te
-    return name
 
 
 if __name__ == "__main__":

@@ -55,15 +55,18 @@ def _as_latex(answer: str) -> str:
     return answer if answer.startswith("$") or "\\boxed" in answer else f"${answer}$"
 
 
-def math_verify_equal(answer: str, ground_truth: str, timeout_s: int = 3) -> bool:
-    """math-verify's judgement of an extracted answer against the ground truth."""
-    if not answer.strip():
+def _verify_text(text: str, ground_truth: str, timeout_s: int) -> bool:
+    """math-verify's judgement of what it parses from ``text`` against the ground truth."""
+    if not text.strip():
         return False
     gold = parse(_as_latex(ground_truth), parsing_timeout=timeout_s)
-    pred = parse(_as_latex(answer), parsing_timeout=timeout_s)
-    if not gold or not pred:
-        return False
-    return bool(verify(gold, pred, timeout_seconds=timeout_s))
+    pred = parse(text, parsing_timeout=timeout_s)
+    return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout_s))
+
+
+def math_verify_equal(answer: str, ground_truth: str, timeout_s: int = 3) -> bool:
+    """math-verify's judgement of an extracted answer against the ground truth."""
+    return bool(answer.strip()) and _verify_text(_as_latex(answer), ground_truth, timeout_s)
 
 
 def verify_answer(response: str, ground_truth: str, timeout_s: int = 3,
@@ -76,11 +79,7 @@ def verify_answer(response: str, ground_truth: str, timeout_s: int = 3,
     if extraction == "last_boxed":
         boxed = last_boxed(response)
         return float(boxed is not None and math_verify_equal(boxed, ground_truth, timeout_s))
-    if not response.strip():
-        return 0.0
-    gold = parse(_as_latex(ground_truth), parsing_timeout=timeout_s)
-    pred = parse(response, parsing_timeout=timeout_s)
-    return float(bool(gold and pred and verify(gold, pred, timeout_seconds=timeout_s)))
+    return float(_verify_text(response, ground_truth, timeout_s))
 
 
 def _own_session() -> None:
