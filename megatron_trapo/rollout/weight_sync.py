@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 from urllib.parse import urlparse
 
+import httpx
 import psutil
 import torch
 import torch.distributed as dist
@@ -157,10 +158,13 @@ def buckets(named: Iterator[Tuple[str, torch.Tensor]], bucket_bytes: int
 GROUP_NAME = "weight_update_group"
 
 
-def _wait_for_sync_rank() -> None:
-    """Every rank waits for rank 0's HTTP updates on the gloo host group (long timeout), not
-    in an NCCL barrier under the watchdog."""
-    dist.barrier(group=host_group())
+def _sync_again(again: bool) -> bool:
+    """Rank 0's verdict on the sync (``again``: a server died mid-push) reaches every rank on
+    the gloo host group; the ranks wait for it there (long timeout), not in an NCCL barrier
+    under the watchdog, while rank 0 talks to the servers."""
+    flag = torch.tensor([int(again)], dtype=torch.int32)
+    dist.broadcast(flag, src=0, group=host_group())
+    return bool(flag.item())
 
 
 class InProcessSync:
@@ -170,6 +174,9 @@ class InProcessSync:
 
     def __init__(self, sync: "WeightSync"):
         self.sync = sync
+
+    def abandon(self) -> None:
+        """Nothing half-sent to undo: the next push replaces every tensor."""
 
     def push(self, named, weight_version: str, stats: Dict[str, float]) -> None:
         # at TP = PP = 1 the HF tensors are views of the trainer's parameters, which the
@@ -190,6 +197,9 @@ class DiskSync:
 
     def __init__(self, sync: "WeightSync"):
         self.sync = sync
+
+    def abandon(self) -> None:
+        """A half-written folder is never loaded; the next push writes the version again."""
 
     def push(self, named, weight_version: str, stats: Dict[str, float]) -> None:
         sync = self.sync
@@ -229,6 +239,7 @@ class BroadcastSync:
         self.engine: BroadcastReceiver = sync.engine
         self._group = None
         self._members: Tuple[str, ...] = ()
+        self._inflight: list = []  # replies of the bucket being broadcast
         self.rebuilds = 0  # groups formed again after the set of servers changed (metric)
 
     def _ensure_group(self) -> None:
@@ -263,12 +274,30 @@ class BroadcastSync:
             names = [n for n, _ in bucket]
             dtypes = [_DTYPE_NAMES[t.dtype] for _, t in bucket]
             shapes = [list(t.shape) for _, t in bucket]
-            futures = self.engine.start_distributed_update(names, dtypes, shapes, weight_version,
-                                                           GROUP_NAME)
+            self._inflight = self.engine.start_distributed_update(names, dtypes, shapes,
+                                                                  weight_version, GROUP_NAME)
             for _, t in bucket:  # one broadcast per tensor, in the order of ``names``
                 dist.broadcast(t.to(compute_device()).contiguous(), src=0, group=self._group)
+            futures, self._inflight = self._inflight, []
             self.engine.finish_distributed_update(futures, weight_version)
 
+    def abandon(self) -> None:
+        """A server died mid-broadcast: the group holds a dead member and the live servers may
+        still wait for the rest of a bucket. Tear down our end first (their receives then fail
+        at once, with gloo, instead of waiting for the group timeout; NCCL has no such signal,
+        so there they wait for it), collect their failed replies, then leave the group on
+        their side; the next push forms a new group with the live servers only."""
+        destroy_weight_update_group(self._group)
+        self._group = None
+        for fut in self._inflight:
+            try:
+                fut.result(timeout=self.sync.group_timeout_s)
+            except Exception as exc:  # the dead server's reply, or a live one's failure
+                logger.info("weight sync: abandoned update reply: %s", exc)
+        self._inflight = []
+        self.engine.destroy_weights_update_group(GROUP_NAME)
+        self._members = ()
+        self.rebuilds += 1
 
 def _counted_buckets(named, bucket_bytes: int, stats: Dict[str, float]):
     for bucket in buckets(named, bucket_bytes):
@@ -316,27 +345,56 @@ class WeightSync:
         return self.strategy.rebuilds if self.strategy is not None else 0
 
     def sync(self, chunks, weight_version: str) -> Dict[str, float]:
-        """Collective over all trainer ranks; returns timing/size stats (on rank 0)."""
+        """Collective over all trainer ranks; returns timing/size stats (on rank 0).
+
+        A server that dies *during* the sync (between the health check and the last
+        broadcast) costs one more pass, not the run: the sync rank drops it, abandons the
+        half-sent version, lets the other ranks finish their gathers, and every rank syncs
+        again to the servers that are left (rank 0 tells them so on the host group)."""
         t0 = time.time()
-        named = _stage_hf_tensors(chunks, self.model) if self.replicated \
-            else hf_named_tensors(chunks, self.model)
-        stats = {"bytes": 0.0, "tensors": 0.0, "buckets": 0.0}
+        for attempt in range(2):
+            stats = {"bytes": 0.0, "tensors": 0.0, "buckets": 0.0}
+            named = _stage_hf_tensors(chunks, self.model) if self.replicated \
+                else hf_named_tensors(chunks, self.model)
+            again = False
+            if dist.get_rank() != 0 and not self.replicated:
+                for _ in named:  # non-sync ranks only take part in the gathers and sends
+                    pass
+            else:
+                again = self._push(named, weight_version, stats, retry=attempt == 0)
+            if not _sync_again(again):
+                break
+        stats["attempts"] = float(attempt + 1)
         if dist.get_rank() != 0 and not self.replicated:
-            for _ in named:  # non-sync ranks only take part in the gathers and sends
-                pass
-            _wait_for_sync_rank()
             return stats
-        for url in self.engine.drop_dead_servers():  # no pause, no update for those
-            logger.warning("weight sync: server %s is dead; dropped", url)
-        self.engine.pause()
-        try:
-            self.strategy.push(named, weight_version, stats)
-        finally:
-            self.engine.resume()
-        _wait_for_sync_rank()
         stats["seconds"] = time.time() - t0
         urls = self.engine.server_urls()
         if urls:  # servers that took this version; groups formed again so far
             stats["servers"] = float(len(urls))
             stats["rebuilds"] = float(self.rebuilds)
         return stats
+
+    def _push(self, named, weight_version: str, stats: Dict[str, float], retry: bool) -> bool:
+        """Push on this rank; True when a server died mid-push and the sync must run again."""
+        for url in self.engine.drop_dead_servers():  # no pause, no update for those
+            logger.warning("weight sync: server %s is dead; dropped", url)
+        before = tuple(self.engine.server_urls())
+        self.engine.pause()
+        try:
+            self.strategy.push(named, weight_version, stats)
+            return False
+        except (RuntimeError, OSError, httpx.HTTPError, RolloutError) as exc:
+            self.engine.drop_dead_servers()
+            left = tuple(self.engine.server_urls())
+            if not retry or not left or left == before:  # not a death, or nobody left
+                raise
+            logger.warning("weight sync: server(s) %s died during the sync of version %s (%s: "
+                           "%s); syncing it again to %d live server(s)",
+                           ", ".join(u for u in before if u not in left), weight_version,
+                           type(exc).__name__, str(exc)[:200], len(left))
+            self.strategy.abandon()
+            for _ in named:  # the other ranks' gathers and PP sends still need this rank
+                pass
+            return True
+        finally:
+            self.engine.resume()

@@ -44,7 +44,9 @@ def test_sbatch_runs_servers_and_trainer_and_survives_a_dead_server(files, tmp_p
         pytest.fail(f"sbatch --wait still running; {out}:\n{out.read_text()[-3000:]}")
     stdout, stderr = proc.communicate()
     log = out.read_text() if out.exists() else ""
-    assert proc.returncode == 0, f"{stderr}\n{log[-4000:]}"
+    # rank 0's traceback first: the tail is mostly the other ranks' reaction to it
+    rank0 = "\n".join(line for line in log.splitlines() if line.startswith("[rank0]"))
+    assert proc.returncode == 0, f"{stderr}\n{rank0[-4000:]}\n{log[-4000:]}"
     job_id = stdout.strip().split(";")[0]
     assert killed is not None, log[-3000:]
     state = json.loads((run_dir / "launch" / "job.json").read_text())

@@ -234,6 +234,7 @@ class SyncCheck:
     buckets: Optional[int] = None  # buckets of the sync just before (after-sync checks)
     rebuilds: Optional[int] = None  # weight-group rebuilds (after a server was killed)
     live: Optional[List[str]] = None  # servers left in the pool
+    attempts: Optional[int] = None  # passes the sync took (2: a server died during it)
 
 
 @dataclass
