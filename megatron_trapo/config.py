@@ -206,6 +206,9 @@ class OptimizerConfig:
     min_lr: float = 0.0
     lr_decay_style: str = "constant"  # constant | linear | cosine
     lr_warmup_iters: int = 0
+    # warm-up as a share of the decay steps (megatron's --lr-warmup-fraction), instead of
+    # lr_warmup_iters: the SFT stage's 0.1 of its run
+    lr_warmup_fraction: Optional[float] = None
     lr_decay_iters: Optional[int] = None
     # AdamW's decoupled decay; 0.01 on every parameter, as the reference (verl's FSDP AdamW
     # over model.parameters(); fidelity review D7)
@@ -229,6 +232,11 @@ class OptimizerConfig:
         _choice("optimizer.optimizer", self.optimizer, ["adam", "sgd"])
         _choice("optimizer.lr_decay_style", self.lr_decay_style, ["constant", "linear", "cosine"])
         _check(self.lr >= 0, f"optimizer.lr must be >= 0, got {self.lr}")
+        _check(self.lr_warmup_fraction is None or 0 <= self.lr_warmup_fraction < 1,
+               f"optimizer.lr_warmup_fraction must be in [0, 1) or null, got "
+               f"{self.lr_warmup_fraction}")
+        _check(self.lr_warmup_fraction is None or self.lr_warmup_iters == 0,
+               "optimizer.lr_warmup_fraction and optimizer.lr_warmup_iters: give one")
         _check(self.clip_grad >= 0, f"optimizer.clip_grad must be >= 0, got {self.clip_grad}")
         _check(self.weight_decay >= 0,
                f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
@@ -291,13 +299,17 @@ class LuffyConfig:
 
     off_policy: int = 1  # k full expert solutions among a group's G samples
     gamma: float = 0.1  # f(p) = p / (p + γ) on off-policy tokens
-    clip_ratio: float = 0.2  # LUFFY clips its on-policy tokens
+    # the PPO clip of the on-policy tokens; null (the default): none, as LUFFY's script runs
+    # it (loss_remove_clip=True; fidelity review D4); 0.2 is LUFFY's code default. It acts only
+    # with several updates per rollout batch (batching.ppo_mini_batches / ppo_epochs)
+    clip_ratio: Optional[float] = None
     on_policy_stats_only: bool = False  # group mean/std from the on-policy samples only
 
     def __post_init__(self) -> None:
         _check(self.gamma > 0, f"loss.luffy.gamma must be > 0, got {self.gamma}")
         _check(self.off_policy >= 0, f"loss.luffy.off_policy must be >= 0, got {self.off_policy}")
-        _check(self.clip_ratio > 0, f"loss.luffy.clip_ratio must be > 0, got {self.clip_ratio}")
+        _check(self.clip_ratio is None or self.clip_ratio > 0,
+               f"loss.luffy.clip_ratio must be > 0 or null, got {self.clip_ratio}")
 
 
 def default_logprob_chunk_rows(local_vocab: int) -> int:
@@ -484,8 +496,13 @@ class DataConfig:
     # chat, plain (no system line) or a text holding {problem}
     prompt_template: str = "auto"
     system_prompt: Optional[str] = "You are a helpful assistant."
+    # the text of an expert solution a run trains on: method (each method's own: TRAPO's
+    # prefixes cut from the reasoning inside <think>…</think>, LUFFY's off-policy samples and
+    # SFT on the full target), reasoning, or full (algorithms/methods.py: Method.expert_text)
+    expert_text: str = "method"
 
     def __post_init__(self) -> None:
+        _choice("data.expert_text", self.expert_text, ["method", "reasoning", "full"])
         _check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
                f"data.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         _check(self.prompt_template in ("auto", "chat", "plain")
@@ -584,8 +601,23 @@ class BatchingConfig:
     # exp(lp − sg(lp)) with no extra forward pass; otherwise recomputed by a forward pass.
     # true: always recompute; false: take the engine's rollout logprobs as π_old.
     recompute_old_logprobs: Optional[bool] = None
+    # optimizer steps per rollout batch: its prompts in ppo_mini_batches parts of whole groups
+    # (verl's ppo_mini_batch_size = prompts_per_step / ppo_mini_batches), one update per part,
+    # ppo_epochs passes over the parts. The paper's TRAPO: 1 × 1 (strictly on-policy); LUFFY's
+    # script: 2 × 1. With more than one update π_old is recomputed before the first, and the
+    # lr schedule (optimizer.lr_warmup_iters / lr_decay_iters, in rollout steps) is stretched
+    # to the updates.
+    ppo_mini_batches: int = 1
+    ppo_epochs: int = 1
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.ppo_mini_batches * self.ppo_epochs
 
     def __post_init__(self) -> None:
+        _check(self.ppo_mini_batches >= 1,
+               f"batching.ppo_mini_batches must be >= 1, got {self.ppo_mini_batches}")
+        _check(self.ppo_epochs >= 1, f"batching.ppo_epochs must be >= 1, got {self.ppo_epochs}")
         _check(self.max_tokens_per_microbatch >= 1,
                "batching.max_tokens_per_microbatch must be >= 1")
         _check(self.cpu_max_tokens_per_microbatch is None or self.cpu_max_tokens_per_microbatch >= 1,
@@ -636,6 +668,43 @@ class InLoopEvalConfig:
                f"eval.k={self.k} needs eval.temperature > 0 (greedy samples are all the same)")
 
 
+def _sft_stage_optimizer() -> "OptimizerConfig":
+    # the reference's SFT (OpenRLHF, LUFFY's README): lr 5e-5, warm-up 0.1 of the run, cosine
+    # to 0.1·lr (OpenRLHF's cosine_with_min_lr), no weight decay (its --l2 default)
+    return OptimizerConfig(lr=5e-5, lr_warmup_fraction=0.1, lr_decay_style="cosine",
+                           min_lr=5e-6, weight_decay=0.0)
+
+
+@dataclass
+class SFTStageConfig:
+    """The SFT stage of ``loss_mode=sft_then_rl``: its own data, batch, length and optimizer;
+    the RL stage that follows takes the run's own (``optimizer``, ``prompts_per_step``,
+    ``train_iters``, ``train_data``). Defaults: the reference's SFT (3 epochs, lr 5e-5,
+    warm-up 0.1, batch 64, on the full targets; fidelity review D5)."""
+
+    train_iters: Optional[int] = None  # null: ``epochs`` over the stage's kept rows
+    epochs: float = 3.0
+    prompts_per_step: int = 64
+    optimizer: OptimizerConfig = field(default_factory=_sft_stage_optimizer)
+    # the stage's data: a file of its own, or ``split`` (a share of the run's train_data,
+    # seeded by ``seed``) for SFT and the complement for RL — the reference's held-out
+    # complement (prepare_train_sft_rl.py); null both: SFT and RL on the same train_data
+    train_data: Optional[str] = None
+    split: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check(self.train_iters is None or self.train_iters >= 1,
+               f"sft_stage.train_iters must be >= 1 or null, got {self.train_iters}")
+        _check(self.epochs > 0, f"sft_stage.epochs must be > 0, got {self.epochs}")
+        _check(self.prompts_per_step >= 1,
+               f"sft_stage.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        _check(self.split is None or 0 < self.split < 1,
+               f"sft_stage.split must be in (0, 1) or null, got {self.split}")
+        _check(self.split is None or self.train_data is None,
+               "sft_stage.split and sft_stage.train_data: give one (a split of train_data, or "
+               "a file of its own)")
+
+
 @dataclass
 class TrainConfig:
     """A TRAPO (or baseline) run: model, layout, optimizer, loss, sampler, rollout, data.
@@ -664,13 +733,21 @@ class TrainConfig:
     train_data: Optional[str] = None  # .jsonl / .parquet records
     prompts_per_step: int = 128
     train_iters: int = 500
-    sft_stage_iters: int = 100  # loss_mode=sft_then_rl: SFT steps before the GRPO stage
+    # null: train_iters; else that many passes over the kept training rows (rounded up to
+    # whole steps), which then sets train_iters
+    train_epochs: Optional[float] = None
+    sft_stage: SFTStageConfig = field(default_factory=SFTStageConfig)  # loss_mode=sft_then_rl
     seed: int = 1234
     log_dir: Optional[str] = "runs/train"
 
     def __post_init__(self) -> None:
         _check(self.prompts_per_step >= 1, "prompts_per_step must be >= 1")
         _check(self.train_iters >= 1, "train_iters must be >= 1")
+        _check(self.train_epochs is None or self.train_epochs > 0,
+               f"train_epochs must be > 0 or null, got {self.train_epochs}")
+        _check(self.prompts_per_step % self.batching.ppo_mini_batches == 0,
+               f"batching.ppo_mini_batches={self.batching.ppo_mini_batches} must divide "
+               f"prompts_per_step={self.prompts_per_step} (each update takes whole prompts)")
         _check(self.rollout.temperature > 0, "rollout.temperature must be > 0 for training "
                                              "rollouts")
         _check(self.parallel.context_parallel_size == 1,
@@ -689,6 +766,12 @@ class BenchmarkSpec:
     problem_field: str = "problem"
     answer_field: str = "answer"
     default_k: int = 1
+    # math: math-verify, then PRM800K's grader; choice: the response's final letter against
+    # the answer field's (multiple choice: the problem lists the lettered options)
+    grading: str = "math"
+
+    def __post_init__(self) -> None:
+        _choice("eval.extra_benchmarks[].grading", self.grading, ["math", "choice"])
 
 
 @dataclass
@@ -826,6 +909,7 @@ RENAMED = {
     "eval_data": "eval.data", "eval_interval": "eval.interval",
     "eval_max_problems": "eval.max_problems", "eval_temperature": "eval.temperature",
     "checkpoint.async_save": None, "checkpoint.load": None,
+    "sft_stage_iters": "sft_stage.train_iters",
 }
 _REMOVED_WHY = {"checkpoint.async_save": "saves are synchronous (atomic rename after every rank "
                                          "finished)",

@@ -5,6 +5,8 @@ report of skipped rows.
     python tools/prepare_data.py --format openr1 --input openr1.parquet --output train.jsonl \
         --tokenizer Qwen2.5-Math-7B --max-prompt-length 1024
     python tools/prepare_data.py --format luffy --input openr1_46k.parquet --output train.jsonl
+    python tools/prepare_data.py --format luffy --input openr1_46k.parquet --output train.jsonl \
+        --second-trace OpenR1-Math-220k/data      # + a second verified trace per problem
     python tools/prepare_data.py --format gsm8k --input gsm8k.jsonl --output train.jsonl
     python tools/prepare_data.py --format gsm8k --input openai/gsm8k --dataset-config main \
         --split train --output train.jsonl     # a hub name: needs the network or the cache
@@ -35,22 +37,19 @@ def main() -> int:
     ap.add_argument("--max-prompt-length", type=int, default=1024)
     ap.add_argument("--field-map", nargs="*", default=[], help="ours=theirs for --format jsonl")
     ap.add_argument("--report", default=None, help="report JSON (default: OUTPUT.report.json)")
+    ap.add_argument("--second-trace", default=None, metavar="OPENR1",
+                    help="OpenR1-Math-220k rows (file, folder or hub name): each record with one "
+                         "trace gets the first verified generation of the same problem (matched "
+                         "by normalised text) that differs from it, for TRAPO's last micro-group")
+    ap.add_argument("--second-trace-split", default=None, help="the split of --second-trace")
     args = ap.parse_args()
 
     from megatron_trapo.config import ConfigError
     from megatron_trapo.data.convert import convert_rows
-    from megatron_trapo.data.records import read_rows, save_records
+    from megatron_trapo.data.records import save_records
 
     try:
-        path = Path(args.input)
-        if path.is_file():
-            rows = read_rows(path)
-        elif path.is_dir() or not path.suffix:  # a dataset folder, or a hub name
-            from megatron_trapo.data.hf_datasets import load_hf_rows  # lazy: datasets, ~1 s
-
-            rows = load_hf_rows(args.input, args.split, args.dataset_config)
-        else:
-            raise ConfigError(f"--input {path}: no such file")
+        rows = load_rows(args.input, args.split, args.dataset_config, "--input")
         mapping = dict(kv.split("=", 1) for kv in args.field_map)
         length = None
         if args.tokenizer:
@@ -62,14 +61,41 @@ def main() -> int:
             length = lambda problem: len(tok(render_prompt(tok, problem))["input_ids"])  # noqa: E731
         records, report = convert_rows(rows, args.format, mapping, length,
                                        args.max_prompt_length if length else None)
+        merged = None
+        if args.second_trace:
+            from megatron_trapo.data.second_trace import merge_second_traces
+
+            openr1, _ = convert_rows(load_rows(args.second_trace, args.second_trace_split, None,
+                                               "--second-trace"), "openr1")
+            records, merged = merge_second_traces(records, openr1)
     except (ConfigError, ValueError) as exc:
         print(f"prepare_data: error: {exc}", file=sys.stderr)
         return 2
     save_records(records, args.output)
     rep = report.as_dict()
+    if merged is not None:
+        rep["second_trace"] = merged.as_dict()
+        print(f"prepare_data: {merged.got_second} of {merged.records} problems got a second "
+              f"trace ({merged.had_two} had two already, {merged.matched_without_new} matched "
+              f"with no other verified trace, {merged.unmatched} unmatched)", file=sys.stderr)
     Path(args.report or f"{args.output}.report.json").write_text(json.dumps(rep, indent=2))
     print(json.dumps(rep))
     return 0
+
+
+def load_rows(source: str, split, config, flag: str):
+    """Rows of a file, a dataset folder or a hub name."""
+    from megatron_trapo.config import ConfigError
+    from megatron_trapo.data.records import read_rows
+
+    path = Path(source)
+    if path.is_file():
+        return read_rows(path)
+    if path.is_dir() or not path.suffix:  # a dataset folder, or a hub name
+        from megatron_trapo.data.hf_datasets import load_hf_rows  # lazy: datasets, ~1 s
+
+        return load_hf_rows(source, split, config)
+    raise ConfigError(f"{flag} {path}: no such file")
 
 
 if __name__ == "__main__":

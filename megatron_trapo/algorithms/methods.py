@@ -14,6 +14,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 
 Sampling = Literal["schedule", "free", "free_plus_expert", "expert_only"]
 ExpertLoss = Literal["trsft", "sft", "luffy_shaping", "none"]
+ExpertText = Literal["reasoning", "full"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,15 @@ class Method:
     expert_loss: ExpertLoss  # the loss of flagged expert tokens
     policy_gradient: bool  # the model's own tokens get the group-relative policy gradient
     clip: Literal["config", "luffy"] = "config"  # loss.clip_ratio_low/high, or loss.luffy
+    # the advantage the expert-token loss is given: the sample's own (LUFFY's off-policy
+    # samples), or 1 (the reference's prefix tokens under its TRAPO code, mix_actor.py:109:
+    # off_advantages = ones, so a shaped prefix is always pulled up, never pushed down)
+    expert_advantage: Literal["sample", "one"] = "sample"
+    # which text of an expert solution the method trains on (data.expert_text can override):
+    # the reasoning inside <think>…</think> (the reference's TRAPO prefixes), or the full
+    # target — reasoning, </think> and final solution (LUFFY's off-policy samples, the SFT
+    # baseline; fidelity review D4/D5)
+    expert_text: ExpertText = "reasoning"
     description: str = ""
 
     @property
@@ -53,27 +63,30 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     # prefixes as context only, then with LUFFY's shaping on them
     Method("trapo_prefix_context", "schedule", "none", True,
            description="the schedule; prefixes are context only (no loss on them)"),
-    Method("trapo_luffy_prefix", "schedule", "luffy_shaping", True,
-           description="the schedule with LUFFY's f(p) = p/(p+γ) shaping on flagged prefixes"),
+    Method("trapo_luffy_prefix", "schedule", "luffy_shaping", True, expert_advantage="one",
+           description="the schedule with LUFFY's f(p) = p/(p+γ) shaping on flagged prefixes "
+                       "(advantage 1, as the reference's ablation)"),
     Method("grpo", "free", "none", True, description="G free rollouts, group-relative PG"),
-    Method("luffy", "free_plus_expert", "luffy_shaping", True, clip="luffy",
+    Method("luffy", "free_plus_expert", "luffy_shaping", True, clip="luffy", expert_text="full",
            description="free rollouts + full expert solutions with f(p) = p/(p+γ) shaping"),
-    Method("sft", "expert_only", "sft", False, description="SFT on the expert solutions"),
+    Method("sft", "expert_only", "sft", False, expert_text="full",
+           description="SFT on the expert solutions"),
 )}
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of a pipeline: a method run in its own checkpoint/log sub-folder, for the
-    iterations that a TrainConfig field gives; the next stage starts from its checkpoint."""
+    """One stage of a pipeline: a method run in its own checkpoint/log sub-folder; the next
+    stage starts from its checkpoint. ``settings``: the TrainConfig field with the stage's own
+    data, batch, length and optimizer (None: the run's own)."""
 
     folder: str
     method: str
-    iterations: str  # the TrainConfig field with this stage's iterations
+    settings: Optional[str] = None
 
 
 # Methods run one after another, each a stage with its own checkpoint and log folder.
 PIPELINES: Dict[str, Tuple[Stage, ...]] = {
-    "sft_then_rl": (Stage("sft", "sft", "sft_stage_iters"), Stage("rl", "grpo", "train_iters")),
+    "sft_then_rl": (Stage("sft", "sft", "sft_stage"), Stage("rl", "grpo")),
 }
 
 LOSS_MODES: Tuple[str, ...] = (*METHODS, *PIPELINES)

@@ -46,6 +46,8 @@ class Plan:
     train_prefix: List[bool]  # per sample: the prefix gets the method's expert-token loss
     guided: bool
     generate: bool  # False: the prefix is the whole sample (a full expert solution)
+    # guided by trace 0 because the record has no trace sampler.trace_index asks for
+    trace_fallback: bool = False
 
 
 def levels(method: Method, sampler: MicroGroupConfig, off_policy: int) -> List[Level]:
@@ -64,9 +66,9 @@ def plan(level: Level, item: PromptItem, group: Sequence[Trajectory], sampler: M
     """What ``item`` gets at ``level``, given its group so far."""
     if level.kind == "free":
         return Plan([], [False] * level.n, guided=False, generate=True)
-    if level.kind == "expert":
-        return Plan(item.traces[level.trace] + [eos_id], [True] * level.n, guided=True,
-                    generate=False)
+    if level.kind == "expert":  # the whole solution, cut to the response budget (then no EOS)
+        return Plan((item.traces[level.trace] + [eos_id])[:max_new_tokens], [True] * level.n,
+                    guided=True, generate=False)
     guided = bool(item.traces) and is_guided(sampler, level.index, [t.reward for t in group])
     return schedule_plan(level, item, sampler, eos_id, max_new_tokens, guided)
 
@@ -84,8 +86,9 @@ def schedule_plan(level: Level, item: PromptItem, sampler: MicroGroupConfig, eos
         texts = item.trace_texts[first.trace][:max_new_tokens]
         cut = cut_prefix(texts, first.prefix_ratio, sampler.snap_window)
         prefix = (trace[:cut] + ([eos_id] if first.full_solution else []))[:max_new_tokens]
+    fallback = first.guided and sampler.trace_index[level.index] > first.trace
     return Plan(prefix, [s.train_prefix for s in samples], guided=first.guided,
-                generate=not (first.guided and first.full_solution))
+                generate=not (first.guided and first.full_solution), trace_fallback=fallback)
 
 
 def level_seed(seed: int, prompt: int, level: int) -> int:
@@ -124,7 +127,8 @@ def sample_groups(items: Sequence[PromptItem], engine: RolloutEngine,
                 samples = [Trajectory(prompt_index=g, prompt_ids=item.prompt_ids,
                                       prefix_ids=p.prefix_ids, completion_ids=[],
                                       rollout_logprobs=[], train_prefix=train, level=level.index,
-                                      guided=True, reward=0.0 if level.scored else 1.0)
+                                      guided=True, reward=0.0 if level.scored else 1.0,
+                                      trace_fallback=p.trace_fallback)
                            for train in p.train_prefix]
                 groups[g] += samples
                 fixed += samples if level.scored else []
@@ -146,7 +150,8 @@ def sample_groups(items: Sequence[PromptItem], engine: RolloutEngine,
                                prefix_ids=p.prefix_ids, completion_ids=s.token_ids,
                                rollout_logprobs=s.logprobs, train_prefix=train,
                                level=level.index, guided=p.guided,
-                               finish_reason=s.finish_reason, weight_version=s.weight_version)
+                               finish_reason=s.finish_reason, weight_version=s.weight_version,
+                               trace_fallback=p.trace_fallback)
                 groups[g].append(t)
                 new.append(t)
         if new or fixed:

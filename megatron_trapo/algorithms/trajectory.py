@@ -23,6 +23,9 @@ class Trajectory:
     advantage: float = 0.0
     finish_reason: str = "length"
     weight_version: str = ""
+    # guided by the first expert trace because the record lacks the one its level asks for
+    # (sampler.trace_index; the reference's micro-group 4 reads a second trace)
+    trace_fallback: bool = False
 
     @property
     def length(self) -> int:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from megatron_trapo.algorithms.methods import stages
 from megatron_trapo.config import TrainConfig, load_config
 from megatron_trapo.metrics import read_metrics
 
@@ -37,19 +38,26 @@ def resolved_config(args: List[str]) -> dict:
     return json.loads(json.dumps(cfg, default=str))
 
 
+def method_values(config: dict) -> List[dict]:
+    """What the stage's loss_mode does (algorithms/methods.py), field by field: a method whose
+    meaning the code changed (e.g. the advantage its expert tokens get) is run again."""
+    return [dataclasses.asdict(m) for m in stages(config["loss"]["loss_mode"])]
+
+
 def run_stage(out: Path, name: str, overrides: Dict[str, object], nproc: int = 2) -> Path:
     """Run ``megatron-trapo train`` with the demo's model and ``overrides`` into
     ``out/runs/name`` (logs in ``logs/``, checkpoint in ``ckpt/``)."""
     run = out / "runs" / name
     done, recorded = run / "final.json", run / "stage_args.json"
     args = stage_args(run, overrides)
-    settings = {"args": args, "config": resolved_config(args)}
+    config = resolved_config(args)
+    settings = {"args": args, "config": config, "methods": method_values(config)}
     if recorded.is_file() and json.loads(recorded.read_text()) == settings:
         if done.is_file():
             return run
     elif run.exists():  # made with other settings (an lr --tune has changed since, a default
-        # the code changed) or by a version that did not record them: neither its result nor
-        # its checkpoint is this stage's
+        # or method the code changed) or by a version that did not record them: neither its
+        # result nor its checkpoint is this stage's
         print(f"[{time.strftime('%H:%M:%S')}] {name}: settings differ from the earlier run "
               f"in {run}; running it again", flush=True)
         shutil.rmtree(run)

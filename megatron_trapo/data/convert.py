@@ -4,7 +4,9 @@ row and why (never a silent drop).
 - ``openr1``: OpenR1-Math-220k rows — ``problem``, ``answer``, ``generations`` (list) and
   ``correctness_math_verify`` (list of bools): the verified generations are the expert traces.
 - ``luffy``: the LUFFY/TRAPO parquet layout — ``prompt`` (chat messages), ``target``
-  ([{role, content}]) or ``extra_info.answer_list``, ``reward_model.ground_truth``.
+  ([{role, content}]) or ``extra_info.answer_list``, ``reward_model.ground_truth``. A row
+  with an answer list takes its traces from it (the reference's TRAPO: trace 0 for the first
+  micro-groups, trace 1 for the last), else the target.
 - ``gsm8k``: GSM8K rows — ``question`` and ``answer`` (the rationale with ``<<…>>`` calculator
   marks, then ``#### <final answer>``): the final answer is the ground truth, the rationale
   without the marks and ending in ``\boxed{<answer>}`` the expert solution.
@@ -13,7 +15,8 @@ row and why (never a silent drop).
   solution itself the expert solution.
 - ``jsonl``: plain rows with ``problem``, ``answer`` and ``solutions`` (list) or ``solution``;
   other field names through a mapping.
-Expert texts keep only the part inside <think>…</think> when present.
+Expert texts are kept whole (reasoning, </think> and final solution): which part a method
+trains on is chosen when a run encodes them (``data.expert_text``, ``Method.expert_text``).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from megatron_trapo.config import ConfigError
-from megatron_trapo.data.prompts import INSTRUCTION, expert_text
+from megatron_trapo.data.prompts import INSTRUCTION
 from megatron_trapo.data.records import Record
 from megatron_trapo.reward.math_reward import last_boxed
 
@@ -52,7 +55,7 @@ class Report:
 def _openr1(row: dict) -> Tuple[Optional[Record], Optional[str]]:
     gens = row.get("generations") or []
     ok = row.get("correctness_math_verify") or []
-    sols = [expert_text(g) for g, good in zip(gens, ok) if good and isinstance(g, str)]
+    sols = [g.strip() for g, good in zip(gens, ok) if good and isinstance(g, str)]
     return Record(row.get("problem") or "", str(row.get("answer") or ""), sols,
                   row.get("uuid") or row.get("id"), row.get("source")), None
 
@@ -63,12 +66,15 @@ def _luffy(row: dict) -> Tuple[Optional[Record], Optional[str]]:
     if not users:
         return None, "no_user_message"
     problem = users[-1].replace(INSTRUCTION, "").strip()
-    target = row.get("target") or []
-    sols = [t.get("content", "") for t in target if isinstance(t, dict) and t.get("content")]
+    # the reference's TRAPO reads extra_info.answer_list ([0] for micro-groups 1-3, [1] for
+    # the last, rl_dataset_with_target.py:192-212); LUFFY's rows have the target only
     extra = row.get("extra_info") or {}
-    sols += [s for s in (extra.get("answer_list") or []) if isinstance(s, str)]
+    sols = [s for s in (extra.get("answer_list") or []) if isinstance(s, str) and s.strip()]
+    if not sols:
+        target = row.get("target") or []
+        sols = [t.get("content", "") for t in target if isinstance(t, dict) and t.get("content")]
     answer = str((row.get("reward_model") or {}).get("ground_truth") or "")
-    return Record(problem, answer, [expert_text(s) for s in sols],
+    return Record(problem, answer, [s.strip() for s in sols],
                   str(extra.get("index")) if extra.get("index") is not None else None,
                   row.get("data_source")), None
 
@@ -111,7 +117,7 @@ def _plain(mapping: Dict[str, str]) -> Callable:
         if isinstance(sols, str):
             sols = [sols]
         return Record(str(get("problem") or ""), str(get("answer") or ""),
-                      [expert_text(s) for s in (sols or []) if isinstance(s, str)],
+                      [s.strip() for s in (sols or []) if isinstance(s, str)],
                       get("id"), get("source")), None
     return convert
 

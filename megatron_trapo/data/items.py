@@ -21,12 +21,15 @@ class PromptItem:
 
 
 def encode(records: Sequence[Record], tokenizer, template: str = "auto",
-           system: Optional[str] = SYSTEM) -> List[PromptItem]:
-    """``template``/``system``: how the problem becomes a prompt (``data.prompts.prompt_ids``)."""
+           system: Optional[str] = SYSTEM, text: str = "reasoning") -> List[PromptItem]:
+    """``template``/``system``: how the problem becomes a prompt (``data.prompts.prompt_ids``);
+    ``text``: which text of each expert solution is tokenised — ``reasoning`` (inside
+    <think>…</think> when present) or ``full`` (the whole target)."""
     items = []
     for r in records:
         prompt = prompt_ids(tokenizer, r.problem, template, system)
-        traces = [tokenizer(expert_text(s), add_special_tokens=False)["input_ids"] for s in r.solutions]
+        sols = [expert_text(s) if text == "reasoning" else s.strip() for s in r.solutions]
+        traces = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in sols]
         texts = [[tokenizer.decode([t]) for t in tr] for tr in traces]
         items.append(PromptItem(r, prompt, traces, texts))
     return items

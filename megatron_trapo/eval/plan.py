@@ -31,7 +31,7 @@ class Plan:
 def register_extra(cfg: EvalConfig) -> None:
     for spec in cfg.extra_benchmarks:
         registry.register(spec.name, spec.path, spec.problem_field, spec.answer_field,
-                          spec.default_k)
+                          spec.default_k, spec.grading)
 
 
 def prepare(cfg: EvalConfig, force: bool = False) -> Plan:

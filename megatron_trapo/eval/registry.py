@@ -52,6 +52,7 @@ class Benchmark:
     problem_field: str
     answer: Callable[[dict], str]
     default_k: int = 1  # the paper: avg@32 for AIME/AMC, pass@1 elsewhere
+    grading: str = "math"  # math (math-verify, then PRM800K's grader) | choice (the letter)
 
     def load(self, limit: Optional[int] = None) -> List[Problem]:
         if not self.path.is_file():
@@ -73,26 +74,34 @@ REGISTRY: Dict[str, Benchmark] = {
     "olympiadbench": Benchmark("olympiadbench", DATA / "olympiadbench.jsonl", "question",
                                _olympiad_answer),
     "gsm8k": Benchmark("gsm8k", DATA / "gsm8k.jsonl", "question", _gsm8k_answer),
+    # the paper's out-of-distribution benchmark (multiple choice; tools/prepare_arc_challenge.py)
+    "arc_c": Benchmark("arc_c", DATA / "arc_challenge.jsonl", "problem", lambda r: r["answer"],
+                       grading="choice"),
 }
+GRADINGS = ("math", "choice")
 
 
 _USER_SPECS: Dict[str, tuple] = {}
 
 
 def register(name: str, path: str | Path, problem_field: str = "problem",
-             answer_field: str = "answer", default_k: int = 1) -> Benchmark:
-    """Add a user JSONL benchmark with its field names."""
+             answer_field: str = "answer", default_k: int = 1, grading: str = "math") -> Benchmark:
+    """Add a user JSONL benchmark with its field names and grading (``choice``: the answer
+    field holds the right letter, the problem its lettered options)."""
+    if grading not in GRADINGS:
+        raise ConfigError(f"benchmark {name}: grading must be one of {list(GRADINGS)}, got "
+                          f"{grading!r}")
     def answer(row: dict) -> str:
         if answer_field not in row:
             raise ConfigError(f"benchmark {name}: a row has no answer field {answer_field!r}")
         return _number(row[answer_field])
 
-    spec = (Path(path).resolve(), problem_field, answer_field, default_k)
+    spec = (Path(path).resolve(), problem_field, answer_field, default_k, grading)
     if name in REGISTRY:
         if _USER_SPECS.get(name) == spec:  # the same registration again (a resumed run)
             return REGISTRY[name]
         raise ConfigError(f"benchmark {name!r} is already registered")
-    bench = Benchmark(name, Path(path).resolve(), problem_field, answer, default_k)
+    bench = Benchmark(name, Path(path).resolve(), problem_field, answer, default_k, grading)
     REGISTRY[name] = bench
     _USER_SPECS[name] = spec
     return bench

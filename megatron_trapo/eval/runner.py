@@ -27,6 +27,7 @@ from megatron_trapo.eval.plan import Plan, hf_model_dir, load_plan, missing_shar
 from megatron_trapo.eval.shards import (Shard, append_jsonl, partial_path, read_jsonl, sample_seed,
                                         shard_path, write_atomic, write_shard)
 from megatron_trapo.eval.summary import aggregate
+from megatron_trapo.reward.choice import grade_choices
 from megatron_trapo.reward.grading import Grader
 from megatron_trapo.rollout import make_engine
 from megatron_trapo.rollout.types import RolloutRequest, SamplingParams
@@ -144,7 +145,8 @@ def run_shard(plan: Plan, shard: Shard, engine, tokenizer, grader, progress=None
         write_atomic(part, "".join(json.dumps(r) + "\n" for r in done.values()))
     if progress is not None:
         progress.update(len(done))
-    problems = registry.get(shard.benchmark).load(cfg.limit)[shard.problem_start:shard.problem_end]
+    bench = registry.get(shard.benchmark)
+    problems = bench.load(cfg.limit)[shard.problem_start:shard.problem_end]
     prompts = {p.index: prompt_ids(cfg, tokenizer, p.problem) for p in problems}
     reqs = _requests(cfg, shard, problems, prompts, done, stop_token_ids(tokenizer))
     if context is not None:
@@ -171,7 +173,9 @@ def run_shard(plan: Plan, shard: Shard, engine, tokenizer, grader, progress=None
                             "answer": prob.answer, "finish_reason": sample.finish_reason,
                             "num_tokens": len(sample.token_ids),
                             "text": tokenizer.decode(sample.token_ids, skip_special_tokens=True)})
-        for row, grade in zip(new, grader.grade([(r["text"], r["answer"]) for r in new])):
+        pairs = [(r["text"], r["answer"]) for r in new]
+        grades = grade_choices(pairs) if bench.grading == "choice" else grader.grade(pairs)
+        for row, grade in zip(new, grades):
             row.update(grade)
         append_jsonl(part, new)
         done.update({(r["problem_id"], r["sample_index"]): r for r in new})

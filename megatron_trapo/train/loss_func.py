@@ -52,7 +52,8 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
     adv = zeros if adv is None else adv.float()
 
     loss = torch.zeros_like(logprobs)
-    expert_loss = L.expert_token_loss(m.expert_loss, cfg, logprobs, adv)
+    expert_adv = torch.ones_like(adv) if m.expert_advantage == "one" else adv
+    expert_loss = L.expert_token_loss(m.expert_loss, cfg, logprobs, expert_adv)
     if expert_loss is not None:
         loss = loss + expert * expert_loss
 

@@ -104,16 +104,21 @@ def build_optimizer(ddp_chunks: List[torch.nn.Module], cfg: OptimizerConfig):
     return get_megatron_optimizer(mcfg, ddp_chunks, config_overrides=overrides)
 
 
-def build_scheduler(optimizer, cfg: OptimizerConfig, train_iters: int):
-    """Megatron's ``OptimizerParamScheduler`` (step-based, one step per optimizer update)."""
-    decay = cfg.lr_decay_iters or max(train_iters, 1)
+def build_scheduler(optimizer, cfg: OptimizerConfig, train_iters: int, updates_per_iter: int = 1):
+    """Megatron's ``OptimizerParamScheduler`` (step-based, one step per optimizer update;
+    ``updates_per_iter`` updates per rollout step: warm-up and decay, given in rollout steps,
+    are stretched to them)."""
+    decay = (cfg.lr_decay_iters or max(train_iters, 1)) * updates_per_iter
+    warmup = cfg.lr_warmup_iters * updates_per_iter
+    if cfg.lr_warmup_fraction is not None:  # megatron's --lr-warmup-fraction
+        warmup = int(cfg.lr_warmup_fraction * decay)
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if cfg.lr_warmup_iters > 0 else cfg.lr,
+        init_lr=0.0 if warmup > 0 else cfg.lr,
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.lr_warmup_iters,
-        lr_decay_steps=max(decay, cfg.lr_warmup_iters + 1),
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(decay, warmup + 1),
         lr_decay_style=cfg.lr_decay_style,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
@@ -161,7 +166,8 @@ def optimizer_steps(optimizer) -> List[float]:
     return steps
 
 
-def build_training_state(chunks, optim_cfg: OptimizerConfig, train_iters: int
+def build_training_state(chunks, optim_cfg: OptimizerConfig, train_iters: int,
+                         updates_per_iter: int = 1
                          ) -> Tuple[List[torch.nn.Module], object, object]:
     """DDP-wrapped chunks, optimizer (state initialised) and scheduler, ready to train."""
     ddp = wrap_ddp(chunks, optim_cfg.use_distributed_optimizer, optim_cfg.overlap_grad_reduce,
@@ -169,5 +175,5 @@ def build_training_state(chunks, optim_cfg: OptimizerConfig, train_iters: int
                    optim_cfg.check_for_nan_in_grad)
     optimizer = build_optimizer(ddp, optim_cfg)
     init_optimizer_state(optimizer)
-    scheduler = build_scheduler(optimizer, optim_cfg, train_iters)
+    scheduler = build_scheduler(optimizer, optim_cfg, train_iters, updates_per_iter)
     return ddp, optimizer, scheduler

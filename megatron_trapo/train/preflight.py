@@ -57,6 +57,16 @@ class DataReport:
         return f"{head}, {self.n_skipped} skipped: " + "; ".join(parts)
 
 
+def expert_text_of(cfg: TrainConfig) -> str:
+    """``data.expert_text`` resolved: ``method`` is the text the run's method trains on (of a
+    pipeline, its first stage that reads expert solutions; each stage's own preflight then
+    encodes the data for that stage)."""
+    if cfg.data.expert_text != "method":
+        return cfg.data.expert_text
+    readers = [m for m in stages(cfg.loss.loss_mode) if m.needs_solution]
+    return readers[0].expert_text if readers else "reasoning"
+
+
 def check_data(path: str, tokenizer, cfg: TrainConfig, max_positions: int,
                needs_solution: bool, what: str):
     """The file's usable rows as encoded prompt items, and the report of the others."""
@@ -75,14 +85,15 @@ def check_data(path: str, tokenizer, cfg: TrainConfig, max_positions: int,
             report.skip(why, line)
             continue
         item = encode([to_record(row)], tokenizer, cfg.data.prompt_template,
-                      cfg.data.system_prompt)[0]
+                      cfg.data.system_prompt, expert_text_of(cfg))[0]
         n = len(item.prompt_ids)
         if limit is not None and n > limit:
             report.skip(f"with a prompt over data.max_prompt_tokens={limit}", line)
         elif n >= max_positions:
             report.skip(f"with a prompt that does not fit the model's {max_positions} "
                         "positions", line)
-        elif sft and item.traces and n + len(item.traces[0]) + 1 > min(
+        elif sft and item.traces and n + min(len(item.traces[0]) + 1,
+                                             cfg.loss.max_response_length) > min(
                 max_positions, cfg.batching.max_tokens_per_microbatch):
             report.skip("whose prompt + expert solution exceed the model's positions or "
                         "batching.max_tokens_per_microbatch", line)

@@ -60,7 +60,11 @@ class RolloutSide:
     share: RolloutShare = RolloutShare(0, 1)
 
     def close(self) -> None:
+        """The verifier workers, and the engine's own processes: the servers it launched and
+        the sglang-router in front of them (a router left behind outlived every run, in its own
+        session and under another name)."""
         self.reward.close()
+        self.engine.close()
 
 
 @dataclass

@@ -5,6 +5,7 @@ rollouts, on every rank for its share of the prompts — and the trajectories ar
 every rank builds the same batch and takes its share of the training."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Literal, Optional, Sequence
@@ -28,6 +29,8 @@ from megatron_trapo.train.loss_func import (global_normaliser, make_forward_step
 from megatron_trapo.train.output_layer import hidden_states_out, output_weight
 from megatron_trapo.train.run import RolloutShare
 from megatron_trapo.train.timing import TimedEngine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,24 +68,29 @@ def trapo_step(run, step: int) -> StepResult:
     group = m.advantage_group(cfg.sampler.group_size)
     assign_advantages(trajs, group, cfg.advantage.normalize_std,
                       cfg.loss.luffy.on_policy_stats_only)
-    # 5. per-token masks and weights, this rank's share, micro-batches under a token budget
+    # 5. per-token masks and weights; the prompts in batching.ppo_mini_batches parts (whole
+    #    groups), each part this rank's share in micro-batches under a token budget
     seqs = build_sequences(trajs, cfg.loss)
-    mine = split_for_rank(seqs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    mbs = build_microbatches(mine, seqs, cfg, run.pad_id, run.model.fp8 is not None)
-    normaliser = global_normaliser(mbs)  # on the CPU micro-batches, over the gloo DP group
-    mbs = [to_device(mb) for mb in mbs]
-    seq_len = max(mb["tokens"].shape[1] for mb in mbs)
-    mb_size = max(mb["tokens"].shape[0] for mb in mbs)
-    # 6. old logprobs: the current ones when strictly on-policy, else a forward pass (the
-    #    rollout logprobs stay for TIS)
+    parts = [prepare_update(part, cfg, run) for part in
+             mini_batches(seqs, [len(g) for g in groups], cfg.batching.ppo_mini_batches)]
+    # 6. old logprobs: the current ones when strictly on-policy, else a forward pass before
+    #    the first update (the rollout logprobs stay for TIS)
     source = old_logprobs_source(cfg) if m.needs_old_logprobs else "rollout"
     if source == "recompute":
         with timers.phase("old_logprobs"):
-            fill_old_logprobs(run.ddp, mbs, cfg.loss, seq_len, mb_size)
-    # 7. Megatron forward/backward over the micro-batches, one optimizer step
-    out = train_step(run.ddp, run.optimizer, run.scheduler, mbs,
-                     make_forward_step(cfg.loss, normaliser, old_is_current=source == "current"),
-                     seq_len, mb_size, timers=timers, measure_memory=step < MEMORY_STEPS)
+            for part in parts:
+                fill_old_logprobs(run.ddp, part.mbs, cfg.loss, part.seq_len, part.mb_size)
+    # 7. Megatron forward/backward over each part's micro-batches and an optimizer step per
+    #    part, batching.ppo_epochs times over the parts
+    outs = [train_step(run.ddp, run.optimizer, run.scheduler, part.mbs,
+                       make_forward_step(cfg.loss, part.normaliser,
+                                         old_is_current=source == "current"),
+                       part.seq_len, part.mb_size, timers=timers,
+                       measure_memory=step < MEMORY_STEPS and not k)
+            for k, part in enumerate(p for _ in range(cfg.batching.ppo_epochs) for p in parts)]
+    out = {"losses": [o for u in outs for o in u["losses"]],
+           "grad_norm": _mean([u["grad_norm"] for u in outs if u["grad_norm"] is not None]),
+           "transient_gb": outs[0]["transient_gb"]}
     memory.release_freed_memory()  # the activations, before the next generation
     train_tokens = float(sum(s["tokens"].numel() for s in seqs))  # every DP rank's
     timers.count("train_tokens", train_tokens)
@@ -92,14 +100,35 @@ def trapo_step(run, step: int) -> StepResult:
         with timers.phase("weight_sync"):
             synced = run.sync.sync(run.ddp, str(step + 1))
     # 9. metrics
+    warn_trace_fallback(trajs, cfg.sampler.trace_index)
     metrics = {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs, sources), **health,
                "rollout/generating_ranks": float(side.share.world) if side is not None else 0.0,
                **{f"sync/{k}": float(v) for k, v in synced.items()},
                "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
-               "train/tokens": train_tokens}
+               "train/tokens": train_tokens, "train/updates": float(len(outs))}
     if step < MEMORY_STEPS:  # where this rank's memory goes (rank 0's row in metrics.jsonl)
         metrics.update(memory.breakdown(run.ddp, run.optimizer, run.engine, out["transient_gb"]))
     return StepResult(metrics, groups)
+
+
+_warned_fallback = False
+
+
+def warn_trace_fallback(trajs: Sequence[Trajectory], trace_index: Sequence[int]) -> None:
+    """Once per run (rank 0): a micro-group asked for an expert trace the records lack and
+    was guided by trace 0 instead (``rollout/trace_fallbacks`` counts it every step). The
+    reference's last micro-group reads a second trace (fidelity review D2): merge one with
+    ``tools/prepare_data.py --second-trace``."""
+    global _warned_fallback
+    fallen = [t for t in trajs if t.trace_fallback]
+    if fallen and not _warned_fallback and torch.distributed.get_rank() == 0:
+        _warned_fallback = True
+        levels = sorted({t.level for t in fallen})
+        logger.warning("sampler.trace_index=%s: micro-group(s) %s asked for an expert trace "
+                       "that %d prompt(s) of this step lack, and were guided by their first "
+                       "trace instead (counted per step as rollout/trace_fallbacks; add a "
+                       "second trace with tools/prepare_data.py --second-trace)",
+                       list(trace_index), levels, len({t.prompt_index for t in fallen}))
 
 
 def gather_shares(local: Optional[list], share: Optional[RolloutShare]) -> list:
@@ -113,17 +142,58 @@ def gather_shares(local: Optional[list], share: Optional[RolloutShare]) -> list:
     return share.merge(parts, sum(len(p) for p in parts))
 
 
+@dataclass
+class Update:
+    """One optimizer step's share of a rollout batch on this rank: its micro-batches (on
+    the device), its loss normaliser over every DP rank, the schedule's shapes."""
+
+    mbs: List[dict]
+    normaliser: float
+    seq_len: int
+    mb_size: int
+
+
+def mini_batches(seqs: List[dict], group_sizes: Sequence[int], n: int) -> List[List[dict]]:
+    """The step's sequences in ``n`` parts of whole prompt groups (consecutive prompts, as
+    even as the prompt count allows): advantages were taken over whole groups, and each part
+    is one optimizer update (verl's ppo_mini_batch_size = prompts / n)."""
+    if sum(group_sizes) != len(seqs):
+        raise ValueError(f"{len(seqs)} sequences, but the groups hold {sum(group_sizes)}")
+    n = min(n, len(group_sizes))
+    bounds = [round(k * len(group_sizes) / n) for k in range(n + 1)]
+    starts = [0]
+    for size in group_sizes:
+        starts.append(starts[-1] + size)
+    return [seqs[starts[a]:starts[b]] for a, b in zip(bounds, bounds[1:])]
+
+
+def prepare_update(seqs: List[dict], cfg, run) -> Update:
+    """This rank's micro-batches of ``seqs``, normalised over every DP rank's share."""
+    mine = split_for_rank(seqs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    mbs = build_microbatches(mine, seqs, cfg, run.pad_id, run.model.fp8 is not None)
+    normaliser = global_normaliser(mbs)  # on the CPU micro-batches, over the gloo DP group
+    mbs = [to_device(mb) for mb in mbs]
+    return Update(mbs, normaliser, max(mb["tokens"].shape[1] for mb in mbs),
+                  max(mb["tokens"].shape[0] for mb in mbs))
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
 def old_logprobs_source(cfg) -> Literal["recompute", "current", "rollout"]:
     """Where the policy-gradient ratio's log π_old comes from (``batching.
-    recompute_old_logprobs``): ``current`` — strictly on-policy (one optimizer step per rollout
-    batch, which is every step today, and no TIS), π_old is the policy being differentiated,
-    so lp.detach() gives the ratio exp(lp − sg(lp)) = 1 and the same gradient as a recompute,
-    without its forward pass; ``recompute`` — a forward pass with the current weights before
-    the update (TIS, or forced); ``rollout`` — the engine's logprobs (forced off)."""
+    recompute_old_logprobs``): ``current`` — strictly on-policy (one optimizer step per
+    rollout batch, ``batching.ppo_mini_batches = ppo_epochs = 1``, and no TIS), π_old is the
+    policy being differentiated, so lp.detach() gives the ratio exp(lp − sg(lp)) = 1 and the
+    same gradient as a recompute, without its forward pass; ``recompute`` — a forward pass
+    with the current weights before the first update (TIS, several updates per rollout
+    batch, or forced); ``rollout`` — the engine's logprobs (forced off)."""
     forced = cfg.batching.recompute_old_logprobs
     if forced is not None:
         return "recompute" if forced else "rollout"
-    return "recompute" if cfg.loss.tis_cap is not None else "current"
+    several = cfg.batching.ppo_mini_batches * cfg.batching.ppo_epochs > 1
+    return "recompute" if cfg.loss.tis_cap is not None or several else "current"
 
 
 def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,
@@ -192,7 +262,8 @@ def rollout_metrics(trajs: List[Trajectory], sources: Optional[Sequence[str]] = 
     guided = [t for t in trajs if t.guided]
     out = {"rollout/samples": float(len(trajs)),
            "rollout/guided_fraction": len(guided) / max(len(trajs), 1),
-           "rollout/full_solution_samples": float(sum(1 for t in guided if not t.completion_ids))}
+           "rollout/full_solution_samples": float(sum(1 for t in guided if not t.completion_ids)),
+           "rollout/trace_fallbacks": float(sum(t.trace_fallback for t in guided))}
     first = [t for t in trajs if t.level == 0]  # TRAPO's first micro-group, never guided
     if first and not any(t.guided for t in first):
         # the reference's curve (critic/score/mask1_mean): later levels are free only where a

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -17,9 +18,10 @@ import torch
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from megatron_trapo.algorithms.methods import PIPELINES, is_pipeline
+from megatron_trapo.algorithms.methods import PIPELINES, Stage, is_pipeline
 from megatron_trapo.config import ConfigError, TrainConfig, runtime_model, to_dict
 from megatron_trapo.data.items import PromptData
+from megatron_trapo.data.split import split_rows
 from megatron_trapo.data.tokenizer import stop_token_ids
 from megatron_trapo.metrics import MetricsLogger, continue_log
 from megatron_trapo.models.hf.mapping import model_to_hf_config
@@ -57,6 +59,9 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
         else cfg.model
     tokenizer = load_tokenizer(cfg)
     train_items, eval_items, reports = check_all_data(cfg, tokenizer, model.max_position_embeddings)
+    if cfg.train_epochs is not None:  # passes over the kept rows, in whole steps
+        cfg = dataclasses.replace(cfg, train_iters=max(1, math.ceil(
+            cfg.train_epochs * len(train_items) / cfg.prompts_per_step)))
     initialize_distributed(cfg.parallel, model, seed=cfg.seed)
     share = rollout_share(cfg)
     if not torch.cuda.is_available():  # will it fit? (before anything big is allocated)
@@ -68,7 +73,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
                          extraction=cfg.reward.extraction) if share is not None else None)
     torch.manual_seed(cfg.seed)
     chunks = build_model(model, cfg.parallel, perform_initialization=cfg.load is None)
-    ddp, optimizer, scheduler = build_training_state(chunks, cfg.optimizer, cfg.train_iters)
+    ddp, optimizer, scheduler = build_training_state(chunks, cfg.optimizer, cfg.train_iters,
+                                                     cfg.batching.updates_per_step)
     start, trainer_state = 0, {}
     ckpt = cfg.checkpoint.save
     if resume and ckpt and latest_iteration(ckpt) is not None:
@@ -207,30 +213,67 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
                  ) -> Dict[str, float]:
     """Train; a pipeline (``loss_mode=sft_then_rl``: an SFT stage, then a GRPO stage from its
     checkpoint) runs its stages in order, each with its own checkpoint and log folder (``sft/``,
-    ``rl/``); a finished earlier stage is kept. ``overwrite``: a fresh run may replace the run
-    in ``checkpoint.save``."""
+    ``rl/``) and the settings of :func:`stage_config`; a finished earlier stage is kept.
+    ``overwrite``: a fresh run may replace the run in ``checkpoint.save``."""
     if not is_pipeline(cfg.loss.loss_mode):
         return _run_stage(cfg, resume, overwrite)
     if not cfg.checkpoint.save:
         raise ConfigError(f"loss_mode={cfg.loss.loss_mode} needs checkpoint.save (each stage "
                           "loads the previous stage's checkpoint)")
     root = Path(cfg.checkpoint.save)
-    logs = Path(cfg.log_dir) if cfg.log_dir else None
-    stage = lambda name, mode, iters, load: dataclasses.replace(  # noqa: E731
-        cfg, loss=dataclasses.replace(cfg.loss, loss_mode=mode), train_iters=iters, load=load,
-        checkpoint=dataclasses.replace(cfg.checkpoint, save=str(root / name)),
-        log_dir=str(logs / name) if logs else None)
-
+    data = stage_data(cfg, root)
     load, final = cfg.load, {}
     parts = PIPELINES[cfg.loss.loss_mode]
     for k, part in enumerate(parts):
-        iters = getattr(cfg, part.iterations)
-        finished = k + 1 < len(parts) and latest_iteration(root / part.folder) == iters
-        if not finished:  # a finished earlier stage is kept
-            final = _run_stage(stage(part.folder, part.method, iters, load), resume, overwrite,
-                               control_dir=str(root))
+        done = root / part.folder / STAGE_DONE
+        if k + 1 < len(parts) and done.is_file() and not overwrite:  # finished: kept
+            load = str(root / part.folder)
+            continue
+        final = _run_stage(stage_config(cfg, part, load, data.get(part.folder)), resume,
+                           overwrite, control_dir=str(root))
+        if int(os.environ.get("RANK", "0")) == 0:
+            done.write_text(json.dumps({"iteration": latest_iteration(root / part.folder)}))
         load = str(root / part.folder)
     return final
+
+
+STAGE_DONE = "stage_done.json"  # written in a stage's checkpoint folder when it finished
+
+
+def stage_data(cfg: TrainConfig, root: Path) -> Dict[str, str]:
+    """Each stage's training file, by stage folder: ``sft_stage.train_data`` for the SFT
+    stage, or with ``sft_stage.split`` a seeded share of ``train_data`` for it and the
+    complement for RL (written under ``checkpoint.save/data``); empty: the run's train_data."""
+    sft = cfg.sft_stage
+    if sft.train_data is not None:
+        return {"sft": sft.train_data}
+    if sft.split is None or cfg.train_data is None:
+        return {}
+    first, rest, bad = split_rows(cfg.train_data, sft.split, cfg.seed, root / "data")
+    if bad and int(os.environ.get("RANK", "0")) == 0:
+        logger.warning("sft_stage.split: %d unreadable line(s) of %s left out of both parts",
+                       bad, cfg.train_data)
+    return {"sft": str(first), "rl": str(rest)}
+
+
+def stage_config(cfg: TrainConfig, part: Stage, load: Optional[str],
+                 data: Optional[str]) -> TrainConfig:
+    """The run's config for one stage: its method, checkpoint and log sub-folders, its data;
+    a stage with settings of its own (the SFT stage: ``sft_stage``) takes its batch, length,
+    optimizer and one update per batch from them."""
+    logs = Path(cfg.log_dir) if cfg.log_dir else None
+    common = dict(loss=dataclasses.replace(cfg.loss, loss_mode=part.method), load=load,
+                  checkpoint=dataclasses.replace(cfg.checkpoint,
+                                                 save=str(Path(cfg.checkpoint.save) / part.folder)),
+                  log_dir=str(logs / part.folder) if logs else None,
+                  train_data=data or cfg.train_data)
+    if part.settings is None:
+        return dataclasses.replace(cfg, **common)
+    own = getattr(cfg, part.settings)
+    return dataclasses.replace(
+        cfg, **common, optimizer=own.optimizer, prompts_per_step=own.prompts_per_step,
+        train_iters=own.train_iters or 1, train_epochs=None if own.train_iters else own.epochs,
+        batching=dataclasses.replace(cfg.batching, ppo_mini_batches=1, ppo_epochs=1))
 
 
 def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
@@ -240,6 +283,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
     # its settings are checked with the preflight's, before any model is built
     profiler = StepProfiler(cfg.profiling, cfg.log_dir, int(os.environ.get("RANK", "0")))
     run, start, _ = setup(cfg, resume, overwrite)
+    cfg = run.cfg  # train_epochs resolved to train_iters
     rank0 = torch.distributed.get_rank() == 0
     if rank0 and cfg.log_dir:  # the log continues at the resumed step, without repeated rows
         continue_log(Path(cfg.log_dir) / "metrics.jsonl", start)

@@ -174,10 +174,20 @@ def test_sigterm_finishes_the_step_saves_and_the_resume_matches(task, tmp_path, 
 
 
 def test_sft_then_rl_chains_two_stages(task, tmp_path):
+    """The SFT stage runs with its own data (a seeded quarter of train_data), batch, epochs
+    and optimizer; the RL stage with the run's own, on the complement, from the SFT stage's
+    checkpoint (fidelity review D5: both stages shared everything before)."""
+    from megatron_trapo.data.records import load_records
+
     run = tmp_path / "chain"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
            f"--master-port={free_port()}", "-m", "megatron_trapo.cli", "train",
-           *args(task, **{"loss.loss_mode": "sft_then_rl", "sft_stage_iters": 2,
+           *args(task, **{"loss.loss_mode": "sft_then_rl", "sft_stage.split": 0.25,
+                          "sft_stage.epochs": 2, "sft_stage.prompts_per_step": 8,
+                          "sft_stage.optimizer.lr": 2e-3,
+                          "sft_stage.optimizer.lr_decay_style": "constant",
+                          "sft_stage.optimizer.lr_warmup_fraction": 0.0,
+                          "loss.max_response_length": 96,
                           "train_iters": 2, "checkpoint.save": run / "ckpt",
                           "log_dir": run / "logs"})]
     proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"),
@@ -185,10 +195,19 @@ def test_sft_then_rl_chains_two_stages(task, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sft = [json.loads(l) for l in (run / "logs" / "sft" / "metrics.jsonl").read_text().splitlines()]
     rl = [json.loads(l) for l in (run / "logs" / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in sft] == [1, 2] and all("pg/tokens" not in r for r in sft)
+    # 16 of the 64 problems, 2 epochs of 8 per step: 4 steps, at the stage's own lr
+    assert sft[0]["data/train_rows_kept"] == 16 and rl[0]["data/train_rows_kept"] == 48
+    assert [r["step"] for r in sft] == [1, 2, 3, 4] and all("pg/tokens" not in r for r in sft)
+    assert all(r["lr"] == 2e-3 for r in sft) and all(r["lr"] == 1e-3 for r in rl)
     assert [r["step"] for r in rl] == [1, 2] and all(r["pg/tokens"] > 0 for r in rl)
-    assert (run / "ckpt" / "sft" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert (run / "ckpt" / "sft" / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert (run / "ckpt" / "rl" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert json.loads((run / "ckpt" / "sft" / "stage_done.json").read_text())["iteration"] == 4
+    # the two parts are disjoint and together the whole file
+    parts = [load_records(run / "ckpt" / "data" / f) for f in ("sft.jsonl", "rl.jsonl")]
+    problems = [{r.problem for r in part} for part in parts]
+    assert not problems[0] & problems[1]
+    assert problems[0] | problems[1] == {r.problem for r in load_records(task / "train.jsonl")}
 
 
 def test_luffy_mixes_off_policy_expert_samples(task, tmp_path):
@@ -267,7 +286,18 @@ def test_data_parallel_rollouts_match_rank0_rollouts(task, tmp_path):
         assert 0 <= row["timing/other_fraction"] < 1
 
 
-def _reference_gradient(saved) -> dict:
+def _hf_model(saved, state):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(saved["config"])
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = AutoModelForCausalLM.from_config(hf_config).double()
+    model.load_state_dict({k: v.double() for k, v in state.items()}, strict=False)
+    return model
+
+
+def _reference_gradient(saved, state=None, trajs=None, old_state=None) -> dict:
     """The step's objective written out by hand on the HF model in float64, one sample at a
     time (no padding, no micro-batches, no parallelism): per prompt A = r − mean r over its
     G samples; every generated token −A·ratio (ratio 1 on-policy); every flagged
@@ -275,15 +305,17 @@ def _reference_gradient(saved) -> dict:
     divided as ``loss.aggregation`` says (token_mean: by the loss tokens; constant: each
     sequence's sum by L_max, averaged over the sequences that have loss tokens); minus c times
     the mean entropy over every response token of the step (expert prefixes included, the
-    reference's masked_mean over the response mask)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    reference's masked_mean over the response mask).
 
-    cfg = dict(saved["config"])
-    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = AutoModelForCausalLM.from_config(hf_config).double()
-    model.load_state_dict({k: v.double() for k, v in saved["state"].items()}, strict=False)
-    c, trajs = saved["loss"], saved["trajectories"]
+    ``state``/``trajs``: another update of the same step (its weights, its mini-batch of whole
+    groups); ``old_state``: the weights the rollouts were sampled with, whose logprobs are
+    then the ratio's π_old."""
+    import torch
+
+    model = _hf_model(saved, saved["state"] if state is None else state)
+    old = _hf_model(saved, old_state) if old_state is not None else None
+    c = saved["loss"]
+    trajs = saved["trajectories"] if trajs is None else trajs
     assert c["mode"] == "trapo" and not c["normalize_std"] and c["entropy_tokens"] == "response"
     G = c["group_size"]
     rewards = [t["reward"] for t in trajs]
@@ -295,10 +327,14 @@ def _reference_gradient(saved) -> dict:
         assert c["aggregation"] == "constant"
         scale = [1.0 / c["max_response_length"] / sum(n > 0 for n in counts)] * len(trajs)
     n_response = sum(len(t["prefix_ids"]) + len(t["completion_ids"]) for t in trajs)
+
+    def logprobs(m, ids):
+        lsm = torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+        return lsm.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1), lsm
+
     for t, adv, s in zip(trajs, advantages, scale):
         ids = t["prompt_ids"] + t["prefix_ids"] + t["completion_ids"]
-        lsm = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
-        lp = lsm.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+        lp, lsm = logprobs(model, ids)
         entropy = -(lsm.exp() * lsm).sum(-1)
         start = len(t["prompt_ids"]) - 1  # the logit row predicting the first response token
         split = start + len(t["prefix_ids"])
@@ -307,10 +343,33 @@ def _reference_gradient(saved) -> dict:
             p = lp[start:split].exp()
             loss = loss - c["sft_weight"] * (p / p.detach().clamp(min=c["alpha"])).sum()
         gen_lp = lp[split:]
-        loss = loss + c["rl_weight"] * (-adv * (gen_lp - gen_lp.detach()).exp()).sum()
+        if old is None:
+            old_lp = gen_lp.detach()
+        else:
+            with torch.no_grad():
+                old_lp = logprobs(old, ids)[0][split:]
+        loss = loss + c["rl_weight"] * (-adv * (gen_lp - old_lp).exp()).sum()
         bonus = c["entropy_coef"] * entropy[start:].sum() / n_response
         (loss * s - bonus).backward()
     return {k: p.grad for k, p in model.named_parameters()}
+
+
+def _assert_same_gradient(ours: dict, ref: dict, cos: float = 1e-10, norm: float = 1e-6,
+                          tensor: float = 1e-5) -> None:
+    dot = sum(float((ours[k].double() * g).sum()) for k, g in ref.items())
+    a = sum(float((ours[k].double() ** 2).sum()) for k in ref)
+    b = sum(float((g ** 2).sum()) for g in ref.values())
+    # measured: 1 − cos 5e-14, norm 7e-8, worst tensor 7e-7; a lost entropy bonus gives
+    # 2e-7 / 3e-5 / 9e-3, α = 0.2 for 0.1 gives 1e-2 / 3e-2 / 0.33, rl_weight × 0.99 5e-6 / 9e-3
+    assert set(ref) <= set(ours)
+    assert 1 - dot / (a * b) ** 0.5 < cos
+    assert abs((a / b) ** 0.5 - 1) < norm
+    # and tensor by tensor, relative to each tensor's own size; fp32 round-off of a small
+    # tensor's sums (the final norm's weight: 1e-2 of the whole gradient) is bounded by the
+    # whole gradient's size (measured: 4e-7 of it)
+    total = b ** 0.5
+    for k, g in ref.items():
+        assert float((ours[k].double() - g).norm()) <= tensor * float(g.norm()) + 2e-6 * total, k
 
 
 @pytest.mark.parametrize("aggregation", ["constant", "token_mean"])
@@ -333,18 +392,39 @@ def test_step_gradient_equals_the_objective_written_by_hand(task, tmp_path, aggr
     rewards = [t["reward"] for t in saved["trajectories"]]
     assert any(len(set(rewards[g:g + G])) > 1 for g in range(0, len(rewards), G)), \
         "no group with unequal rewards: every advantage is 0 and the PG term is untested"
-    ref = _reference_gradient(saved)
-    ours = saved["grads"]
-    assert set(ref) <= set(ours)
-    dot = sum(float((ours[k].double() * g).sum()) for k, g in ref.items())
-    a = sum(float((ours[k].double() ** 2).sum()) for k in ref)
-    b = sum(float((g ** 2).sum()) for g in ref.values())
-    # measured: 1 − cos 5e-14, norm 7e-8, worst tensor 7e-7; a lost entropy bonus gives
-    # 2e-7 / 3e-5 / 9e-3, α = 0.2 for 0.1 gives 1e-2 / 3e-2 / 0.33, rl_weight × 0.99 5e-6 / 9e-3
-    assert 1 - dot / (a * b) ** 0.5 < 1e-10
-    assert abs((a / b) ** 0.5 - 1) < 1e-6
-    for k, g in ref.items():  # and tensor by tensor, relative to each tensor's own size
-        assert float((ours[k].double() - g).norm()) <= 1e-5 * float(g.norm()) + 1e-12, k
+    _assert_same_gradient(saved["grads"], _reference_gradient(saved))
+
+
+def test_ppo_mini_batches_update_once_per_part_against_the_rollout_policy(task, tmp_path):
+    """batching.ppo_mini_batches=2 (LUFFY's script; fidelity review D4): the step's 4 prompts
+    in two parts of whole groups, one optimizer update each. The second update's gradient is
+    the objective of its own 2 prompts, normalised over them, at the weights the first update
+    left, with the ratio against the rollout policy's logprobs (recomputed before the first
+    update, not the current ones: with lr 0.05 the ratio is far from 1)."""
+    import torch
+
+    run_worker("step_gradient.py", 2, tmp_path, env={"TRAIN_ARGS": " ".join(args(
+        task, **{"parallel.tensor_model_parallel_size": 2, "log_dir": tmp_path / "runs",
+                 "prompts_per_step": 4, "batching.ppo_mini_batches": 2,
+                 "optimizer.lr": 0.05, "loss.aggregation": "token_mean",
+                 "loss.max_response_length": 96}))})
+    saved = torch.load(str(tmp_path / "results.json") + ".pt")
+    updates, trajs = saved["updates"], saved["trajectories"]
+    assert len(updates) == 2 and saved["metrics"]["train/updates"] == 2
+    half = len(trajs) // 2  # prompts 0-1, then 2-3 (8 samples each)
+    rewards = [t["reward"] for t in trajs[half:]]
+    assert len(set(rewards)) > 1, "the second part has no PG signal: the ratio is untested"
+    _assert_same_gradient(updates[0]["grads"], _reference_gradient(saved, trajs=trajs[:half]))
+    second = _reference_gradient(saved, state=updates[1]["params"], trajs=trajs[half:],
+                                 old_state=saved["state"])
+    # measured: 1 − cos 4.8e-10, norm 6.8e-7, worst tensor 9.6e-5 (Adam's first steps at lr
+    # 0.05 move every weight, so the ratios are far from 1 and fp32 round-off grows with
+    # them); the same update with π_old = the current weights (the on-policy shortcut) is off
+    # by 1 − cos 0.37, norm 0.38
+    _assert_same_gradient(updates[1]["grads"], second, cos=1e-8, norm=1e-5, tensor=1e-3)
+    on_policy = _reference_gradient(saved, state=updates[1]["params"], trajs=trajs[half:])
+    gap = sum(float((second[k] - on_policy[k]).norm() ** 2) for k in second) ** 0.5
+    assert gap > 0.1 * sum(float(g.norm() ** 2) for g in second.values()) ** 0.5
 
 
 def test_adamw_decays_every_parameter_by_default_as_the_reference(tmp_path):

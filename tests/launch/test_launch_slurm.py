@@ -16,6 +16,19 @@ from launch_helpers import ITERS, ROOT, leftovers, metrics, server_pid, write_co
 from slurm_cluster import require_slurm
 
 
+def routers_since(t0: float) -> list:
+    """sglang-router processes started after ``t0`` that are still running (the router
+    renames itself "sglang::router", so no path in its command line finds it)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
+        cmd = " ".join(p.info["cmdline"] or []) or (p.info["name"] or "")
+        if "router" in cmd and "sglang" in cmd and p.info["create_time"] >= t0 - 1:
+            found.append(f"{p.info['pid']} {cmd[:120]}")
+    return found
+
+
 @pytest.fixture(scope="module", autouse=True)
 def slurm_cluster():
     require_slurm()
@@ -32,6 +45,7 @@ def test_sbatch_runs_servers_and_trainer_and_survives_a_dead_server(files, tmp_p
          f"--output={out}", "examples/run_trapo_32b.sh"], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
+    started = time.time()
     deadline = time.time() + 840
     while proc.poll() is None and time.time() < deadline:
         rows = metrics(run_dir)
@@ -71,3 +85,4 @@ def test_sbatch_runs_servers_and_trainer_and_survives_a_dead_server(files, tmp_p
     assert queued.stdout.strip() == ""
     assert leftovers(str(run_dir)) == [] and leftovers(str(cfg)) == []
     assert leftovers(str(files["hf"])) == []  # the servers
+    assert routers_since(started) == []  # the trainer's sglang-router (renamed, own session)

@@ -86,6 +86,35 @@ def test_schedule_guides_only_the_failing_prompt(name):
     assert failing[-1] in scored[3]
 
 
+def test_a_record_with_one_trace_falls_back_to_it_and_is_flagged(caplog, monkeypatch):
+    """Micro-group 4 asks for trace 1; a record with only trace 0 is guided by trace 0, and
+    that sample is flagged (counted per step, warned about once per run) — it was silent."""
+    import logging
+
+    import torch.distributed
+
+    from megatron_trapo.train import step as step_module
+
+    one = [PromptItem(Record("problem 0", "42", ["a"]), [1, 2, 3], [TRACE_A],
+                      [[f"t{t}" for t in TRACE_A]])]
+    groups = sample_groups(one, ScriptedEngine(), lambda trajs: None, METHODS["trapo"],
+                           MicroGroupConfig(), SamplingParams(temperature=1.0, max_new_tokens=64),
+                           EOS, seed=5)
+    last = groups[0][-1]
+    assert last.level == 3 and last.prefix_ids == TRACE_A + [EOS] and last.trace_fallback
+    assert not any(t.trace_fallback for t in groups[0][:-1])  # levels 1-2 want trace 0
+    assert step_module.rollout_metrics(flatten(groups))["rollout/trace_fallbacks"] == 1.0
+    _, _, two = run("trapo")  # records with two traces: no fallback
+    assert step_module.rollout_metrics(flatten(two))["rollout/trace_fallbacks"] == 0.0
+    monkeypatch.setattr(step_module, "_warned_fallback", False)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: 0)
+    with caplog.at_level(logging.WARNING, logger="megatron_trapo.train.step"):
+        step_module.warn_trace_fallback(flatten(groups), [0, 0, 0, 1])
+        step_module.warn_trace_fallback(flatten(groups), [0, 0, 0, 1])
+    warned = [r for r in caplog.records if "trace_fallbacks" in r.getMessage()]
+    assert len(warned) == 1 and "micro-group(s) [3]" in warned[0].getMessage()
+
+
 def test_grpo_is_one_level_of_free_rollouts():
     engine, scored, groups = run("grpo")
     assert len(engine.calls) == 1
@@ -122,6 +151,18 @@ def test_a_long_trace_is_cut_to_the_response_budget():
     # the trace is cut to the budget first (3 tokens, 4 with EOS), then 50 %: int(2.0) = 2
     assert engine.calls[2][0].prefix_ids == TRACE_A[:2]
     assert groups[0][-1].prefix_ids == TRACE_B  # 3 + EOS cut to 3
+
+
+@pytest.mark.parametrize("name", ["sft", "luffy"])
+def test_a_whole_expert_sample_is_cut_to_the_response_budget(name):
+    """SFT's and LUFFY's whole expert solutions are cut to the response budget (then without
+    EOS), as the reference truncates its targets, instead of failing the micro-batch (or, for
+    SFT, the preflight skipping the row; fidelity review D5)."""
+    groups = sample_groups(items()[:1], ScriptedEngine(), lambda trajs: None, METHODS[name],
+                           MicroGroupConfig(), SamplingParams(max_new_tokens=5), EOS, seed=0)
+    expert = [t for t in groups[0] if t.guided]
+    trace = TRACE_A if name == "sft" else TRACE_B  # SFT: the first trace, LUFFY: the last
+    assert expert and all(t.prefix_ids == (trace + [EOS])[:5] for t in expert)
 
 
 @pytest.mark.parametrize("name", ["trapo_prefix_context", "trapo_luffy_prefix"])

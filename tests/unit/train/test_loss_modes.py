@@ -62,6 +62,50 @@ def test_luffy_shapes_off_policy_and_clips_on_policy():
     assert m["pg/clip_frac"].tolist() == [1.0, 2.0]
 
 
+def test_luffy_leaves_on_policy_tokens_unclipped_by_default_as_its_script():
+    """LUFFY's script removes the clip (loss_remove_clip=True; fidelity review D4); before,
+    0.2 was forced. Token 3 has ratio 1.2 with A > 0."""
+    assert LuffyConfig().clip_ratio is None
+    loss, m = token_losses(LossConfig(loss_mode="luffy", entropy_coef=0.0), LP.clone(), ENT,
+                           BATCH)
+    assert loss[3] == pytest.approx(-0.5 * 1.2, rel=1e-5)
+    assert m["pg/clip_frac"].tolist() == [0.0, 2.0]
+    clipped, _ = run(loss_mode="luffy", entropy_coef=0.0, luffy_clip_ratio=0.1)
+    assert clipped[3] == pytest.approx(-0.5 * 1.1, rel=1e-5)
+
+
+def test_ppo_mini_batches_must_split_the_prompts_into_whole_parts():
+    from megatron_trapo.config import TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match=r"batching\.ppo_mini_batches=3 must divide "
+                                          r"prompts_per_step=8"):
+        load_config(TrainConfig, None, ["prompts_per_step=8", "batching.ppo_mini_batches=3"])
+    with pytest.raises(ConfigError, match=r"batching\.ppo_epochs must be >= 1"):
+        BatchingConfig(ppo_epochs=0)
+    cfg = load_config(TrainConfig, None, ["prompts_per_step=8", "batching.ppo_mini_batches=2",
+                                          "batching.ppo_epochs=2"])
+    assert cfg.batching.updates_per_step == 4
+    assert old_logprobs_source(cfg) == "recompute"  # π_old is not the current policy then
+
+
+def test_the_lr_schedule_counts_rollout_steps_with_several_updates_each():
+    """lr_warmup_iters / lr_decay_iters are rollout steps: with 2 updates per step the
+    scheduler's warm-up and decay take twice as many of its (per-update) steps."""
+    from megatron_trapo.config import OptimizerConfig
+    from megatron_trapo.train.optimizer import build_scheduler
+
+    class Opt:  # what megatron's scheduler touches of an optimizer
+        param_groups = [{"lr": 0.0, "weight_decay": 0.0}]
+
+    cfg = OptimizerConfig(lr=1.0, lr_warmup_iters=4, lr_decay_style="linear")
+    one, two = build_scheduler(Opt(), cfg, 10, 1), build_scheduler(Opt(), cfg, 10, 2)
+    assert (one.lr_warmup_steps, one.lr_decay_steps) == (4, 10)
+    assert (two.lr_warmup_steps, two.lr_decay_steps) == (8, 20)
+    for _ in range(4):
+        two.step(increment=1)
+    assert two.get_lr(Opt.param_groups[0]) == pytest.approx(0.5)  # 2 of 4 rollout steps
+
+
 def test_tis_caps_importance_weights():
     loss, m = run(loss_mode="grpo", entropy_coef=0.0, tis_cap=2.0)
     ratio = 0.6 / 0.5
@@ -87,10 +131,28 @@ def test_ablation_methods_differ_from_trapo_only_on_prefix_tokens():
     assert context[1:3].tolist() == [0.0, 0.0] and m["expert/tokens"][0] == 0
     assert torch.equal(context[3:], trapo[3:])
     shaped, _ = run(loss_mode="trapo_luffy_prefix", entropy_coef=0.01, luffy_gamma=0.1)
-    # −A·p/(p+γ) with A = 0.5: p = 0.05 → −0.5/3, p = 0.3 → −0.375
-    assert shaped[1].item() == pytest.approx(-0.5 * 0.05 / 0.15, rel=1e-5)
-    assert shaped[2].item() == pytest.approx(-0.5 * 0.3 / 0.4, rel=1e-5)
+    # −1·p/(p+γ): the prefix's advantage is 1, as the reference's (mix_actor.py:109), not the
+    # sample's 0.5: p = 0.05 → −1/3, p = 0.3 → −0.75
+    assert shaped[1].item() == pytest.approx(-0.05 / 0.15, rel=1e-5)
+    assert shaped[2].item() == pytest.approx(-0.3 / 0.4, rel=1e-5)
     assert torch.equal(shaped[3:], trapo[3:])  # TRAPO's clip range, not LUFFY's
+
+
+def test_luffy_prefix_ablation_pulls_prefixes_up_whatever_the_sample_s_advantage():
+    """A guided sample that failed has A < 0: LUFFY's shaping with the sample's A would push
+    its expert prefix down; the ablation (the reference's) gives prefix tokens A = 1, while
+    LUFFY's own off-policy samples keep theirs."""
+    failed = dict(BATCH, advantages=torch.full((6,), -0.5))
+    cfg = LossConfig(loss_mode="trapo_luffy_prefix", entropy_coef=0.0)
+    lp = LP.clone().requires_grad_(True)
+    loss, _ = token_losses(cfg, lp, ENT, failed)
+    loss[1:3].sum().backward()
+    assert (lp.grad[1:3] < 0).all()  # descent raises log p of the prefix tokens
+    p = LP[1:3].exp()
+    assert torch.allclose(loss[1:3], -p / (p + 0.1))
+    luffy, _ = token_losses(LossConfig(loss_mode="luffy", entropy_coef=0.0), LP.clone(), ENT,
+                            failed)
+    assert torch.allclose(luffy[1:3], 0.5 * p / (p + 0.1))  # −A·f(p) with the sample's A
 
 
 @pytest.mark.parametrize("mode", ["trapo", "grpo", "luffy"])

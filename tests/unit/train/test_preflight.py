@@ -162,6 +162,10 @@ def test_sft_skips_a_solution_longer_than_the_model(tmp_path, tok_dir):
     assert len(train) == 1 and list(rep["train"].skipped) == [
         "whose prompt + expert solution exceed the model's positions or "
         "batching.max_tokens_per_microbatch"]
+    # within the response budget the solution is cut to it instead (D5): the row is kept
+    train, _, _ = check(tmp_path, tok_dir, [GOOD, long], "loss.loss_mode=sft",
+                        "loss.max_response_length=96")
+    assert len(train) == 2
     train, _, _ = check(tmp_path, tok_dir, [GOOD, long], "loss.loss_mode=trapo")
     assert len(train) == 2  # TRAPO cuts prefixes to the response budget: the row is usable
 
@@ -207,6 +211,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["loss.loss_mode=trapo"], "reasoning"), (["loss.loss_mode=luffy"], "full"),
+    (["loss.loss_mode=sft"], "full"), (["loss.loss_mode=sft_then_rl"], "full"),
+    (["loss.loss_mode=trapo", "data.expert_text=full"], "full"),
+    (["loss.loss_mode=luffy", "data.expert_text=reasoning"], "reasoning")])
+def test_each_method_trains_on_its_own_text_of_the_expert_solution(tmp_path, tok_dir, extra, text):
+    """LUFFY's off-policy samples and SFT are the full target (reasoning, </think> and the
+    final solution); TRAPO's prefixes are cut from the reasoning — before, every method got
+    the reasoning only, cut at conversion (fidelity review D4)."""
+    full = "<think>two plus two</think> So the answer is \\boxed{4}."
+    train, _, _ = check(tmp_path, tok_dir, [{**GOOD, "solutions": [full]}], *extra)
+    tok = load_tokenizer(cfg(tmp_path, tok_dir, tmp_path / "d.jsonl"))
+    decoded = tok.decode(train[0].traces[0])
+    assert decoded == (full if text == "full" else "two plus two")
 
 
 def test_prompt_template_renders_the_training_prompts(tmp_path, tok_dir):
