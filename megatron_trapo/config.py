@@ -400,9 +400,25 @@ class RolloutConfig:
     # (each rank holds the whole model when TP = PP = CP = 1), instead of rank 0 generating
     # all of them while the others wait. None = auto: on with engine=hf at such a layout.
     data_parallel: Optional[bool] = None
+    # FP8 weights for the engine (rollout/fp8.py: quantized with nvidia-modelopt at every
+    # weight sync, per tensor or in fp8_block_size blocks; the decoder's linears only). So far
+    # the in-process engine only, which computes with the FP8 weights dequantized (W8A16);
+    # the servers' disk and broadcast paths are next (issue 19). Use loss.tis_cap (e.g. 2.0)
+    # to correct the engine-vs-trainer gap, logged as pg/rollout_logprob_gap and pg/rollout_k3.
+    quantization: str = "none"  # none | fp8
+    fp8_block_size: Optional[List[int]] = field(default_factory=lambda: [128, 128])
 
     def __post_init__(self) -> None:
         _choice("rollout.engine", self.engine, ENGINES)
+        _choice("rollout.quantization", self.quantization, ["none", "fp8"])
+        _check(self.fp8_block_size is None or (len(self.fp8_block_size) == 2 and all(
+            int(b) >= 1 for b in self.fp8_block_size)),
+            f"rollout.fp8_block_size must be two positive sizes or null (per tensor), got "
+            f"{self.fp8_block_size}")
+        _check(self.quantization == "none" or self.resolved_weight_sync == "inprocess",
+               f"rollout.quantization={self.quantization} is wired for the in-process engine "
+               f"only so far (engine=hf, weight_sync=inprocess), not weight_sync="
+               f"{self.resolved_weight_sync}")
         _check(self.data_parallel is not True or self.engine == "hf",
                f"rollout.data_parallel=true needs rollout.engine=hf (engine={self.engine}: "
                "servers batch every rank's requests themselves)")

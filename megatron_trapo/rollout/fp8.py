@@ -1,7 +1,7 @@
 """FP8 weights for the rollout engines: the trainer's HF-named tensors quantized into the
 checkpoint format SGLang's and vLLM's ``Fp8Config`` load (``quant_method: "fp8"``, the format
 of DeepSeek-V3 / Qwen3-FP8 checkpoints), and back. The building block of FP8 rollouts (issue
-19); the weight sync and the engines do not call it yet.
+19); so far the in-process engine's weight sync uses it (``rollout.quantization=fp8``).
 
 - Each linear's weight of a decoder layer (q, k, v, o, gate, up, down; each its own scales,
   as the engines fuse q/k/v and gate/up with per-shard scales) becomes ``X.weight`` in
@@ -94,6 +94,19 @@ def quantize_named(named: Iterator[Tuple[str, torch.Tensor]], block: Optional[Se
             q, scale = quantize(t, block)
             yield name, q.to(t.device)
             yield scale_name(name, block), scale.to(t.device)
+        else:
+            yield name, t
+
+
+def fake_quantized(named: Iterator[Tuple[str, torch.Tensor]], block: Optional[Sequence[int]]
+                   ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The sync's HF tensors as an engine holds FP8 weights it computes with in a wider
+    dtype: each decoder linear quantized and dequantized back to its own dtype (what loading
+    the FP8 checkpoint into such an engine gives)."""
+    for name, t in named:
+        if is_quantized(name):
+            q, scale = quantize(t, block)
+            yield name, dequantize(q, scale, block, t.dtype).to(t.device)
         else:
             yield name, t
 

@@ -34,6 +34,7 @@ from megatron_trapo.models.hf.mapping import expand, model_to_hf_config, rule_fo
 from megatron_trapo.models.sharding import local_shards, whole_view
 from megatron_trapo.platform import compute_device
 from megatron_trapo.platform.distributed import free_port, host_group
+from megatron_trapo.rollout import fp8
 from megatron_trapo.rollout.process_group import (destroy_weight_update_group,
                                                   init_weight_update_group)
 from megatron_trapo.rollout.types import BroadcastReceiver, RolloutEngine, RolloutError
@@ -184,6 +185,8 @@ class InProcessSync:
         # TP / PP tensors are temporaries, copied as before
         whole = ps.get_tensor_model_parallel_world_size() == 1 and \
             ps.get_pipeline_model_parallel_world_size() == 1
+        if self.sync.quantization == "fp8":  # the engine computes with the FP8 weights
+            named = fp8.fake_quantized(named, self.sync.fp8_block_size)
         for bucket in _counted_buckets(named, self.sync.bucket_bytes, stats):
             self.sync.engine.update_weights_from_tensors(dict(bucket), weight_version,
                                                          share=whole)
@@ -320,7 +323,8 @@ class WeightSync:
                  backend: Optional[str] = None, master_port: Optional[int] = None,
                  hf_config: Optional[dict] = None, address: Optional[str] = None,
                  group_timeout_s: float = 600.0, keep_versions: int = 2,
-                 replicated: bool = False):
+                 replicated: bool = False, quantization: str = "none",
+                 fp8_block_size: Optional[List[int]] = None):
         if mode not in STRATEGIES:
             raise RolloutError(f"weight sync mode must be one of {list(STRATEGIES)}, got {mode!r}")
         self.engine, self.model, self.mode = engine, model, mode
@@ -332,6 +336,10 @@ class WeightSync:
         self.address = address
         self.group_timeout_s = group_timeout_s
         self.keep_versions = keep_versions
+        if quantization != "none" and mode != "inprocess":
+            raise RolloutError(f"rollout.quantization={quantization} is wired for the in-process "
+                               f"engine only so far, not weight_sync={mode}")
+        self.quantization, self.fp8_block_size = quantization, fp8_block_size
         # data-parallel rollouts: every rank holds the whole model (TP = PP = CP = 1) and an
         # engine of its own, and fills it from its own weights — no gather, no transfer
         self.replicated = replicated

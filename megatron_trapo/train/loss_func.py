@@ -90,8 +90,13 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
             metrics["pg/entropy"] = torch.stack([(entropy.detach() * generated).sum(), n_gen])
             rollout = batch.get("rollout_logprobs")
             if rollout is not None:  # the engine's log p vs the trainer's, same weights
-                gap = (logprobs.detach() - rollout.float()).abs()
-                metrics["pg/rollout_logprob_gap"] = torch.stack([(gap * generated).sum(), n_gen])
+                delta = logprobs.detach() - rollout.float()
+                metrics["pg/rollout_logprob_gap"] = torch.stack(
+                    [(delta.abs() * generated).sum(), n_gen])
+                # k3 = r − 1 − log r, r = π_train/π_rollout on the engine's own samples: an
+                # unbiased, non-negative estimate of KL(π_rollout ‖ π_train) per token
+                k3 = delta.exp() - 1 - delta
+                metrics["pg/rollout_k3"] = torch.stack([(k3 * generated).sum(), n_gen])
             if tis is not None:
                 metrics["pg/tis_weight_mean"] = torch.stack([(tis * generated).sum(), n_gen])
                 metrics["pg/tis_weight_max"] = torch.stack([(tis * generated).max(), zero])

@@ -105,7 +105,9 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> tuple:
                       bucket_bytes=cfg.rollout.weight_sync_bucket_mb * 1024**2,
                       disk_dir=cfg.rollout.weight_sync_dir, address=cfg.rollout.weight_sync_address,
                       group_timeout_s=cfg.rollout.weight_sync_timeout_s,
-                      keep_versions=cfg.rollout.weight_sync_keep_versions)
+                      keep_versions=cfg.rollout.weight_sync_keep_versions,
+                      quantization=cfg.rollout.quantization,
+                      fp8_block_size=cfg.rollout.fp8_block_size)
     sync.sync(ddp, str(start))  # the engine starts from exactly the trainer's weights
     run = Run(cfg, ddp, optimizer, scheduler, model, tokenizer, sync, eos_id, pad_id, stop_ids,
               rollout, {k: v for name, rep in reports.items() for k, v in rep.metrics(name).items()})

@@ -225,6 +225,34 @@ def test_luffy_mixes_off_policy_expert_samples(task, tmp_path):
     assert m["expert/tokens"] > 0 and m["pg/tokens"] > 0
 
 
+def test_fp8_rollouts_show_the_gap_that_tis_corrects(task, tmp_path):
+    """rollout.quantization=fp8 (issue 19, in-process engine): every sync hands the engine the
+    decoder's linears quantized to FP8 (modelopt, 128×128 blocks) and dequantized, so its
+    logprobs of its own samples differ from the fp32 trainer's — the gap and a k3 KL estimate
+    are logged, and TIS weights them — where the unquantized engine matches to round-off."""
+    rows = {}
+    for name, extra in (("fp32", {}), ("fp8", {"rollout.quantization": "fp8",
+                                               "loss.tis_cap": 2.0})):
+        run = tmp_path / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+               f"--master-port={free_port()}", "-m", "megatron_trapo.cli", "train",
+               *args(task, **{"loss.loss_mode": "grpo", "train_iters": 2,
+                              "log_dir": run / "logs", **extra})]
+        proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[name] = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text()
+                      .splitlines()]
+    for r in rows["fp32"]:
+        assert r["pg/rollout_logprob_gap"] < 1e-4 and r["pg/rollout_k3"] < 1e-8
+    # measured: gap 1.2e-3 and 2.0e-3, k3 1e-6 and 3e-6 over the two steps (0 and 0 in fp32)
+    for r in rows["fp8"]:  # after the first sync and after the first update's
+        assert r["pg/rollout_logprob_gap"] > 3e-4 and r["pg/rollout_k3"] > 1e-7
+        assert 0.5 < r["pg/tis_weight_mean"] < 2.0 and r["pg/tokens"] > 0
+    # the same first rollouts' prompts and seeds: only the engine's weights differ
+    assert rows["fp8"][0]["rollout/samples"] == rows["fp32"][0]["rollout/samples"]
+
+
 def test_workers_exit_when_torchrun_is_killed(task, tmp_path):
     """torchrun starts its workers in their own sessions: killing torchrun alone used to leave
     both training (and checkpointing) on; the parent guard ends them within seconds."""
