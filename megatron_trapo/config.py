@@ -773,6 +773,9 @@ class TrainConfig:
                "wrong tokens; use tensor or pipeline parallelism")
 
 
+GRADINGS = ("math", "choice")  # how a benchmark's responses are graded (eval/registry.py)
+
+
 @dataclass
 class BenchmarkSpec:
     """A user benchmark: a JSONL file and the names of its problem and answer fields."""
@@ -787,7 +790,7 @@ class BenchmarkSpec:
     grading: str = "math"
 
     def __post_init__(self) -> None:
-        _choice("eval.extra_benchmarks[].grading", self.grading, ["math", "choice"])
+        _choice("eval.extra_benchmarks[].grading", self.grading, GRADINGS)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from megatron_trapo.config import ConfigError
+from megatron_trapo.config import GRADINGS, ConfigError
 from megatron_trapo.data.convert import gsm8k_final_answer
 from megatron_trapo.data.records import read_rows
 from megatron_trapo.reward.math_reward import last_boxed
@@ -78,7 +78,6 @@ REGISTRY: Dict[str, Benchmark] = {
     "arc_c": Benchmark("arc_c", DATA / "arc_challenge.jsonl", "problem", lambda r: r["answer"],
                        grading="choice"),
 }
-GRADINGS = ("math", "choice")
 
 
 _USER_SPECS: Dict[str, tuple] = {}

@@ -192,7 +192,7 @@ def old_logprobs_source(cfg) -> Literal["recompute", "current", "rollout"]:
     forced = cfg.batching.recompute_old_logprobs
     if forced is not None:
         return "recompute" if forced else "rollout"
-    several = cfg.batching.ppo_mini_batches * cfg.batching.ppo_epochs > 1
+    several = cfg.batching.updates_per_step > 1
     return "recompute" if cfg.loss.tis_cap is not None or several else "current"
 
 
