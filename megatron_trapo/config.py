@@ -337,7 +337,10 @@ class LossConfig:
     clip_ratio_low: Optional[float] = None  # PPO ε; the paper runs on-policy without clipping
     clip_ratio_high: Optional[float] = None
     luffy: LuffyConfig = field(default_factory=LuffyConfig)
-    tis_cap: Optional[float] = None  # truncated IS vs the rollout engine's logprobs, e.g. 2.0
+    # truncated IS against the rollout engine's logprobs, weight min(π_old/π_rollout, cap):
+    # null = 2.0 when rollout.quantization serves other weights than the trainer's (FP8), else
+    # off; 0 = off
+    tis_cap: Optional[float] = None
     # The output layer folded into the loss: logits are computed chunk by chunk from its input
     # and weight, and never exist for the whole micro-batch (train/output_layer.py); one more
     # output-layer GEMM in the backward. false: megatron's output layer, then the loss.
@@ -352,9 +355,11 @@ class LossConfig:
         _check(0.0 <= self.trust_region_alpha <= 1.0,
                f"loss.trust_region_alpha must be in [0, 1], got {self.trust_region_alpha}")
         _check(self.max_response_length >= 1, "loss.max_response_length must be >= 1")
-        for name in ("clip_ratio_low", "clip_ratio_high", "tis_cap"):
+        for name in ("clip_ratio_low", "clip_ratio_high"):
             value = getattr(self, name)
             _check(value is None or value > 0, f"loss.{name} must be > 0 or null, got {value}")
+        _check(self.tis_cap is None or self.tis_cap >= 0,
+               f"loss.tis_cap must be >= 0 (0: off) or null, got {self.tis_cap}")
         _check(self.logprob_chunk_size is None or self.logprob_chunk_size >= 1,
                "loss.logprob_chunk_size must be >= 1 or null")
 
@@ -401,10 +406,12 @@ class RolloutConfig:
     # all of them while the others wait. None = auto: on with engine=hf at such a layout.
     data_parallel: Optional[bool] = None
     # FP8 weights for the engine (rollout/fp8.py: quantized with nvidia-modelopt at every
-    # weight sync, per tensor or in fp8_block_size blocks; the decoder's linears only). So far
-    # the in-process engine only, which computes with the FP8 weights dequantized (W8A16);
-    # the servers' disk and broadcast paths are next (issue 19). Use loss.tis_cap (e.g. 2.0)
-    # to correct the engine-vs-trainer gap, logged as pg/rollout_logprob_gap and pg/rollout_k3.
+    # weight sync, per tensor or in fp8_block_size blocks; the decoder's linears only): the
+    # in-process engine gets them dequantized (W8A16), disk sync writes them with their
+    # quantization_config, broadcast sync streams fp8 tensors + scales. Servers must start
+    # from an FP8 export of the same block size (tools/quantize_fp8.py), as SGLang and vLLM
+    # build their FP8 layers from the checkpoint's config. TIS is on (loss.tis_cap 2.0) unless
+    # set; the gap shows as pg/rollout_logprob_gap and pg/rollout_k3.
     quantization: str = "none"  # none | fp8
     fp8_block_size: Optional[List[int]] = field(default_factory=lambda: [128, 128])
 
@@ -415,10 +422,6 @@ class RolloutConfig:
             int(b) >= 1 for b in self.fp8_block_size)),
             f"rollout.fp8_block_size must be two positive sizes or null (per tensor), got "
             f"{self.fp8_block_size}")
-        _check(self.quantization == "none" or self.resolved_weight_sync == "inprocess",
-               f"rollout.quantization={self.quantization} is wired for the in-process engine "
-               f"only so far (engine=hf, weight_sync=inprocess), not weight_sync="
-               f"{self.resolved_weight_sync}")
         _check(self.data_parallel is not True or self.engine == "hf",
                f"rollout.data_parallel=true needs rollout.engine=hf (engine={self.engine}: "
                "servers batch every rank's requests themselves)")
@@ -676,8 +679,13 @@ class InLoopEvalConfig:
     # problem i seeded with seed + i·k + j; 0: greedy
     temperature: float = 0.6
     k: int = 1  # samples per problem: accuracy is avg@k (the paper's pass@1 over k samples)
+    # eval/accuracy over "problems" (each counts once) or over "sources" (the mean of the
+    # records' sources' accuracies: each difficulty or benchmark weighs the same however many
+    # problems it has, so a larger sample of one level sharpens it without re-weighting)
+    average: str = "problems"
 
     def __post_init__(self) -> None:
+        _choice("eval.average", self.average, ["problems", "sources"])
         _check(self.interval >= 0, f"eval.interval must be >= 0, got {self.interval}")
         _check(self.k >= 1, f"eval.k must be >= 1, got {self.k}")
         _check(self.k == 1 or self.temperature > 0,
@@ -764,6 +772,10 @@ class TrainConfig:
         _check(self.prompts_per_step % self.batching.ppo_mini_batches == 0,
                f"batching.ppo_mini_batches={self.batching.ppo_mini_batches} must divide "
                f"prompts_per_step={self.prompts_per_step} (each update takes whole prompts)")
+        if self.loss.tis_cap is None and self.rollout.quantization != "none":
+            # the engine samples from its FP8 weights: correct for it unless told not to
+            # (slime's and NeMo-RL's TIS cap; loss.tis_cap=0 turns it off)
+            self.loss.tis_cap = DEFAULT_TIS_CAP
         _check(self.rollout.temperature > 0, "rollout.temperature must be > 0 for training "
                                              "rollouts")
         _check(self.parallel.context_parallel_size == 1,
@@ -791,6 +803,9 @@ class BenchmarkSpec:
 
     def __post_init__(self) -> None:
         _choice("eval.extra_benchmarks[].grading", self.grading, GRADINGS)
+
+
+DEFAULT_TIS_CAP = 2.0  # loss.tis_cap when rollout.quantization is on and the cap is unset
 
 
 @dataclass

@@ -7,6 +7,7 @@
 #      loss modes) where every tensor must be on cuda (CI runs it on a fake GPU);
 #   2. a 3-step TP=1 TRAPO run of a tiny Qwen2-shaped model, HF engine on the GPU,
 #      in-process weight sync; prints step time, tokens/s and peak memory.
+#   3. one step with FP8 rollouts (rollout.quantization=fp8) when nvidia-modelopt imports.
 #   GPU_SMOKE_ALLOW_CPU=1 runs the same on a CPU machine (to check the script itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,10 @@ fi
 DEVICE=cuda
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then DEVICE=cpu; fi
 echo "== 1. device check =="
-time "$PY" -m megatron_trapo.train.device_check
+if [ "${GPU_SMOKE_SKIP_DEVICE_CHECK:-0}" = 1 ]; then  # CI runs it on its own (fake GPU)
+  echo "skipped (GPU_SMOKE_SKIP_DEVICE_CHECK=1)"
+else
+  time "$PY" -m megatron_trapo.train.device_check
+fi
 echo "== 2. TRAPO steps =="
 GPU_SMOKE_DEVICE=$DEVICE time "$PY" scripts/gpu_smoke.py

@@ -56,13 +56,10 @@ def common(data: Path, sizes: Sizes) -> Dict[str, object]:
             # glibc's own allocation: the per-tensor mmap that bounds a large model's memory
             # costs this tiny one a quarter of its step (page faults), for nothing
             "batching.cpu_mmap_threshold_kb": None,
-            # The settings the README's demo tables were measured with, where the trainer's
-            # defaults have since become the reference's (fidelity review D6, D7, D10): the
-            # last \boxed{} as the answer (the task teaches that format), no weight decay, the
-            # entropy bonus on generated tokens weighted like the loss. Moving the demo to the
-            # new defaults is a re-measurement, not a silent change of the published numbers.
-            "reward.extraction": "last_boxed", "optimizer.weight_decay": 0.0,
-            "loss.entropy_tokens": "generated"}
+            # accuracy: the mean of the five levels' (Sizes.eval_extra samples the middle
+            # ones more); the reward, weight decay and entropy bonus are the trainer's
+            # defaults, the reference's (fidelity review D6, D7, D10)
+            "eval.average": "sources"}
 
 
 def pretrain(out: Path, sizes: Sizes) -> Path:
@@ -73,6 +70,10 @@ def pretrain(out: Path, sizes: Sizes) -> Path:
         "prompts_per_step": sizes.pre_prompts, "train_iters": sizes.pre_iters,
         "optimizer.lr": sizes.pre_lr, "optimizer.lr_decay_style": "cosine",
         "optimizer.lr_warmup_iters": max(sizes.pre_iters // 30, 1), "eval.interval": 0,
+        # the base's own recipe, as the README's base was measured, not the methods': no
+        # weight decay and no entropy bonus (on "generated" tokens, of which SFT has none);
+        # the trainer's defaults moving (fidelity review D7, D10) must not change the base
+        "optimizer.weight_decay": 0.0, "loss.entropy_tokens": "generated",
         "seed": 1})
 
 

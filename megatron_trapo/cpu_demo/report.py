@@ -35,7 +35,7 @@ def collect(out: Path, runs: Dict[str, Sequence[Path]]) -> Dict[str, dict]:
     """Per method: final held-out accuracy per seed, overall and per difficulty, and the
     per-problem correctness the paired comparison needs."""
     sources = {r.id: r.source for r in load_records(out / "data" / "eval.jsonl")}
-    result = {"base": {"runs": [out / "runs" / "base"]}}
+    result: Dict[str, dict] = {"base": {"runs": [out / "runs" / "base"]}}
     result.update({m: {"runs": list(paths)} for m, paths in runs.items()})
     for entry in result.values():
         rows = [final_rows(p / "logs" / "eval_samples.jsonl") for p in entry["runs"]]
@@ -44,6 +44,14 @@ def collect(out: Path, runs: Dict[str, Sequence[Path]]) -> Dict[str, dict]:
         entry["by_level"] = [by_source(c, sources) for c in entry["correct"]]
         entry["right_length"] = [right_length_share(r, sources) for r in rows]
     return result
+
+
+def level_counts(out: Path) -> Dict[int, int]:
+    counts: Dict[int, int] = {}
+    for r in load_records(out / "data" / "eval.jsonl"):
+        level = int(r.source.split("-")[1].rstrip("step"))
+        counts[level] = counts.get(level, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def table(result: Dict[str, dict], levels: List[str]) -> List[str]:
@@ -84,7 +92,7 @@ def length_table(result: Dict[str, dict], levels: List[str]) -> List[str]:
     return lines
 
 
-def paired_table(result: Dict[str, dict]) -> List[str]:
+def paired_table(result: Dict[str, dict], sources: Dict[str, str]) -> List[str]:
     if "trapo" not in result:
         return []
     lines = ["| TRAPO − method | difference, points [95% bootstrap CI] | only TRAPO / only "
@@ -94,7 +102,7 @@ def paired_table(result: Dict[str, dict]) -> List[str]:
         if method == "trapo":
             continue
         b = entry["correct"] * len(a) if method == "base" else entry["correct"]
-        lines.append(f"| {method} | {paired(a, b).row()} |")
+        lines.append(f"| {method} | {paired(a, b, strata=sources).row()} |")
     return lines
 
 
@@ -125,11 +133,14 @@ def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, floa
           + (f"avg@{sizes.eval_k} (pass@1 averaged over {sizes.eval_k} samples per problem) "
              f"at temperature {sizes.eval_temperature:g}, as the paper samples"
              if sizes.eval_temperature else "greedy decoding")
-          + "; mean ± std over seeds", "", *table(result, levels), "", *above_base(result)]
+          + "; overall = the mean of the levels' accuracies (each level weighs the same; "
+          + ", ".join(f"{n} {k}-step" for k, n in level_counts(out).items())
+          + " problems); mean ± std over seeds", "", *table(result, levels), "", *above_base(result)]
     md += ["Answers that write as many steps as the problem has (%, last evaluation): a wrong "
            "number of steps is how the base fails the chains it was never shown", "",
            *length_table(result, levels), ""]
-    pairs = paired_table(result)
+    sources = {r.id: r.source for r in load_records(out / "data" / "eval.jsonl")}
+    pairs = paired_table(result, sources)
     if pairs:
         md += ["TRAPO against each method on the same seeds and held-out problems:", "",
                *pairs, ""]

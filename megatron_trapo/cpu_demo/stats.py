@@ -9,7 +9,7 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_trapo.data.synthetic import steps_written
 from megatron_trapo.metrics import read_metrics
@@ -75,29 +75,43 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired(a: Sequence[Correct], b: Sequence[Correct], reps: int = 2000, seed: int = 0
-           ) -> Paired:
+def paired(a: Sequence[Correct], b: Sequence[Correct], reps: int = 2000, seed: int = 0,
+           strata: Optional[Mapping[str, str]] = None) -> Paired:
     """Compare runs ``a[s]`` and ``b[s]`` of the same seed ``s`` on the problems both graded.
     The bootstrap resamples seeds, then problems, with replacement (the two sources of
-    spread: training randomness and the finite held-out set)."""
+    spread: training randomness and the finite held-out set). ``strata`` (problem id →
+    source) makes the difference the mean of the sources' differences, as
+    ``eval.average=sources`` averages accuracy, and resamples problems within each source."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired comparison needs the same seeds on both sides "
                          f"({len(a)} vs {len(b)} runs)")
     ids = sorted(set.intersection(*(set(x) for x in (*a, *b))))
     if not ids:
         raise ValueError("the runs share no evaluated problem")
+    missing = [i for i in ids if strata is not None and i not in strata]
+    if missing:
+        raise ValueError(f"paired comparison: no source for problems {missing[:5]}")
+    groups: Dict[str, List[int]] = {}
+    for n, i in enumerate(ids):
+        groups.setdefault(strata[i] if strata is not None else "", []).append(n)
     d = [[a[s][i] - b[s][i] for i in ids] for s in range(len(a))]
-    flat = [x for row in d for x in row]
+
+    def mean(seeds: Sequence[int], picks: Sequence[Sequence[int]]) -> float:
+        # each group weighs the same; within it every (seed, problem) pair does
+        return sum(sum(d[s][n] for s in seeds for n in g) / (len(seeds) * len(g))
+                   for g in picks) / len(picks)
+
     rng = random.Random(seed)
     boots = []
     for _ in range(reps):
         seeds = [rng.randrange(len(d)) for _ in d]
-        probs = [rng.randrange(len(ids)) for _ in ids]
-        boots.append(sum(d[s][i] for s in seeds for i in probs) / (len(seeds) * len(probs)))
+        boots.append(mean(seeds, [[g[rng.randrange(len(g))] for _ in g]
+                                  for g in groups.values()]))
     boots.sort()
+    flat = [x for row in d for x in row]
     wins, losses = sum(x > 0 for x in flat), sum(x < 0 for x in flat)
-    return Paired(sum(flat) / len(flat), boots[int(0.025 * reps)], boots[int(0.975 * reps) - 1],
-                  wins, losses, sign_test(wins, losses))
+    return Paired(mean(range(len(d)), list(groups.values())), boots[int(0.025 * reps)],
+                  boots[int(0.975 * reps) - 1], wins, losses, sign_test(wins, losses))
 
 
 def by_source(correct: Correct, sources: Mapping[str, str]) -> Dict[str, float]:

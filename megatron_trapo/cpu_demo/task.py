@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Set, Tuple
 
 from megatron_trapo.data.records import Record, save_records
 from megatron_trapo.data.synthetic import make_split, tokenizer_corpus
@@ -35,11 +35,20 @@ class Sizes:
     # (data/synthetic.py): the base writes both styles, one of them less reliably
     pretrain_slip: Tuple[float, float] = (0.0, 0.0)
     train: int = 2000  # the methods' training problems (every level)
-    eval: int = 400  # held-out problems (every level, 80 each)
+    eval: int = 400  # held-out problems (every level, about 80 each)
+    # more held-out problems of the middle levels, where the methods differ, drawn after the
+    # training splits among the problems none of them holds (so the base and the methods'
+    # data stay what they were: a held-out split drawn otherwise changes the pretraining
+    # draw, and the base with it — one such base solved 83% of the four-step problems where
+    # this one solves 47%). With about 80 a level, two seeds of one method disagreed on enough
+    # problems that the finite sample set much of the seed spread; accuracy is the mean of
+    # the levels' (eval.average=sources), so the extra problems sharpen a level without
+    # re-weighting it. Only ~190 one-step problems exist: level 1 gets none.
+    eval_extra: Dict[int, int] = field(default_factory=lambda: {2: 240, 3: 240, 4: 240})
     probe: int = 200  # training problems the --tune grid is scored on (never held-out ones)
     iters: int = 40  # optimizer steps of every method (SFT-then-RL: of its RL stage)
     prompts: int = 16
-    evals: int = 4  # held-out evaluations during each run
+    evals: int = 2  # held-out evaluations during each run (and one at its start)
     max_response_length: int = 96
     # held-out accuracy: greedy (0), or as the paper measures it, pass@1 at temperature 0.6,
     # averaged over eval_k samples per problem (avg@k)
@@ -48,8 +57,8 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(pretrain=2000, pre_iters=500, train=400, eval=100, probe=50, iters=10, prompts=8,
-              evals=2)
+QUICK = Sizes(pretrain=2000, pre_iters=500, train=400, eval=100, eval_extra={}, probe=50,
+              iters=10, prompts=8, evals=2)
 
 
 def both_styles(records: List[Record]) -> List[Record]:
@@ -58,6 +67,21 @@ def both_styles(records: List[Record]) -> List[Record]:
     base that never saw it put 55-75% of those expert tokens below p = 0.1, NLL 5-7 nats)."""
     return [dataclasses.replace(r, solutions=r.solutions[::-1]) if i % 2 else r
             for i, r in enumerate(records)]
+
+
+def extra_held_out(n: int, level: int, top: int, seen: Set[str]) -> List[Record]:
+    """``n`` distinct ``level``-step problems none of ``seen`` (which grows by them), ids
+    ``eval-extra{level}-i``."""
+    out: List[Record] = []
+    draws = make_split(20 * n, 0, [level], f"eval-extra{level}", top, exclude=seen)
+    for r in draws:
+        if r.problem not in seen:
+            seen.add(r.problem)
+            out.append(r)
+            if len(out) == n:
+                return out
+    raise ValueError(f"Sizes.eval_extra: only {len(out)} unseen {level}-step problems found "
+                     f"for {n}; ask for fewer")
 
 
 def prepare(data: Path, sizes: Sizes) -> None:
@@ -72,6 +96,9 @@ def prepare(data: Path, sizes: Sizes) -> None:
     pre = both_styles(make_split(sizes.pretrain, 0, sizes.pretrain_mix, "pretrain", top,
                                  exclude=held_out, slip=sizes.pretrain_slip))
     train = make_split(sizes.train, 0, LEVELS, "train", top, exclude=held_out)
+    seen = held_out | {r.problem for r in pre + train}
+    for level, n in sizes.eval_extra.items():
+        evals += extra_held_out(n, level, top, seen)
     train_bpe_tokenizer(tokenizer_corpus(pre + train), 400, data / "tokenizer",
                         individual_digits=True)
     save_records(pre, data / "pretrain.jsonl")

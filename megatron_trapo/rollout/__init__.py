@@ -28,6 +28,11 @@ def make_engine(cfg, weight_updates: bool = False, hf_config: Optional[dict] = N
             raise RolloutError("rollout.model_path is required for engine=hf")
         return HFEngine(cfg.model_path, device=cfg.device, dtype=cfg.dtype,
                         max_batch_size=cfg.max_batch_size, tokenizer_path=cfg.tokenizer_path)
+    if cfg.quantization == "fp8" and cfg.engine != "hf" and cfg.model_path and weight_updates:
+        # lazy: see engine=hf above; servers start from the FP8 layout they update
+        from megatron_trapo.rollout import fp8
+
+        fp8.check_serving_folder(cfg.model_path, cfg.fp8_block_size)
     if cfg.engine == "sglang":
         # lazy: see engine=hf above
         from megatron_trapo.rollout.servers import ServerPool

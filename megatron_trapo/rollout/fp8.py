@@ -1,7 +1,7 @@
 """FP8 weights for the rollout engines: the trainer's HF-named tensors quantized into the
 checkpoint format SGLang's and vLLM's ``Fp8Config`` load (``quant_method: "fp8"``, the format
-of DeepSeek-V3 / Qwen3-FP8 checkpoints), and back. The building block of FP8 rollouts (issue
-19); so far the in-process engine's weight sync uses it (``rollout.quantization=fp8``).
+of DeepSeek-V3 / Qwen3-FP8 checkpoints), and back (``rollout.quantization=fp8``: every weight
+sync mode uses it; the HF engine and the protocol server dequantize to compute).
 
 - Each linear's weight of a decoder layer (q, k, v, o, gate, up, down; each its own scales,
   as the engines fuse q/k/v and gate/up with per-shard scales) becomes ``X.weight`` in
@@ -16,10 +16,16 @@ of DeepSeek-V3 / Qwen3-FP8 checkpoints), and back. The building block of FP8 rol
 """
 from __future__ import annotations
 
+import json
 import re
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from megatron_trapo.models.hf.files import HFCheckpointReader, HFCheckpointWriter
+from megatron_trapo.rollout.types import RolloutError
 
 FP8 = torch.float8_e4m3fn
 _LINEAR = re.compile(r"\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -141,3 +147,80 @@ def quantization_config(block: Optional[Sequence[int]]) -> dict:
     return cfg
 
 
+
+
+def is_scale(name: str) -> bool:
+    """A scale tensor of an FP8 weight (``X.weight_scale_inv`` / ``X.weight_scale``)."""
+    return name.endswith((".weight_scale_inv", ".weight_scale"))
+
+
+def block_of(config: dict) -> Optional[List[int]]:
+    """The block size of an FP8 checkpoint's ``config.json`` (None: per tensor); a
+    ValueError when the checkpoint is not FP8 in this format."""
+    q = config.get("quantization_config") or {}
+    if q.get("quant_method") != "fp8":
+        raise ValueError(f"not an FP8 checkpoint (quantization_config.quant_method = "
+                         f"{q.get('quant_method')!r}, expected 'fp8')")
+    block = q.get("weight_block_size")
+    return [int(b) for b in block] if block else None
+
+
+def folder_block(path: str) -> Tuple[bool, Optional[List[int]]]:
+    """``(is FP8, block size)`` of the HF folder ``path`` from its config.json."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "fp8":
+        return False, None
+    return True, block_of(config)
+
+
+def with_quantization_config(config: dict, block: Optional[Sequence[int]]) -> dict:
+    """``config`` (a config.json dict) with the FP8 export's ``quantization_config``."""
+    return {**config, "quantization_config": quantization_config(block)}
+
+
+def check_serving_folder(path: str, block: Optional[Sequence[int]]) -> None:
+    """Servers launched from ``path`` (rollout.model_path) must start as an FP8 export with
+    the sync's block size: SGLang and vLLM build their FP8 layers (and scale shapes) from the
+    checkpoint's quantization_config, and a later update cannot change that layout."""
+    try:
+        quantized, have = folder_block(path)
+    except (OSError, ValueError) as exc:
+        raise RolloutError(f"rollout.quantization=fp8: cannot read {path}/config.json ({exc})"
+                           ) from None
+    want = [int(b) for b in block] if block is not None else None
+    if not quantized or have != want:
+        shown = "per tensor" if want is None else f"{want[0]} {want[1]}"
+        raise RolloutError(
+            f"rollout.quantization=fp8: rollout.model_path {path} is "
+            + (f"an FP8 export with block {have}" if quantized else "not an FP8 export")
+            + f", but rollout.fp8_block_size is {want}; the servers take their FP8 layout "
+            f"from the checkpoint they start from. Make one: python tools/quantize_fp8.py "
+            f"{path} {path}-fp8 --block-size {shown if want else 'none'}")
+
+
+def export_folder(src: str, dst: str, block: Optional[Sequence[int]],
+                  max_shard_bytes: int = 5 * 1024**3) -> Dict[str, int]:
+    """Write the HF folder ``src`` as an FP8 export into ``dst`` (safetensors with fp8
+    weights and scales, config.json with quantization_config, the tokenizer files copied);
+    returns how many tensors were quantized and kept."""
+    src_p, dst_p = Path(src), Path(dst)
+    if src_p.resolve() == dst_p.resolve():
+        raise ValueError(f"export_folder: the output {dst} is the input folder")
+    config = json.loads((src_p / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method"):
+        raise ValueError(f"{src}: already quantized ({config['quantization_config']})")
+    reader = HFCheckpointReader(src)
+    writer = HFCheckpointWriter(dst_p, max_shard_bytes)
+    counts = {"quantized": 0, "kept": 0}
+    for name, t in quantize_named(((n, reader.get(n)) for n in reader.names()), block):
+        if not is_scale(name):
+            counts["quantized" if t.dtype == FP8 else "kept"] += 1
+        writer.add(name, t)
+    writer.close()
+    (dst_p / "config.json").write_text(json.dumps(with_quantization_config(config, block),
+                                                  indent=2))
+    for f in src_p.iterdir():  # tokenizer and generation config, as the servers read them
+        if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and \
+                f.name not in ("config.json",) and not f.name.endswith(".index.json"):
+            shutil.copy2(f, dst_p / f.name)
+    return counts

@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicLayer
 
 from megatron_trapo.models.hf.files import HFCheckpointReader
 from megatron_trapo.platform import cpu_compat
+from megatron_trapo.rollout import fp8
 from megatron_trapo.rollout.types import (RolloutEngine, RolloutError, RolloutRequest, Sample,
                                           SamplingParams, empty_sample)
 
@@ -146,6 +147,12 @@ class HFEngine(RolloutEngine):
                                "is needed; convert Megatron checkpoints with "
                                "tools/convert_mcore_to_hf.py)")
         self.model_path = str(model_path)
+        # an FP8 export (rollout.quantization=fp8): its weights dequantized to compute, and the
+        # later updates' fp8 tensors + scales with them (the block size the servers have too)
+        quantized, self.fp8_block = fp8.folder_block(model_path)
+        if model is None and quantized:
+            model = _dequantized_model(model_path, self.fp8_block, torch_dtype)
+        self.fp8 = quantized
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
                                                          attn_implementation="sdpa")
@@ -325,6 +332,12 @@ class HFEngine(RolloutEngine):
         0.06 GB). Sound because the trainer
         changes its weights only in the optimizer step, which is followed by this sync before
         anything is generated again; a tensor whose storage changed is taken over again."""
+        if any(t.dtype == fp8.FP8 or fp8.is_scale(n) for n, t in named_tensors.items()):
+            if not self.fp8:
+                raise RolloutError("a weight update with fp8 tensors, but this engine was not "
+                                   "started from an FP8 export (tools/quantize_fp8.py)")
+            named_tensors = fp8.dequantize_named(named_tensors, self.fp8_block,
+                                                 next(self.model.parameters()).dtype)
         with self._lock:
             state = self.model.state_dict()
             params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -347,9 +360,34 @@ class HFEngine(RolloutEngine):
             self._version = str(weight_version)
 
     def update_weights_from_disk(self, path: str, weight_version: str) -> None:
+        quantized, block = fp8.folder_block(path)
+        if (quantized, block) != (self.fp8, self.fp8_block):
+            raise RolloutError(f"{path}: FP8 {quantized} with block {block}, but this engine "
+                               f"serves FP8 {self.fp8} with block {self.fp8_block} (as an SGLang "
+                               "server, it keeps the layout it started with)")
         reader = HFCheckpointReader(path)
         self.update_weights_from_tensors({n: reader.get(n) for n in reader.names()}, weight_version)
         self.model_path = str(path)
+
+
+def _dequantized_model(path: str, block, dtype: torch.dtype):
+    """An FP8 export as a model computing in ``dtype``: built from its config without the
+    quantization, its fp8 weights dequantized (not transformers' own FP8 loader: it has no
+    per-tensor format and would leave FP8 layers a weight update could not fill by name)."""
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    reader = HFCheckpointReader(path)
+    state = fp8.dequantize_named({n: reader.get(n) for n in reader.names()}, block, dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise RolloutError(f"{path}: FP8 export does not match its config (missing "
+                           f"{sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+    if missing:
+        model.tie_weights()
+    return model
 
 
 def check_tokenizer(tokenizer_path: str, model_vocab: int) -> None:

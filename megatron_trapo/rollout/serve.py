@@ -43,7 +43,17 @@ from megatron_trapo.rollout.vllm_engine import TESTED_VLLM
 
 logger = logging.getLogger("megatron_trapo.serve")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16,
+           "float8_e4m3fn": torch.float8_e4m3fn}
+
+
+def _receive(shape, dtype: str, group) -> torch.Tensor:
+    """One broadcast tensor; an fp8 one arrives as its bytes (gloo has no float8; the sender
+    sends ``view(uint8)``, as NCCL carries float8 anyway)."""
+    t = torch.empty(shape, dtype=_DTYPES[dtype])
+    torch.distributed.broadcast(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
+                                src=0, group=group)
+    return t
 
 
 class QueueFull(Exception):
@@ -170,8 +180,7 @@ def _stand_in_rank(conn, address: str, port: int, rank: int, world: int, name: s
             destroy_weight_update_group(group)
             return
         for _, dtype, shape in msg[1]:
-            t = torch.empty(shape, dtype=_DTYPES[dtype])
-            torch.distributed.broadcast(t, src=0, group=group)
+            _receive(shape, dtype, group)
         conn.send("received")
 
 
@@ -412,9 +421,7 @@ def _weight_routes(app: FastAPI, ctx: ServerContext) -> None:
                 m.send(("receive", specs))
             tensors = {}
             for name, dtype, shape in specs:
-                t = torch.empty(shape, dtype=_DTYPES[dtype])
-                torch.distributed.broadcast(t, src=0, group=group)
-                tensors[name] = t
+                tensors[name] = _receive(shape, dtype, group)
             for m in members:
                 m.done()
             engine.update_weights_from_tensors(

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-_DTYPES = ("bfloat16", "float32", "float16")
+_DTYPES = ("bfloat16", "float32", "float16", "float8_e4m3fn")  # SGLang: getattr(torch, name)
 
 
 @dataclass(frozen=True)

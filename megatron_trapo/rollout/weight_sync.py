@@ -41,7 +41,9 @@ from megatron_trapo.rollout.types import BroadcastReceiver, RolloutEngine, Rollo
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
+# the names SGLang's /update_weights_from_distributed takes (getattr(torch, name))
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16",
+                fp8.FP8: "float8_e4m3fn"}
 
 
 def _stage_hf_tensors(chunks, model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -144,10 +146,12 @@ def sync_address(server_urls: List[str], configured: Optional[str] = None) -> st
 
 def buckets(named: Iterator[Tuple[str, torch.Tensor]], bucket_bytes: int
             ) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+    """Size-bounded lists of tensors; an FP8 weight's scale stays in its weight's bucket (an
+    engine that dequantizes needs the pair together)."""
     bucket, size = [], 0
     for name, t in named:
         nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bucket_bytes:
+        if bucket and size + nbytes > bucket_bytes and not fp8.is_scale(name):
             yield bucket
             bucket, size = [], 0
         bucket.append((name, t))
@@ -211,13 +215,16 @@ class DiskSync:
         root = Path(sync.disk_dir)
         out = root / f"v{weight_version}"
         writer = HFCheckpointWriter(out, sync.bucket_bytes)
+        hf_config = model_to_hf_config(sync.model, sync.hf_config)
+        if sync.quantization == "fp8":  # the servers' Fp8Config reads it from config.json
+            named = fp8.quantize_named(named, sync.fp8_block_size)
+            hf_config = fp8.with_quantization_config(hf_config, sync.fp8_block_size)
         for name, t in named:
             writer.add(name, t)
             stats["tensors"] += 1
             stats["bytes"] += t.numel() * t.element_size()
         stats["buckets"] = float(len(writer.close()))
-        (out / "config.json").write_text(json.dumps(model_to_hf_config(sync.model, sync.hf_config),
-                                                    indent=2))
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2))
         sync.engine.update_weights_from_disk(str(out), weight_version)
         self._prune_versions(root, keep=out)
 
@@ -273,6 +280,8 @@ class BroadcastSync:
 
     def push(self, named, weight_version: str, stats: Dict[str, float]) -> None:
         self._ensure_group()
+        if self.sync.quantization == "fp8":  # fp8 weights and their scales
+            named = fp8.quantize_named(named, self.sync.fp8_block_size)
         for bucket in _counted_buckets(named, self.sync.bucket_bytes, stats):
             names = [n for n, _ in bucket]
             dtypes = [_DTYPE_NAMES[t.dtype] for _, t in bucket]
@@ -280,7 +289,11 @@ class BroadcastSync:
             self._inflight = self.engine.start_distributed_update(names, dtypes, shapes,
                                                                   weight_version, GROUP_NAME)
             for _, t in bucket:  # one broadcast per tensor, in the order of ``names``
-                dist.broadcast(t.to(compute_device()).contiguous(), src=0, group=self._group)
+                t = t.to(compute_device()).contiguous()
+                # fp8 as its bytes: gloo has no float8, and NCCL broadcasts a float8 tensor as
+                # uint8 too, so a receiver that allocates float8_e4m3fn (SGLang) gets the same
+                dist.broadcast(t.view(torch.uint8) if t.dtype == fp8.FP8 else t, src=0,
+                               group=self._group)
             futures, self._inflight = self._inflight, []
             self.engine.finish_distributed_update(futures, weight_version)
 
@@ -336,9 +349,8 @@ class WeightSync:
         self.address = address
         self.group_timeout_s = group_timeout_s
         self.keep_versions = keep_versions
-        if quantization != "none" and mode != "inprocess":
-            raise RolloutError(f"rollout.quantization={quantization} is wired for the in-process "
-                               f"engine only so far, not weight_sync={mode}")
+        if quantization not in ("none", "fp8"):
+            raise RolloutError(f"rollout.quantization must be none or fp8, got {quantization!r}")
         self.quantization, self.fp8_block_size = quantization, fp8_block_size
         # data-parallel rollouts: every rank holds the whole model (TP = PP = CP = 1) and an
         # engine of its own, and fills it from its own weights — no gather, no transfer

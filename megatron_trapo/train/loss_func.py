@@ -72,7 +72,7 @@ def token_losses(cfg: LossConfig, logprobs: torch.Tensor, entropy: torch.Tensor,
         low, high = clip_range(m, cfg)
         pg = L.policy_gradient_loss(logprobs, old, adv, low, high)
         tis = None
-        if cfg.tis_cap is not None and batch.get("rollout_logprobs") is not None:
+        if cfg.tis_cap and batch.get("rollout_logprobs") is not None:  # 0 / null: off
             tis = L.tis_weights(old, batch["rollout_logprobs"].float(), cfg.tis_cap)
             pg = pg * tis
         loss = loss + cfg.rl_weight * generated * pg

@@ -193,7 +193,7 @@ def old_logprobs_source(cfg) -> Literal["recompute", "current", "rollout"]:
     if forced is not None:
         return "recompute" if forced else "rollout"
     several = cfg.batching.updates_per_step > 1
-    return "recompute" if cfg.loss.tis_cap is not None or several else "current"
+    return "recompute" if cfg.loss.tis_cap or several else "current"  # tis_cap 0: off
 
 
 def build_microbatches(mine: List[dict], seqs: List[dict], cfg, pad_id: int,

@@ -198,6 +198,12 @@ def evaluate(run: Run, step: int) -> Dict[str, float]:
             by_source.setdefault(source, []).append(score)
     if len(by_source) > 1:
         metrics.update({f"eval/accuracy/{k}": sum(v) / len(v) for k, v in by_source.items()})
+    if run.cfg.eval.average == "sources" and by_source:
+        if len(by_source) != len({r[3] for r in rows}):  # a record without a source
+            raise ConfigError("eval.average=sources needs a source on every record of "
+                              f"eval.data ({run.cfg.eval.data})")
+        metrics["eval/accuracy"] = sum(sum(v) / len(v) for v in by_source.values()) / len(
+            by_source)
     return metrics
 
 

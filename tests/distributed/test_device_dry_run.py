@@ -29,3 +29,25 @@ def test_every_tensor_of_a_step_lives_on_the_device(tmp_path):
         verdict = r.unmoved[case]
         assert verdict.startswith("FakeTensorDeviceMismatchError"), (case, verdict)
         assert "fakegpu:0 and cpu" in verdict
+
+
+def test_the_gpu_smoke_script_runs_through_on_a_cpu(tmp_path):
+    """scripts/gpu_smoke.sh is what a lent GPU runs, once, with minutes to spare: its training
+    part imported a helper the demo had since dropped (it would have stopped at step 2 on the
+    GPU). On the CPU (GPU_SMOKE_ALLOW_CPU=1) the script must run through: a TRAPO step and a
+    step with FP8 rollouts whose gap it prints (its device check is the test above's)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_smoke.sh")], cwd=root,
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, GPU_SMOKE_ALLOW_CPU="1", GPU_SMOKE_ITERS="1",
+                                   GPU_SMOKE_SKIP_DEVICE_CHECK="1",
+                                   GPU_SMOKE_OUT=str(tmp_path / "smoke")))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "gpu smoke: trapo 1 steps OK" in out
+    assert "gpu smoke: trapo_fp8_rollouts 1 steps OK" in out
+    assert "rollout_logprob_gap" in out and "tis_weight_mean" in out

@@ -229,10 +229,10 @@ def test_fp8_rollouts_show_the_gap_that_tis_corrects(task, tmp_path):
     """rollout.quantization=fp8 (issue 19, in-process engine): every sync hands the engine the
     decoder's linears quantized to FP8 (modelopt, 128×128 blocks) and dequantized, so its
     logprobs of its own samples differ from the fp32 trainer's — the gap and a k3 KL estimate
-    are logged, and TIS weights them — where the unquantized engine matches to round-off."""
+    are logged, and TIS (on by default with quantization) weights them — where the
+    unquantized engine matches to round-off and TIS stays off."""
     rows = {}
-    for name, extra in (("fp32", {}), ("fp8", {"rollout.quantization": "fp8",
-                                               "loss.tis_cap": 2.0})):
+    for name, extra in (("fp32", {}), ("fp8", {"rollout.quantization": "fp8"})):  # TIS: on
         run = tmp_path / name
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
                f"--master-port={free_port()}", "-m", "megatron_trapo.cli", "train",
@@ -245,6 +245,7 @@ def test_fp8_rollouts_show_the_gap_that_tis_corrects(task, tmp_path):
                       .splitlines()]
     for r in rows["fp32"]:
         assert r["pg/rollout_logprob_gap"] < 1e-4 and r["pg/rollout_k3"] < 1e-8
+        assert "pg/tis_weight_mean" not in r  # TIS stays off without quantization
     # measured: gap 1.2e-3 and 2.0e-3, k3 1e-6 and 3e-6 over the two steps (0 and 0 in fp32)
     for r in rows["fp8"]:  # after the first sync and after the first update's
         assert r["pg/rollout_logprob_gap"] > 3e-4 and r["pg/rollout_k3"] > 1e-7

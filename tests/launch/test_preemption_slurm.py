@@ -15,12 +15,16 @@ from launch_helpers import ROOT, leftovers, metrics, write_config
 from slurm_cluster import require_slurm
 
 ITERS = 4
-COMPARED = ("loss", "grad_norm", "rollout/reward_unguided", "rollout/samples",
-            "rollout/length_unguided")
+COMPARED = ("loss", "rollout/reward_unguided", "rollout/samples", "rollout/length_unguided")
 # max exp(lp - old_lp) over sampled tokens is 1 plus float rounding between two forward passes; the
 # rounding differs with the thread count a Slurm step gets (CI saw 1+1.5e-5 against 1+1.2e-6), so
 # it is compared as "1 to rounding" in both runs, not digit for digit.
 ROUNDING_ONLY = {"pg/ratio_max": 1e-3}
+# the gradient norm of step 1 — before any interruption — differed between two runs of this test
+# by 1.2e-5 relative (1.6337310 vs 1.6337108; the next run's uninterrupted reference alone
+# moved by 8e-6; a later step's norm of 9.26e-8 by 1.2e-11): rounding that varies from run to
+# run, source not found yet; compared to 1e-4 relative or 1e-9 absolute
+ROUNDING_REL = {"grad_norm": 1e-4}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,6 +94,8 @@ def test_usr1_saves_requeues_and_the_resumed_run_equals_an_uninterrupted_one(fil
     for got, want in zip(rows, expected):
         for key in COMPARED:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+        for key, rel in ROUNDING_REL.items():
+            assert got[key] == pytest.approx(want[key], rel=rel, abs=1e-9), (got["step"], key)
         for key, tol in ROUNDING_ONLY.items():
             assert abs(got[key] - want[key]) < tol, (got["step"], key, got[key], want[key])
     state = json.loads((run_dir / "launch" / "job.json").read_text())

@@ -243,6 +243,26 @@ class WeightSyncSuite:
     device_p2p_calls: Dict[str, int]  # PP=2 syncs: stage 1 → 0 sends that stayed on device
 
 
+# --- fp8_sync.py: FP8 weight sync to servers ------------------------------------------------
+
+@dataclass
+class Fp8SyncCheck:
+    """A greedy sample after an FP8 sync against the in-process engine's (same weights,
+    quantized and dequantized in the trainer) and against the unquantized Megatron model."""
+
+    same_tokens: bool
+    tokens: int
+    diff_to_reference: float
+    diff_to_unquantized: float
+    sample_version: str
+    buckets: int
+
+
+@dataclass
+class Fp8SyncSuite:
+    checks: Dict[str, Fp8SyncCheck]  # reference (in-process), disk, distributed
+
+
 # --- hf_parity.py: converted checkpoints loaded at several layouts ------------------------------
 
 @dataclass

@@ -33,6 +33,23 @@ def test_paired_difference_counts_and_interval():
     assert paired(a10, b10, reps=4000).high - paired(a10, b10, reps=4000).low < wide
 
 
+def test_paired_with_strata_weighs_each_source_the_same():
+    """eval.average=sources: the difference is the mean of the sources' differences (here a
+    source of 1 problem and one of 3), and the bootstrap keeps each source's problems apart."""
+    a = [{"x1": 1.0, "y1": 0.0, "y2": 0.0, "y3": 1.0}, {"x1": 1.0, "y1": 0.0, "y2": 1.0, "y3": 1.0}]
+    b = [{"x1": 0.0, "y1": 0.0, "y2": 0.0, "y3": 0.0}, {"x1": 0.0, "y1": 1.0, "y2": 0.0, "y3": 1.0}]
+    strata = {"x1": "x", "y1": "y", "y2": "y", "y3": "y"}
+    r = paired(a, b, reps=3000, strata=strata)
+    # x: (+1, +1) -> 1; y: seed 1 (0, 0, +1), seed 2 (-1, +1, 0) -> 1/6; mean (1 + 1/6) / 2
+    assert r.diff == pytest.approx(7 / 12)
+    assert paired(a, b).diff == pytest.approx(3 / 8)  # over problems: (2 + 1) / 8
+    assert (r.wins, r.losses) == (4, 1)
+    # x's one problem differs by +1 on both seeds: every resample is (1 + y's mean) / 2 >= 0
+    assert 0.0 <= r.low <= r.diff <= r.high <= 1.0
+    with pytest.raises(ValueError, match="no source for problems"):
+        paired(a, b, strata={"x1": "x"})
+
+
 def test_paired_refuses_mismatched_seeds():
     with pytest.raises(ValueError, match="same seeds"):
         paired([{"p": 1.0}], [{"p": 1.0}, {"p": 0.0}])

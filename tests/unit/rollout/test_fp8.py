@@ -86,3 +86,138 @@ def test_the_exported_checkpoint_loads_in_transformers_fp8_loader(tmp_path):
         a, b, c = ours(ids).logits, theirs(ids).logits, model(ids).logits
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert (a - c).abs().max() > 1e-4  # the quantized model differs from the original
+
+
+def test_a_weight_and_its_scale_share_a_bucket():
+    """An engine that dequantizes needs an fp8 weight with its scale: a bucket never ends
+    between them, however small the bucket."""
+    from megatron_trapo.rollout.weight_sync import buckets
+
+    named = [(f"model.layers.{i}.mlp.up_proj.weight", torch.randn(64, 32)) for i in range(3)]
+    out = list(buckets(fp8.quantize_named(iter(named), (16, 16)), bucket_bytes=1000))
+    assert len(out) == 3  # 2048 bytes of fp8 each: one weight per bucket, its scale with it
+    for bucket in out:
+        names = [n for n, _ in bucket]
+        assert names == [names[0], names[0] + "_scale_inv"]
+
+
+def _tiny_folder(path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=48,
+                      max_position_embeddings=64, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("block", [[32, 32], None])
+def test_the_hf_engine_serves_an_fp8_export_and_takes_fp8_updates(tmp_path, block):
+    """tools/quantize_fp8.py's export, loaded by the HF engine (the protocol server's): the
+    weights are the fp8 values dequantized; a later update of fp8 tensors + scales (as the
+    broadcast sends them) or of an FP8 folder (disk) lands dequantized; a folder of another
+    layout is refused, as SGLang keeps the layout it started with."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megatron_trapo.rollout.hf_engine import HFEngine
+    from megatron_trapo.rollout.types import RolloutError
+
+    model = _tiny_folder(tmp_path / "hf")
+    shown = ["none"] if block is None else [str(b) for b in block]
+    tool = Path(__file__).resolve().parents[3] / "tools" / "quantize_fp8.py"
+    proc = subprocess.run([sys.executable, str(tool), str(tmp_path / "hf"), str(tmp_path / "q"),
+                           "--block-size", *shown], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "14 fp8 weights" in proc.stdout
+    engine = HFEngine(str(tmp_path / "q"))
+    state = model.state_dict()
+    quantized = dict(fp8.quantize_named(iter(state.items()), block))
+    expected = fp8.dequantize_named(quantized, block)
+    served = engine.model.state_dict()
+    for name, t in expected.items():
+        assert torch.equal(served[name], t), name
+    assert (served["model.layers.0.mlp.up_proj.weight"]
+            - state["model.layers.0.mlp.up_proj.weight"]).abs().max() > 0  # really quantized
+    # a broadcast-style update: fp8 tensors and scales of new weights
+    new = {n: t + 0.01 * torch.randn_like(t) for n, t in state.items()}
+    engine.update_weights_from_tensors(dict(fp8.quantize_named(iter(new.items()), block)), "2")
+    want = fp8.dequantize_named(dict(fp8.quantize_named(iter(new.items()), block)), block)
+    assert all(torch.equal(engine.model.state_dict()[n], t) for n, t in want.items())
+    # a folder of another layout (unquantized) is refused by name
+    with pytest.raises(RolloutError, match="FP8 False with block None, but this engine serves"):
+        engine.update_weights_from_disk(str(tmp_path / "hf"), "3")
+    # and an unquantized engine refuses fp8 tensors
+    plain = HFEngine(str(tmp_path / "hf"))
+    with pytest.raises(RolloutError, match="not started from an FP8 export"):
+        plain.update_weights_from_tensors(dict(fp8.quantize_named(iter(new.items()), block)), "2")
+
+
+def test_servers_must_start_from_an_fp8_export_of_the_sync_s_block(tmp_path):
+    """rollout.quantization=fp8 with servers launched from rollout.model_path: a plain folder
+    or an export of another block size is refused before any server starts, with the command
+    that makes the right one."""
+    from megatron_trapo.config import RolloutConfig
+    from megatron_trapo.rollout import make_engine
+    from megatron_trapo.rollout.types import RolloutError
+
+    _tiny_folder(tmp_path / "hf")
+    fp8.export_folder(str(tmp_path / "hf"), str(tmp_path / "q"), [32, 32])
+    cfg = RolloutConfig(engine="sglang", model_path=str(tmp_path / "hf"), quantization="fp8",
+                        weight_sync="disk")
+    with pytest.raises(RolloutError, match=r"not an FP8 export.*tools/quantize_fp8.py"):
+        make_engine(cfg, weight_updates=True)
+    cfg.model_path = str(tmp_path / "q")
+    with pytest.raises(RolloutError, match=r"an FP8 export with block \[32, 32\], but "
+                                           r"rollout.fp8_block_size is \[128, 128\]"):
+        make_engine(cfg, weight_updates=True)
+    fp8.check_serving_folder(str(tmp_path / "q"), [32, 32])  # the matching one passes
+    written = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert written["quantization_config"] == fp8.quantization_config([32, 32])
+    with pytest.raises(ValueError, match="already quantized"):
+        fp8.export_folder(str(tmp_path / "q"), str(tmp_path / "qq"), [32, 32])
+
+
+def test_quantization_turns_tis_on_unless_told_not_to():
+    from megatron_trapo.config import DEFAULT_TIS_CAP, ConfigError, TrainConfig, load_config
+    from megatron_trapo.train.step import old_logprobs_source
+
+    assert load_config(TrainConfig, None, []).loss.tis_cap is None
+    on = load_config(TrainConfig, None, ["rollout.quantization=fp8"])
+    assert on.loss.tis_cap == DEFAULT_TIS_CAP == 2.0
+    assert old_logprobs_source(on) == "recompute"  # TIS needs pi_old from the trainer
+    off = load_config(TrainConfig, None, ["rollout.quantization=fp8", "loss.tis_cap=0"])
+    assert off.loss.tis_cap == 0 and old_logprobs_source(off) == "current"
+    assert load_config(TrainConfig, None, ["rollout.quantization=fp8",
+                                           "loss.tis_cap=5"]).loss.tis_cap == 5
+    with pytest.raises(ConfigError, match="loss.tis_cap must be >= 0"):
+        load_config(TrainConfig, None, ["loss.tis_cap=-1"])
+    # every sync mode now carries FP8 (the servers' need an FP8 export: make_engine checks)
+    for mode in ("disk", "distributed"):
+        cfg = load_config(TrainConfig, None, ["rollout.quantization=fp8", "rollout.engine=sglang",
+                                              f"rollout.weight_sync={mode}"])
+        assert cfg.rollout.resolved_weight_sync == mode
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("TRAPO_VLLM_PYTHON"),
+                    reason="needs TRAPO_VLLM_PYTHON: a python with vLLM's wheel "
+                           "(benchmarks/check_fp8_parsers.py says how to make one)")
+@pytest.mark.parametrize("block", [[128, 128], None])
+def test_vllm_s_own_fp8config_parses_the_export(tmp_path, block):
+    """Opt-in (vLLM's wheel and its ~20 dependencies are not part of CI's set-up): vLLM's
+    ``Fp8Config.from_config`` reads our export as a serialized FP8 checkpoint with dynamic
+    activations, our block size and our ignored layers."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    _tiny_folder(tmp_path / "hf")
+    fp8.export_folder(str(tmp_path / "hf"), str(tmp_path / "q"), block)
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "check_fp8_parsers.py"
+    proc = subprocess.run([os.environ["TRAPO_VLLM_PYTHON"], str(script), str(tmp_path / "q")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert '"is_checkpoint_fp8_serialized": true' in proc.stdout

@@ -105,3 +105,30 @@ def test_eval_k_needs_sampling():
     with pytest.raises(ConfigError, match="eval.k must be >= 1"):
         load_config(TrainConfig, None, ["eval.k=0", "eval.temperature=0.6"])
     assert load_config(TrainConfig, None, ["eval.k=4", "eval.temperature=0.6"]).eval.k == 4
+
+
+def test_eval_average_over_sources_weighs_each_source_the_same(tokenizer, monkeypatch,
+                                                              tmp_path):
+    """eval.average=sources: 3 of 3 right in source one, 0 of 1 in two -> (1 + 0) / 2, not
+    3/4; a record without a source is refused by name."""
+    records = [Record(f"What is {n} divided by 4?", str(n // 4), id=f"p{n}", source=src)
+               for n, src in ((28, "one"), (8, "one"), (4, "one"), (12, "two"))]
+    answers = ["\\boxed{7}", "\\boxed{2}", "\\boxed{1}", "\\boxed{9}"]
+    monkeypatch.setattr(trainer, "gather_shares", lambda local, share: local)
+    monkeypatch.setattr(trainer.torch.distributed, "get_rank", lambda: 0)
+    cfg = load_config(TrainConfig, None, ["eval.average=sources", f"log_dir={tmp_path}"])
+    with MathReward(num_workers=1) as reward:
+        def run_on(recs):
+            engine = ScriptedEngine(tokenizer, [[a] for a in answers])
+            return SimpleNamespace(cfg=cfg, tokenizer=tokenizer, stop_ids=[], rollout=RolloutSide(
+                None, encode(recs, tokenizer), engine, reward))
+        metrics = trainer.evaluate(run_on(records), 1)
+        assert metrics["eval/accuracy"] == pytest.approx(0.5)
+        cfg.eval.average = "problems"
+        assert trainer.evaluate(run_on(records), 2)["eval/accuracy"] == pytest.approx(0.75)
+        cfg.eval.average = "sources"
+        unsourced = records[:3] + [Record("What is 12 divided by 4?", "3", id="q")]
+        with pytest.raises(ConfigError, match="eval.average=sources needs a source"):
+            trainer.evaluate(run_on(unsourced), 3)
+    with pytest.raises(ConfigError, match="eval.average"):
+        load_config(TrainConfig, None, ["eval.average=levels"])

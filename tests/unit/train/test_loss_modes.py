@@ -116,7 +116,7 @@ def test_tis_caps_importance_weights():
 
 @pytest.mark.parametrize("kw, field", [
     (dict(loss_mode="ppo"), "loss.loss_mode"), (dict(aggregation="sum"), "loss.aggregation"),
-    (dict(trust_region_alpha=2.0), "loss.trust_region_alpha"), (dict(tis_cap=0.0), "loss.tis_cap"),
+    (dict(trust_region_alpha=2.0), "loss.trust_region_alpha"), (dict(tis_cap=-1.0), "loss.tis_cap"),
 ])
 def test_config_validation(kw, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
