@@ -98,29 +98,22 @@ def gap(hf: Path, samples: int, new_tokens: int) -> dict:
 
 
 def learning(demo: Path, seeds: int) -> dict:
-    from megatron_trapo.cpu_demo.compare import LR, common, train_method
-    from megatron_trapo.cpu_demo.stage import metrics, run_stage
+    from megatron_trapo.cpu_demo.compare import LR, train_method
+    from megatron_trapo.cpu_demo.stage import metrics
     from megatron_trapo.cpu_demo.task import FULL
 
-    sizes, data = FULL, demo / "data"
+    sizes = FULL
     if not (demo / "runs" / "base" / "final.json").is_file():
         raise SystemExit(f"--demo {demo}: no finished base (run examples/run_trapo_cpu.sh)")
-    variants = {"fp32": {}, "fp8 + TIS": {"rollout.quantization": "fp8"},
-                "fp8, no TIS": {"rollout.quantization": "fp8", "loss.tis_cap": 0}}
+    # name: (run tag, overrides); fp32 is the demo's own GRPO run (made now if missing)
+    variants = {"fp32": ("", {}), "fp8 + TIS": ("_fp8_tis", {"rollout.quantization": "fp8"}),
+                "fp8, no TIS": ("_fp8_notis", {"rollout.quantization": "fp8",
+                                               "loss.tis_cap": 0})}
     rows: Dict[str, List[List[dict]]] = {}
-    for name, extra in variants.items():
+    for name, (tag, extra) in variants.items():
         rows[name] = []
         for seed in range(1, seeds + 1):
-            if not extra:  # the demo's own GRPO run (made now if missing)
-                run = train_method(demo, sizes, "grpo", seed, LR["grpo"])
-            else:
-                tag = "fp8_tis" if "loss.tis_cap" not in extra else "fp8_notis"
-                run = run_stage(demo, f"grpo_{tag}_seed{seed}", {
-                    **common(data, sizes), "load": demo / "runs" / "base" / "ckpt",
-                    "train_data": data / "train.jsonl", "eval.data": data / "eval.jsonl",
-                    "loss.loss_mode": "grpo", "prompts_per_step": sizes.prompts,
-                    "train_iters": sizes.iters, "optimizer.lr": LR["grpo"], "seed": seed,
-                    "eval.interval": max(sizes.iters // sizes.evals, 1), **extra})
+            run = train_method(demo, sizes, "grpo", seed, LR["grpo"], tag=tag, extra=extra)
             rows[name].append(metrics(run))
     summary = {}
     for name, runs in rows.items():

@@ -78,9 +78,10 @@ def pretrain(out: Path, sizes: Sizes) -> Path:
 
 
 def train_method(out: Path, sizes: Sizes, method: str, seed: int, lr: float,
-                 eval_file: str = "eval.jsonl", tag: str = "") -> Path:
+                 eval_file: str = "eval.jsonl", tag: str = "",
+                 extra: Dict[str, object] | None = None) -> Path:
     """One method's run from the base (SFT-then-RL: GRPO from the SFT run of the same seed
-    and tag, run first when missing)."""
+    and tag, run first when missing); ``extra``: more overrides (benchmarks' variants)."""
     data = out / "data"
     start = out / "runs" / "base" / "ckpt"
     mode = method
@@ -92,7 +93,7 @@ def train_method(out: Path, sizes: Sizes, method: str, seed: int, lr: float,
         **common(data, sizes), "load": start, "train_data": data / "train.jsonl",
         "eval.data": data / eval_file, "loss.loss_mode": mode,
         "prompts_per_step": sizes.prompts, "train_iters": sizes.iters, "optimizer.lr": lr,
-        "seed": seed, "eval.interval": max(sizes.iters // sizes.evals, 1)})
+        "seed": seed, "eval.interval": max(sizes.iters // sizes.evals, 1), **(extra or {})})
 
 
 def tune(out: Path, sizes: Sizes, methods: List[str]) -> Dict[str, dict]:

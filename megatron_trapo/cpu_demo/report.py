@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -31,10 +32,10 @@ def git_commit() -> str:
     return (head + ("+changes" if dirty else "")) if head else "unknown"
 
 
-def collect(out: Path, runs: Dict[str, Sequence[Path]]) -> Dict[str, dict]:
+def collect(out: Path, runs: Dict[str, Sequence[Path]], sources: Dict[str, str]
+            ) -> Dict[str, dict]:
     """Per method: final held-out accuracy per seed, overall and per difficulty, and the
-    per-problem correctness the paired comparison needs."""
-    sources = {r.id: r.source for r in load_records(out / "data" / "eval.jsonl")}
+    per-problem correctness the paired comparison needs (``sources``: problem id → level)."""
     result: Dict[str, dict] = {"base": {"runs": [out / "runs" / "base"]}}
     result.update({m: {"runs": list(paths)} for m, paths in runs.items()})
     for entry in result.values():
@@ -44,14 +45,6 @@ def collect(out: Path, runs: Dict[str, Sequence[Path]]) -> Dict[str, dict]:
         entry["by_level"] = [by_source(c, sources) for c in entry["correct"]]
         entry["right_length"] = [right_length_share(r, sources) for r in rows]
     return result
-
-
-def level_counts(out: Path) -> Dict[int, int]:
-    counts: Dict[int, int] = {}
-    for r in load_records(out / "data" / "eval.jsonl"):
-        level = int(r.source.split("-")[1].rstrip("step"))
-        counts[level] = counts.get(level, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def table(result: Dict[str, dict], levels: List[str]) -> List[str]:
@@ -109,7 +102,8 @@ def paired_table(result: Dict[str, dict], sources: Dict[str, str]) -> List[str]:
 def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, float],
           tuning: Optional[dict], argv: List[str], wall_s: float, grid: Sequence[float]
           ) -> None:
-    result = collect(out, runs)
+    sources = {r.id: r.source for r in load_records(out / "data" / "eval.jsonl")}
+    result = collect(out, runs, sources)
     levels = sorted({lv for e in result.values() for b in e["by_level"] for lv in b},
                     key=lambda s: (len(s), s))
     offset = {"sft_then_rl": sizes.iters}  # its RL stage starts after the SFT run's steps
@@ -134,12 +128,11 @@ def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, floa
              f"at temperature {sizes.eval_temperature:g}, as the paper samples"
              if sizes.eval_temperature else "greedy decoding")
           + "; overall = the mean of the levels' accuracies (each level weighs the same; "
-          + ", ".join(f"{n} {k}-step" for k, n in level_counts(out).items())
+          + ", ".join(f"{n} {lv}" for lv, n in sorted(Counter(sources.values()).items()))
           + " problems); mean ± std over seeds", "", *table(result, levels), "", *above_base(result)]
     md += ["Answers that write as many steps as the problem has (%, last evaluation): a wrong "
            "number of steps is how the base fails the chains it was never shown", "",
            *length_table(result, levels), ""]
-    sources = {r.id: r.source for r in load_records(out / "data" / "eval.jsonl")}
     pairs = paired_table(result, sources)
     if pairs:
         md += ["TRAPO against each method on the same seeds and held-out problems:", "",

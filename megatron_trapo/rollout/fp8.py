@@ -124,7 +124,7 @@ def dequantize_named(tensors: Dict[str, torch.Tensor], block: Optional[Sequence[
     scales are consumed."""
     out = {}
     for name, t in tensors.items():
-        if name.endswith(("_scale_inv", "_scale")) and name.rsplit("_scale", 1)[0] in tensors:
+        if is_scale(name) and name.rsplit("_scale", 1)[0] in tensors:
             continue
         if t.dtype == FP8:
             scale = tensors.get(scale_name(name, block))
@@ -154,23 +154,15 @@ def is_scale(name: str) -> bool:
     return name.endswith((".weight_scale_inv", ".weight_scale"))
 
 
-def block_of(config: dict) -> Optional[List[int]]:
-    """The block size of an FP8 checkpoint's ``config.json`` (None: per tensor); a
-    ValueError when the checkpoint is not FP8 in this format."""
+def folder_block(path: str) -> Tuple[bool, Optional[List[int]]]:
+    """``(is FP8, block size)`` of the HF folder ``path`` from its config.json (block None:
+    per tensor, or not FP8)."""
+    config = json.loads((Path(path) / "config.json").read_text())
     q = config.get("quantization_config") or {}
     if q.get("quant_method") != "fp8":
-        raise ValueError(f"not an FP8 checkpoint (quantization_config.quant_method = "
-                         f"{q.get('quant_method')!r}, expected 'fp8')")
-    block = q.get("weight_block_size")
-    return [int(b) for b in block] if block else None
-
-
-def folder_block(path: str) -> Tuple[bool, Optional[List[int]]]:
-    """``(is FP8, block size)`` of the HF folder ``path`` from its config.json."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    if (config.get("quantization_config") or {}).get("quant_method") != "fp8":
         return False, None
-    return True, block_of(config)
+    block = q.get("weight_block_size")
+    return True, [int(b) for b in block] if block else None
 
 
 def with_quantization_config(config: dict, block: Optional[Sequence[int]]) -> dict:
