@@ -39,9 +39,9 @@ ABLATION = ("grpo", "trapo_prefix_context", "trapo_plain_sft", "trapo_luffy_pref
 # run), chosen by `--tune` on the current base (README, "The CPU demo"): the best final
 # accuracy on training problems of LR_GRID after the same steps (ties: the smaller lr). The
 # ablation rows take TRAPO's.
-LR: Dict[str, float] = {"sft": 1e-5, "grpo": 1e-5, "sft_then_rl": 1e-5, "luffy": 1e-5,
-                        "trapo": 1e-5, "trapo_prefix_context": 1e-5, "trapo_plain_sft": 1e-5,
-                        "trapo_luffy_prefix": 1e-5}
+LR: Dict[str, float] = {"sft": 1e-4, "grpo": 2e-5, "sft_then_rl": 1e-5, "luffy": 3e-5,
+                        "trapo": 3e-5, "trapo_prefix_context": 3e-5, "trapo_plain_sft": 3e-5,
+                        "trapo_luffy_prefix": 3e-5}
 LR_GRID = (1e-5, 2e-5, 3e-5, 1e-4)
 PROMPT = "{problem}\n"
 
@@ -62,11 +62,14 @@ def common(data: Path, sizes: Sizes) -> Dict[str, object]:
             "eval.average": "sources"}
 
 
-def pretrain(out: Path, sizes: Sizes) -> Path:
+def pretrain(out: Path, sizes: Sizes, eval_file: str = "eval.jsonl",
+             extra: Dict[str, object] | None = None) -> Path:
+    """The base (``eval_file``, ``extra``: benchmarks/size_base.py scores it on training
+    problems instead, sampled as GRPO samples them)."""
     data = out / "data"
     return run_stage(out, "base", {
         **common(data, sizes), "train_data": data / "pretrain.jsonl",
-        "eval.data": data / "eval.jsonl", "loss.loss_mode": "sft",
+        "eval.data": data / eval_file, "loss.loss_mode": "sft",
         "prompts_per_step": sizes.pre_prompts, "train_iters": sizes.pre_iters,
         "optimizer.lr": sizes.pre_lr, "optimizer.lr_decay_style": "cosine",
         "optimizer.lr_warmup_iters": max(sizes.pre_iters // 30, 1), "eval.interval": 0,
@@ -74,7 +77,7 @@ def pretrain(out: Path, sizes: Sizes) -> Path:
         # weight decay and no entropy bonus (on "generated" tokens, of which SFT has none);
         # the trainer's defaults moving (fidelity review D7, D10) must not change the base
         "optimizer.weight_decay": 0.0, "loss.entropy_tokens": "generated",
-        "seed": 1})
+        "seed": 1, **(extra or {})})
 
 
 def train_method(out: Path, sizes: Sizes, method: str, seed: int, lr: float,

@@ -16,7 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron_trapo.algorithms.methods import method
 from megatron_trapo.algorithms.sampler import Groups, flatten, reward_scorer, sample_groups
 from megatron_trapo.algorithms.trajectory import Trajectory, assign_advantages
-from megatron_trapo.config import LossConfig
+from megatron_trapo.config import ConfigError, LossConfig
 from megatron_trapo.models.provider import have_transformer_engine
 from megatron_trapo.platform.distributed import broadcast_object, host_group
 from megatron_trapo.rollout.types import SamplingParams
@@ -169,7 +169,13 @@ def mini_batches(seqs: List[dict], group_sizes: Sequence[int], n: int) -> List[L
 
 def prepare_update(seqs: List[dict], cfg, run) -> Update:
     """This rank's micro-batches of ``seqs``, normalised over every DP rank's share."""
-    mine = split_for_rank(seqs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    dp = ps.get_data_parallel_world_size()
+    if len(seqs) < dp:  # every rank sees the same count, so all of them stop here alike
+        raise ConfigError(
+            f"an update holds {len(seqs)} sequences for {dp} data-parallel ranks, and each rank "
+            f"needs one: raise prompts_per_step ({cfg.prompts_per_step}) or lower "
+            f"batching.ppo_mini_batches ({cfg.batching.ppo_mini_batches})")
+    mine = split_for_rank(seqs, ps.get_data_parallel_rank(), dp)
     mbs = build_microbatches(mine, seqs, cfg, run.pad_id, run.model.fp8 is not None)
     normaliser = global_normaliser(mbs)  # on the CPU micro-batches, over the gloo DP group
     mbs = [to_device(mb) for mb in mbs]

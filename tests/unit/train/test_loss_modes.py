@@ -88,6 +88,23 @@ def test_ppo_mini_batches_must_split_the_prompts_into_whole_parts():
     assert old_logprobs_source(cfg) == "recompute"  # π_old is not the current policy then
 
 
+def test_an_update_with_fewer_sequences_than_dp_ranks_is_refused_by_name(monkeypatch):
+    """One SFT prompt a step on 2 data-parallel ranks left rank 1 without a micro-batch and
+    died in max() deep in the step; now every rank stops with the settings to change."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_trapo.config import TrainConfig, load_config
+    from megatron_trapo.train import step
+
+    monkeypatch.setattr(ps, "get_data_parallel_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(ps, "get_data_parallel_rank", lambda *a, **k: 1)
+    cfg = load_config(TrainConfig, None, ["prompts_per_step=1", "loss.loss_mode=sft"])
+    seq = {"tokens": torch.ones(5, dtype=torch.long)}
+    with pytest.raises(ConfigError, match=r"1 sequences for 2 data-parallel ranks.*"
+                                          r"prompts_per_step \(1\)"):
+        step.prepare_update([seq], cfg, run=None)
+
+
 def test_the_lr_schedule_counts_rollout_steps_with_several_updates_each():
     """lr_warmup_iters / lr_decay_iters are rollout steps: with 2 updates per step the
     scheduler's warm-up and decay take twice as many of its (per-update) steps."""
