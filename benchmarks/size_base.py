@@ -21,12 +21,13 @@ import dataclasses
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List
 
 from megatron_trapo.cpu_demo.compare import common, pretrain
 from megatron_trapo.cpu_demo.stage import run_stage
+from megatron_trapo.cpu_demo.stats import final_rows, read_final_eval
 from megatron_trapo.cpu_demo.task import FULL, prepare
 from megatron_trapo.data.records import load_records, save_records
 
@@ -42,23 +43,22 @@ def parse_mix(text: str) -> Dict[int, float]:
     return mix
 
 
-def per_level(samples: List[dict], k: int) -> Dict[str, Dict[str, float]]:
-    """Per source: mean pass rate, share of problems with 0 < correct < k, share with 0."""
-    by_problem: Dict[str, List[float]] = defaultdict(list)
-    source_of: Dict[str, str] = {}
-    for s in samples:
-        by_problem[s["id"]].append(s["correct"])
-        source_of[s["id"]] = s["source"]
+def per_level(rows: List[dict], k: int) -> Dict[str, Dict[str, float]]:
+    """Per source, over the last evaluation's ``rows`` (``stats.final_rows``): mean pass
+    rate, share of problems with 0 < correct < k, share with 0."""
+    counts = Counter(r["id"] for r in rows)
+    bad = sorted({n for n in counts.values() if n != k})
+    if bad:
+        raise SystemExit(f"groups of {bad[:3]} samples, expected --k {k}")
+    shares = read_final_eval(rows)  # problem id -> share of its k samples correct
+    source_of = {r["id"]: r["source"] for r in rows}
     out: Dict[str, Dict[str, float]] = {}
     for source in sorted(set(source_of.values())):
-        groups = [v for pid, v in by_problem.items() if source_of[pid] == source]
-        bad = [len(v) for v in groups if len(v) != k]
-        if bad:
-            raise SystemExit(f"{source}: groups of {bad[:3]} samples, expected --k {k}")
-        out[source] = {"pass_rate": sum(map(sum, groups)) / (k * len(groups)),
-                       "mixed": sum(0 < sum(v) < k for v in groups) / len(groups),
-                       "none": sum(sum(v) == 0 for v in groups) / len(groups),
-                       "problems": len(groups)}
+        level = [c for pid, c in shares.items() if source_of[pid] == source]
+        out[source] = {"pass_rate": sum(level) / len(level),
+                       "mixed": sum(0 < c < 1 for c in level) / len(level),
+                       "none": sum(c == 0 for c in level) / len(level),
+                       "problems": len(level)}
     return out
 
 
@@ -93,10 +93,8 @@ def main(argv: List[str] | None = None) -> int:
         "eval.data": probe, "loss.loss_mode": "sft", "prompts_per_step": 2, "train_iters": 1,
         "optimizer.lr": 0.0, "eval.interval": 1, "seed": 1})
     first = json.loads((greedy_run / "final.json").read_text())["first_eval"]
-    samples = [json.loads(line) for line in (run / "logs" / "eval_samples.jsonl").open()]
-    last = max(s["step"] for s in samples)  # the trainer also evaluates at step 0
-    samples = [s for s in samples if s["step"] == last]
-    table = per_level(samples, args.k)
+    # the last evaluation's samples (the trainer also evaluates at step 0)
+    table = per_level(final_rows(run / "logs" / "eval_samples.jsonl"), args.k)
     for source, row in table.items():
         row["greedy"] = first[f"eval/accuracy/{source}"]
     print(f"{name}: base {wall:.0f} s ({time.time() - t0:.0f} s this call); {args.problems} "

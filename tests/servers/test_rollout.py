@@ -3,6 +3,7 @@ tokenizer: the HF engine in-process, the SGLang client through the real sglang-r
 front of two protocol servers, and the vLLM client against the servers' /v1/completions.
 Plus failover (a server killed mid-batch), weight sync (TP=2 and PP=2 trainers, three modes)
 and clear errors."""
+import contextlib
 import json
 import math
 import os
@@ -177,6 +178,22 @@ def test_server_killed_mid_batch_every_sample_exactly_once(model_dir):
         engine.close()
 
 
+@contextlib.contextmanager
+def sync_servers(model_path):
+    """The weight-sync tests' servers, from ``model_path``: one for disk sync, and two of TP
+    size 2 for broadcast sync (``extra_args``: our server's stand-in TP ranks)."""
+    disk = ServerPool.launch("hf", str(model_path), 1, use_router=False, startup_timeout_s=120)
+    try:
+        tp2 = ServerPool.launch("hf", str(model_path), 2, use_router=False,
+                                startup_timeout_s=120, extra_args=["--tp-size", "2"])
+        try:
+            yield disk, tp2
+        finally:
+            tp2.close()
+    finally:
+        disk.close()
+
+
 def test_weight_sync_tp2_pp2_three_modes(model_dir, tmp_path):
     """TP=2 and PP=2 trainers sync to the HF engine, to a server from disk (through
     SGLang's endpoints, then vLLM's pause / reload / cache reset / resume), and by
@@ -185,17 +202,11 @@ def test_weight_sync_tp2_pp2_three_modes(model_dir, tmp_path):
     PP=2 syncs run with host copies and CPU-tensor p2p refused."""
     mc = tmp_path / "mc"
     run_tool("convert_hf_to_mcore.py", "--hf-dir", str(model_dir), "--out-dir", str(mc), "--tp", "2")
-    disk = ServerPool.launch("hf", str(model_dir), 1, use_router=False, startup_timeout_s=120)
-    tp2 = ServerPool.launch("hf", str(model_dir), 2, use_router=False, startup_timeout_s=120,
-                            extra_args=["--tp-size", "2"])
-    try:
+    with sync_servers(model_dir) as (disk, tp2):
         r = run_worker("weight_sync.py", 2, tmp_path, env={
             "MC_DIR": str(mc), "HF_DIR": str(model_dir), "DISK_URL": disk.urls[0],
             "TP2_URLS": ",".join(tp2.urls), "VICTIM_PGID": str(tp2.processes[1].proc.pid)},
             result=WeightSyncSuite)
-    finally:
-        disk.close()
-        tp2.close()
     keys = ["tp2:inprocess", "tp2:disk", "tp2:vllm-disk", "tp2:distributed", "pp2:inprocess",
             "pp2:distributed"]
     for key in keys:
@@ -228,16 +239,10 @@ def test_fp8_weight_sync_reaches_servers_from_disk_and_by_broadcast(model_dir, t
     fp8_dir = tmp_path / "fp8"
     printed = run_tool("quantize_fp8.py", str(model_dir), str(fp8_dir), "--block-size", "32", "32")
     assert "14 fp8 weights" in printed  # 2 layers x (q, k, v, o, gate, up, down)
-    disk = ServerPool.launch("hf", str(fp8_dir), 1, use_router=False, startup_timeout_s=120)
-    tp2 = ServerPool.launch("hf", str(fp8_dir), 2, use_router=False, startup_timeout_s=120,
-                            extra_args=["--tp-size", "2"])
-    try:
+    with sync_servers(fp8_dir) as (disk, tp2):
         r = run_worker("fp8_sync.py", 2, tmp_path, env={
             "MC_DIR": str(mc), "HF_DIR": str(model_dir), "DISK_URL": disk.urls[0],
             "TP2_URLS": ",".join(tp2.urls)}, result=Fp8SyncSuite)
-    finally:
-        disk.close()
-        tp2.close()
     ref = r.checks["reference"]
     # measured: 1.09 nats at most over the 10 tokens (this model's logits are scaled x40)
     assert ref.tokens == 10 and ref.diff_to_unquantized > 1e-4
