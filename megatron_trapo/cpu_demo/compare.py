@@ -16,7 +16,8 @@
    method), ``results.json``, ``accuracy.png`` and ``training.png``.
 
 Learning rates are fixed per method in :data:`LR`; ``--tune`` chooses them again from a small
-grid by accuracy on training problems (``data/train_probe.jsonl``), never on held-out ones.
+grid by accuracy on problems of the training distribution that no run trains on
+(``data/tune_probe.jsonl``), never on held-out ones.
 Every stage is a ``megatron-trapo train`` run; a finished one is skipped on a re-run.
 """
 from __future__ import annotations
@@ -37,11 +38,11 @@ QUICK_METHODS = ("grpo", "trapo")  # --quick: the RL baseline and TRAPO, for CI'
 ABLATION = ("grpo", "trapo_prefix_context", "trapo_plain_sft", "trapo_luffy_prefix", "trapo")
 # The learning rate of each method (SFT-then-RL: of its RL stage; its SFT stage is the SFT
 # run), chosen by `--tune` on the current base (README, "The CPU demo"): the best final
-# accuracy on training problems of LR_GRID after the same steps (ties: the smaller lr). The
-# ablation rows take TRAPO's.
-LR: Dict[str, float] = {"sft": 1e-4, "grpo": 2e-5, "sft_then_rl": 1e-5, "luffy": 3e-5,
-                        "trapo": 3e-5, "trapo_prefix_context": 3e-5, "trapo_plain_sft": 3e-5,
-                        "trapo_luffy_prefix": 3e-5}
+# accuracy of LR_GRID after the same steps on the tuning probe, training-distribution problems
+# no run trains on (ties: the smaller lr). The ablation rows take TRAPO's.
+LR: Dict[str, float] = {"sft": 3e-5, "grpo": 1e-5, "sft_then_rl": 2e-5, "luffy": 3e-5,
+                        "trapo": 2e-5, "trapo_prefix_context": 2e-5, "trapo_plain_sft": 2e-5,
+                        "trapo_luffy_prefix": 2e-5}
 LR_GRID = (1e-5, 2e-5, 3e-5, 1e-4)
 PROMPT = "{problem}\n"
 
@@ -101,18 +102,19 @@ def train_method(out: Path, sizes: Sizes, method: str, seed: int, lr: float,
 
 def tune(out: Path, sizes: Sizes, methods: List[str]) -> Dict[str, dict]:
     """Each method at each learning rate of :data:`LR_GRID` (seed 1), scored by its final
-    accuracy on training problems; the best becomes the method's learning rate."""
+    accuracy on the tuning probe (training-distribution problems no run trains on); the best
+    becomes the method's learning rate."""
     chosen = {}
     for method in methods:  # sft first: SFT-then-RL starts from the tuned SFT run
         scores = {}
         for lr in LR_GRID:
-            run = train_method(out, sizes, method, 1, lr, "train_probe.jsonl", f"_lr{lr:g}")
+            run = train_method(out, sizes, method, 1, lr, "tune_probe.jsonl", f"_lr{lr:g}")
             scores[lr] = final(run)["last_eval"]["eval/accuracy"]
         LR[method] = max(scores, key=lambda lr: (scores[lr], -lr))
         start = final(run)["first_eval"]["eval/accuracy"]  # its starting point on the probe
-        chosen[method] = {"lr": LR[method], "train_probe_accuracy": scores,
-                          "train_probe_accuracy_at_start": start}
-        print(f"  {method}: lr {LR[method]:g} (training-problem accuracy {start:.3f} at the "
+        chosen[method] = {"lr": LR[method], "tune_probe_accuracy": scores,
+                          "tune_probe_accuracy_at_start": start}
+        print(f"  {method}: lr {LR[method]:g} (tuning-probe accuracy {start:.3f} at the "
               "start; after training at lr " + ", ".join(f"{k:g}: {v:.3f}" for k, v in
                                                           scores.items()) + ")", flush=True)
     (out / "tuning.json").write_text(json.dumps(chosen, indent=2))

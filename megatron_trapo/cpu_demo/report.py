@@ -119,7 +119,8 @@ def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, floa
           f"- sizes {json.dumps(dataclasses.asdict(sizes))}",
           "- learning rates " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()) + "; " + how
           + f"the grid {', '.join(f'{g:g}' for g in grid)} (seed 1, the same steps) by accuracy "
-          "on training problems (`data/train_probe.jsonl`), never on held-out ones; the "
+          "on training-distribution problems no run trains on (`data/tune_probe.jsonl`, "
+          "levels 2-5), never on held-out ones; the "
           "ablation rows take TRAPO's",
           "- every method trains the same number of optimizer steps from the base; "
           "SFT-then-RL is GRPO from the SFT run (so its curve starts at the SFT run's end)",

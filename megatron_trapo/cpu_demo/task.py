@@ -48,7 +48,10 @@ class Sizes:
     # the levels' (eval.average=sources), so the extra problems sharpen a level without
     # re-weighting it. Only ~190 one-step problems exist: level 1 gets none.
     eval_extra: Dict[int, int] = field(default_factory=lambda: {2: 240, 3: 240, 4: 240})
-    probe: int = 200  # training problems the --tune grid is scored on (never held-out ones)
+    # problems of the training distribution the --tune grid is scored on: drawn apart, in no
+    # split a method trains or is evaluated on (scored on train.jsonl's first problems, as it
+    # was, the grid partly measured prompts the runs had trained on: 640 of its 2000)
+    probe: int = 200
     iters: int = 40  # optimizer steps of every method (SFT-then-RL: of its RL stage)
     prompts: int = 16
     evals: int = 2  # held-out evaluations during each run (and one at its start)
@@ -88,9 +91,10 @@ def extra_held_out(n: int, level: int, top: int, seen: Set[str]) -> List[Record]
 
 
 def prepare(data: Path, sizes: Sizes) -> None:
-    """The splits and the tokenizer, made once per output folder (a finished ``eval.jsonl``
-    means it is done)."""
-    if (data / "eval.jsonl").is_file():
+    """The splits and the tokenizer, made once per output folder (a finished
+    ``tune_probe.jsonl`` means it is done; every draw is seeded, so a folder made before the
+    probe was drawn apart is made again the same, with the probe)."""
+    if (data / "tune_probe.jsonl").is_file():
         return
     data.mkdir(parents=True, exist_ok=True)
     top = sizes.max_value
@@ -102,9 +106,12 @@ def prepare(data: Path, sizes: Sizes) -> None:
     seen = held_out | {r.problem for r in pre + train}
     for level, n in sizes.eval_extra.items():
         evals += extra_held_out(n, level, top, seen)
+    # levels 2-5 only: the ~190 one-step problems are all held out or trained on already
+    probe = make_split(sizes.probe, 0, LEVELS[1:], "probe", top,
+                       exclude={r.problem for r in evals + train})
     train_bpe_tokenizer(tokenizer_corpus(pre + train), 400, data / "tokenizer",
                         individual_digits=True)
     save_records(pre, data / "pretrain.jsonl")
     save_records(train, data / "train.jsonl")
-    save_records(train[:sizes.probe], data / "train_probe.jsonl")
     save_records(evals, data / "eval.jsonl")
+    save_records(probe, data / "tune_probe.jsonl")  # last: it marks the folder done
