@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from megatron_trapo.cpu_demo.compare import TABLE1, common
-from megatron_trapo.cpu_demo.stage import final, run_stage
+from megatron_trapo.cpu_demo.compare import TABLE1, score
 from megatron_trapo.cpu_demo.stats import gain_over, mean_std
 from megatron_trapo.cpu_demo.task import FULL
 
@@ -75,12 +74,9 @@ def main(argv: List[str] | None = None) -> int:
     scores: Dict[str, List[Dict[str, float]]] = {}
     for method, paths in ckpts.items():
         for path in paths:
-            run = run_stage(demo / "rescore", f"{path.parent.name}_{tag}", {
-                **common(data, FULL), "load": path, "train_data": data / "train.jsonl",
-                "eval.data": data / "eval.jsonl", "eval.temperature": args.temperature,
-                "eval.k": args.k, "loss.loss_mode": "sft", "prompts_per_step": 2,
-                "train_iters": 1, "optimizer.lr": 0.0, "eval.interval": 1, "seed": 1})
-            first = final(run)["first_eval"]
+            first = score(demo / "rescore", f"{path.parent.name}_{tag}", path, data, FULL,
+                          data / "eval.jsonl", {"eval.temperature": args.temperature,
+                                                "eval.k": args.k})
             scores.setdefault(method, []).append(
                 {k: v for k, v in first.items() if k.startswith("eval/accuracy")})
     table = summarize(scores)

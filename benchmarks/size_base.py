@@ -3,8 +3,9 @@ each level the base solves when sampled as GRPO samples it, and on how many prob
 of ``k`` samples disagrees (0 < correct < k: the only problems whose group-relative advantage
 is not zero, i.e. where RL gets a signal).
 
-    .venv/bin/python benchmarks/size_base.py --out runs/size_base [--pre-iters 1500]
-        [--mix 1:5,2:3,3:2,4:0.5] [--problems 500] [--k 8] [--temperature 1.0]
+    .venv/bin/python benchmarks/size_base.py --out runs/size_base [--pre-iters 1800]
+        [--pretrain 9000] [--direct 0.4] [--mix 1:5,2:3,3:2,4:0.5] [--problems 500] [--k 8]
+        [--temperature 1.0]
 
 Each variant is a base pretrained as the demo pretrains it (``cpu_demo.compare.pretrain``,
 :data:`~megatron_trapo.cpu_demo.task.FULL` with the flags changed) in its own folder under
@@ -25,8 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List
 
-from megatron_trapo.cpu_demo.compare import common, pretrain
-from megatron_trapo.cpu_demo.stage import run_stage
+from megatron_trapo.cpu_demo.compare import pretrain, score
+from megatron_trapo.cpu_demo.stage import final
 from megatron_trapo.cpu_demo.stats import final_rows, read_final_eval
 from megatron_trapo.cpu_demo.task import FULL, prepare
 from megatron_trapo.data.records import load_records, save_records
@@ -68,16 +69,22 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--pre-iters", type=int, default=FULL.pre_iters)
     ap.add_argument("--pretrain", type=int, default=FULL.pretrain, help="pretraining problems")
     ap.add_argument("--mix", default=",".join(f"{a}:{b:g}" for a, b in FULL.pretrain_mix.items()))
+    ap.add_argument("--direct", type=float, default=FULL.pretrain_direct,
+                    help="share of pretraining problems answered without working")
     ap.add_argument("--problems", type=int, default=500, help="training problems scored")
     ap.add_argument("--k", type=int, default=8, help="samples per problem (GRPO's group)")
     ap.add_argument("--temperature", type=float, default=1.0)
     args = ap.parse_args(argv)
     if args.pre_iters < 1 or args.problems < 1 or args.k < 1:
         ap.error("--pre-iters, --problems and --k must be >= 1")
+    if not 0.0 <= args.direct <= 1.0:
+        ap.error(f"--direct: a share in [0, 1], got {args.direct}")
     sizes = dataclasses.replace(FULL, pre_iters=args.pre_iters, pretrain=args.pretrain,
-                                pretrain_mix=parse_mix(args.mix))
+                                pretrain_mix=parse_mix(args.mix),
+                                pretrain_direct=args.direct)
     name = (f"iters{sizes.pre_iters}_n{sizes.pretrain}_mix"
-            + "-".join(f"{a}x{b:g}" for a, b in sizes.pretrain_mix.items()))
+            + "-".join(f"{a}x{b:g}" for a, b in sizes.pretrain_mix.items())
+            + (f"_direct{sizes.pretrain_direct:g}" if sizes.pretrain_direct else ""))
     out = Path(args.out).resolve() / name
     prepare(out / "data", sizes)
     probe = out / "data" / f"train_first{args.problems}.jsonl"
@@ -85,14 +92,9 @@ def main(argv: List[str] | None = None) -> int:
     t0 = time.time()
     run = pretrain(out, sizes, probe.name, {"eval.temperature": args.temperature,
                                             "eval.k": args.k})
-    wall = json.loads((run / "final.json").read_text())["wall_s"]
-    # greedy, as the demo scores held-out problems: the step-0 evaluation of a one-step run
-    # at lr 0 from the base
-    greedy_run = run_stage(out, "base_greedy", {
-        **common(out / "data", sizes), "load": run / "ckpt", "train_data": probe,
-        "eval.data": probe, "loss.loss_mode": "sft", "prompts_per_step": 2, "train_iters": 1,
-        "optimizer.lr": 0.0, "eval.interval": 1, "seed": 1})
-    first = json.loads((greedy_run / "final.json").read_text())["first_eval"]
+    wall = final(run)["wall_s"]
+    # greedy, as the demo scores held-out problems
+    first = score(out, "base_greedy", run / "ckpt", out / "data", sizes, probe)
     # the last evaluation's samples (the trainer also evaluates at step 0)
     table = per_level(final_rows(run / "logs" / "eval_samples.jsonl"), args.k)
     for source, row in table.items():

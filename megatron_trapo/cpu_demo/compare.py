@@ -37,9 +37,10 @@ TABLE1 = ("sft", "grpo", "sft_then_rl", "luffy", "trapo")
 QUICK_METHODS = ("grpo", "trapo")  # --quick: the RL baseline and TRAPO, for CI's time
 ABLATION = ("grpo", "trapo_prefix_context", "trapo_plain_sft", "trapo_luffy_prefix", "trapo")
 # The learning rate of each method (SFT-then-RL: of its RL stage; its SFT stage is the SFT
-# run), chosen by `--tune` on the current base (README, "The CPU demo"): the best final
-# accuracy of LR_GRID after the same steps on the tuning probe, training-distribution problems
-# no run trains on (ties: the smaller lr). The ablation rows take TRAPO's.
+# run), chosen by `--tune` on the previous base (no answers alone, Sizes.pretrain_direct=0) and
+# not yet re-tuned on this one (README, "The CPU demo"): the best final accuracy of LR_GRID
+# after the same steps on the tuning probe, training-distribution problems no run trains on
+# (ties: the smaller lr). The ablation rows take TRAPO's.
 LR: Dict[str, float] = {"sft": 3e-5, "grpo": 1e-5, "sft_then_rl": 2e-5, "luffy": 3e-5,
                         "trapo": 2e-5, "trapo_prefix_context": 2e-5, "trapo_plain_sft": 2e-5,
                         "trapo_luffy_prefix": 2e-5}
@@ -98,6 +99,18 @@ def train_method(out: Path, sizes: Sizes, method: str, seed: int, lr: float,
         "eval.data": data / eval_file, "loss.loss_mode": mode,
         "prompts_per_step": sizes.prompts, "train_iters": sizes.iters, "optimizer.lr": lr,
         "seed": seed, "eval.interval": max(sizes.iters // sizes.evals, 1), **(extra or {})})
+
+
+def score(out: Path, name: str, ckpt: Path, data: Path, sizes: Sizes, eval_data: Path,
+          extra: Dict[str, object] | None = None) -> dict:
+    """The evaluation of checkpoint ``ckpt`` on ``eval_data`` (its metrics row), as the
+    trainer's own evaluator scores the demo's runs: the step-0 evaluation of a one-step run
+    at lr 0 from it, into ``out/runs/name``; ``extra``: e.g. another ``eval.temperature``."""
+    run = run_stage(out, name, {
+        **common(data, sizes), "load": ckpt, "train_data": data / "train.jsonl",
+        "eval.data": eval_data, "loss.loss_mode": "sft", "prompts_per_step": 2,
+        "train_iters": 1, "optimizer.lr": 0.0, "eval.interval": 1, "seed": 1, **(extra or {})})
+    return final(run)["first_eval"]
 
 
 def tune(out: Path, sizes: Sizes, methods: List[str]) -> Dict[str, dict]:

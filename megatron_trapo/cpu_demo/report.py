@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 from megatron_trapo.cpu_demo.plots import plot_accuracy, plot_training
 from megatron_trapo.cpu_demo.stage import MODEL, final
 from megatron_trapo.cpu_demo.stats import (by_source, final_rows, gain_over, mean_std, paired,
-                                           read_final_eval, right_length_share)
+                                           read_final_eval, right_length_share, worked_share)
 from megatron_trapo.data.records import load_records
 
 SCHEDULE = ("trapo", "trapo_prefix_context", "trapo_plain_sft", "trapo_luffy_prefix")
@@ -44,6 +44,7 @@ def collect(out: Path, runs: Dict[str, Sequence[Path]], sources: Dict[str, str]
         entry["accuracy"] = [final(p)["last_eval"]["eval/accuracy"] for p in entry["runs"]]
         entry["by_level"] = [by_source(c, sources) for c in entry["correct"]]
         entry["right_length"] = [right_length_share(r, sources) for r in rows]
+        entry["worked"] = [worked_share(r, sources) for r in rows]
     return result
 
 
@@ -73,13 +74,13 @@ def above_base(result: Dict[str, dict]) -> List[str]:
         if cells else []
 
 
-def length_table(result: Dict[str, dict], levels: List[str]) -> List[str]:
-    """The share of answers writing the problem's number of steps, per difficulty."""
+def share_table(result: Dict[str, dict], levels: List[str], key: str) -> List[str]:
+    """A share of the answers per difficulty (``key``: ``right_length``, ``worked``)."""
     lines = ["| method | " + " | ".join(levels) + " |", "|---" * (len(levels) + 1) + "|"]
     for method, entry in result.items():
         cells = []
         for lv in levels:
-            m, s = mean_std([b.get(lv, 0.0) for b in entry["right_length"]])
+            m, s = mean_std([b.get(lv, 0.0) for b in entry[key]])
             cells.append(f"{100 * m:.1f} ± {100 * s:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
@@ -131,9 +132,11 @@ def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, floa
           + "; overall = the mean of the levels' accuracies (each level weighs the same; "
           + ", ".join(f"{n} {lv}" for lv, n in sorted(Counter(sources.values()).items()))
           + " problems); mean ± std over seeds", "", *table(result, levels), "", *above_base(result)]
-    md += ["Answers that write as many steps as the problem has (%, last evaluation): a wrong "
-           "number of steps is how the base fails the chains it was never shown", "",
-           *length_table(result, levels), ""]
+    md += ["Answers that show their working (%, last evaluation): the base's habit of "
+           "answering without it is what RL can drop", "", *share_table(result, levels, "worked"),
+           "", "Answers that write as many steps as the problem has (%, last evaluation): a "
+           "wrong number of steps is how the base fails the chains it was never shown", "",
+           *share_table(result, levels, "right_length"), ""]
     pairs = paired_table(result, sources)
     if pairs:
         md += ["TRAPO against each method on the same seeds and held-out problems:", "",
@@ -142,7 +145,7 @@ def write(out: Path, runs: Dict[str, Sequence[Path]], sizes, lrs: Dict[str, floa
     (out / "results.md").write_text("\n".join(md))
     (out / "results.json").write_text(json.dumps(
         {m: {"accuracy": e["accuracy"], "by_level": e["by_level"],
-             "right_length": e["right_length"],
+             "right_length": e["right_length"], "worked": e["worked"],
              "runs": [str(p) for p in e["runs"]]} for m, e in result.items()}, indent=2))
     print("\n".join(md[:-3]))
     print(f"wrote {out / 'results.md'}, results.json, accuracy.png and training.png "

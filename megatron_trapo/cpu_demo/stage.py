@@ -5,6 +5,7 @@ when its settings changed."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,21 @@ def method_values(config: dict) -> List[dict]:
     return [dataclasses.asdict(m) for m in stages(config["loss"]["loss_mode"])]
 
 
+def inputs(overrides: Dict[str, object]) -> Dict[str, str]:
+    """What the stage reads, by content: the SHA-256 of each data file it is given, and for a
+    checkpoint it starts from, the ``final.json`` of the stage that wrote it (rewritten each
+    time that stage runs) — so a base made again, or splits drawn again, re-run what used
+    them, where paths alone would not change."""
+    out = {}
+    for key, value in overrides.items():
+        path = Path(str(value))
+        if key == "load":
+            path = path.parent / "final.json"
+        if isinstance(value, Path) and path.is_file():
+            out[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
 def run_stage(out: Path, name: str, overrides: Dict[str, object], nproc: int = 2) -> Path:
     """Run ``megatron-trapo train`` with the demo's model and ``overrides`` into
     ``out/runs/name`` (logs in ``logs/``, checkpoint in ``ckpt/``)."""
@@ -51,7 +67,8 @@ def run_stage(out: Path, name: str, overrides: Dict[str, object], nproc: int = 2
     done, recorded = run / "final.json", run / "stage_args.json"
     args = stage_args(run, overrides)
     config = resolved_config(args)
-    settings = {"args": args, "config": config, "methods": method_values(config)}
+    settings = {"args": args, "config": config, "methods": method_values(config),
+                "inputs": inputs(overrides)}
     if recorded.is_file() and json.loads(recorded.read_text()) == settings:
         if done.is_file():
             return run

@@ -9,7 +9,7 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_trapo.data.synthetic import steps_written
 from megatron_trapo.metrics import read_metrics
@@ -122,14 +122,27 @@ def by_source(correct: Correct, sources: Mapping[str, str]) -> Dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(out.items())}
 
 
-def right_length_share(rows: Sequence[dict], sources: Mapping[str, str]) -> Dict[str, float]:
-    """Per difficulty (``synthetic-{n}step``), the share of the last evaluation's answers
-    (:func:`final_rows`) that write exactly n steps: where a base never shown long chains fails
-    them by stopping early, this separates "wrong number of steps" from "wrong arithmetic"."""
+def _share_per_level(rows: Sequence[dict], sources: Mapping[str, str],
+                     test: Callable[[int, int], bool]) -> Dict[str, float]:
+    """Per difficulty (``synthetic-{n}step``), the share of ``rows`` whose answer's number of
+    step lines w passes ``test(w, n)``."""
     out: Dict[str, List[float]] = {}
     for r in rows:
         level = re.fullmatch(r"synthetic-(\d+)step", sources.get(r["id"], ""))
         if level:
             out.setdefault(level.group(0), []).append(
-                float(steps_written(r.get("text", "")) == int(level.group(1))))
+                float(test(steps_written(r.get("text", "")), int(level.group(1)))))
     return {k: sum(v) / len(v) for k, v in sorted(out.items())}
+
+
+def right_length_share(rows: Sequence[dict], sources: Mapping[str, str]) -> Dict[str, float]:
+    """Per difficulty (``synthetic-{n}step``), the share of the last evaluation's answers
+    (:func:`final_rows`) that write exactly n steps: where a base never shown long chains fails
+    them by stopping early, this separates "wrong number of steps" from "wrong arithmetic"."""
+    return _share_per_level(rows, sources, lambda written, n: written == n)
+
+
+def worked_share(rows: Sequence[dict], sources: Mapping[str, str]) -> Dict[str, float]:
+    """Per difficulty, the share of answers that show any working (a step line): the base's
+    habit of answering without it (``Sizes.pretrain_direct``) is what RL can drop."""
+    return _share_per_level(rows, sources, lambda written, n: written > 0)

@@ -4,6 +4,8 @@ demo")."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
@@ -22,13 +24,14 @@ class Sizes:
     # four-step problems; with them it writes four and solves 47%, and only five steps are
     # out of its reach)
     pretrain_mix: Dict[int, float] = field(default_factory=lambda: {1: 5, 2: 3, 3: 2, 4: 0.5})
-    pretrain: int = 6000  # problems
+    pretrain: int = 9000  # problems (60% with worked solutions: see pretrain_direct)
     # sized on training problems, never held-out ones (benchmarks/size_base.py; README, "The
-    # CPU demo"), greedy per level 1-5: 1000 steps 70/36/27/20/6, 1200 99/74/30/19/5, 1500
-    # 100/99/99/68/7 (levels 1-3 saturated: nothing left for RL to show there). 1200 is the
-    # issue's shape: competent at one step, little at five, and the middle levels half-solved,
-    # where 67-90% of GRPO's groups of 8 at T = 1 disagree (the only ones with a signal)
-    pre_iters: int = 1200
+    # CPU demo"). Without answers-only text (pretrain_direct 0), 6000 problems, greedy per
+    # level 1-5: 1000 steps 70/36/27/20/6, 1200 99/74/30/19/5, 1500 100/99/99/68/7; on that
+    # base RL moved nothing in 40 steps (README). With 40% answers only: 9000 problems and
+    # 1800 steps keep the worked solutions' share of the steps (sampled at T = 1, worked
+    # answers right 87/61/37/20/7%); 7500 and 1500 were weaker (68/32/12/16/9)
+    pre_iters: int = 1800
     pre_prompts: int = 16
     pre_lr: float = 2e-3  # cosine to 0 (a base annealed to a floor of 1e-4 was worse: 27% vs 39%)
     # every value in 0..20: few enough arithmetic facts that pretraining covers each one many
@@ -37,6 +40,15 @@ class Sizes:
     # how often a step of a pretraining solution is written off by 1-2, per solution style
     # (data/synthetic.py): the base writes both styles, one of them less reliably
     pretrain_slip: Tuple[float, float] = (0.0, 0.0)
+    # the share of pretraining problems answered without working ("The answer is \\boxed{13}."),
+    # as much of the text a real base model learned from does: the habit RL can drop. Which
+    # to write is decided at an answer's first token, the same choice for every prompt; at
+    # 40% the base writes the answer alone in 41-45% of its samples at T = 1, right 9-14% of
+    # the time at 2-4 steps against 20-64% for worked ones, and greedy decoding takes it on
+    # 99-100% of the problems. With 6000 problems and 1200 steps: at 30%, greedy took it on
+    # 6-12%; at 50%, the worked answers were no better than guesses at T = 1 (RL would have
+    # had no signal to follow)
+    pretrain_direct: float = 0.4
     train: int = 2000  # the methods' training problems (every level)
     eval: int = 400  # held-out problems (every level, about 80 each)
     # more held-out problems of the middle levels, where the methods differ, drawn after the
@@ -63,8 +75,9 @@ class Sizes:
 
 
 FULL = Sizes()
+# CI's pipeline check: a base without answers-only text (500 steps do not teach both habits)
 QUICK = Sizes(pretrain=2000, pre_iters=500, train=400, eval=100, eval_extra={}, probe=50,
-              iters=10, prompts=8, evals=2)
+              iters=10, prompts=8, evals=2, pretrain_direct=0.0)
 
 
 def both_styles(records: List[Record]) -> List[Record]:
@@ -73,6 +86,17 @@ def both_styles(records: List[Record]) -> List[Record]:
     base that never saw it put 55-75% of those expert tokens below p = 0.1, NLL 5-7 nats)."""
     return [dataclasses.replace(r, solutions=r.solutions[::-1]) if i % 2 else r
             for i, r in enumerate(records)]
+
+
+def direct_answers(records: List[Record], share: float) -> List[Record]:
+    """A seeded ``share`` of ``records`` with their first solution (the one SFT trains on)
+    replaced by the answer alone, in the terse style's words."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"Sizes.pretrain_direct: a share in [0, 1], got {share}")
+    rng = random.Random("direct")
+    return [dataclasses.replace(r, solutions=[f"The answer is \\boxed{{{r.answer}}}.",
+                                              *r.solutions[1:]])
+            if rng.random() < share else r for r in records]
 
 
 def extra_held_out(n: int, level: int, top: int, seen: Set[str]) -> List[Record]:
@@ -91,17 +115,22 @@ def extra_held_out(n: int, level: int, top: int, seen: Set[str]) -> List[Record]
 
 
 def prepare(data: Path, sizes: Sizes) -> None:
-    """The splits and the tokenizer, made once per output folder (a finished
-    ``tune_probe.jsonl`` means it is done; every draw is seeded, so a folder made before the
-    probe was drawn apart is made again the same, with the probe)."""
-    if (data / "tune_probe.jsonl").is_file():
+    """The splits and the tokenizer, made once per output folder and ``sizes``:
+    ``sizes.json``, written last, records what they were made with; a folder made with other
+    sizes (or before they were recorded) is made again, and the stages that read its files run
+    again with it (``stage.run_stage`` keys a stage on its input files). Every draw is seeded."""
+    marker = data / "sizes.json"
+    recorded = json.dumps(dataclasses.asdict(sizes), sort_keys=True)
+    if marker.is_file() and marker.read_text() == recorded:
         return
     data.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # a re-make cut off must not pass for the old sizes'
     top = sizes.max_value
     evals = make_split(sizes.eval, 0, LEVELS, "eval", top)
     held_out = {r.problem for r in evals}
-    pre = both_styles(make_split(sizes.pretrain, 0, sizes.pretrain_mix, "pretrain", top,
-                                 exclude=held_out, slip=sizes.pretrain_slip))
+    pre = direct_answers(both_styles(make_split(
+        sizes.pretrain, 0, sizes.pretrain_mix, "pretrain", top, exclude=held_out,
+        slip=sizes.pretrain_slip)), sizes.pretrain_direct)
     train = make_split(sizes.train, 0, LEVELS, "train", top, exclude=held_out)
     seen = held_out | {r.problem for r in pre + train}
     for level, n in sizes.eval_extra.items():
@@ -114,4 +143,5 @@ def prepare(data: Path, sizes: Sizes) -> None:
     save_records(pre, data / "pretrain.jsonl")
     save_records(train, data / "train.jsonl")
     save_records(evals, data / "eval.jsonl")
-    save_records(probe, data / "tune_probe.jsonl")  # last: it marks the folder done
+    save_records(probe, data / "tune_probe.jsonl")
+    marker.write_text(recorded)  # last: it marks the folder done

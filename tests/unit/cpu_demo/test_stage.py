@@ -90,3 +90,23 @@ def test_a_stage_cut_off_with_the_same_settings_resumes(tmp_path, trainer_calls)
     (run / "ckpt").mkdir()
     stage.run_stage(tmp_path, "grpo_seed1", {"optimizer.lr": 1e-5})
     assert len(trainer_calls) == 2 and (run / "ckpt").is_dir()  # its checkpoint kept for --resume
+
+
+def test_a_stage_whose_data_or_starting_run_changed_runs_again(tmp_path, trainer_calls):
+    """The same arguments and paths, but the file behind a path changed: splits drawn again
+    (another ``Sizes``), or the base it starts from made again (its ``final.json`` is new)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"problem": "a"}\n')
+    base = stage.run_stage(tmp_path, "base", {"optimizer.lr": 1e-3, "train_data": data})
+    args = {"optimizer.lr": 1e-5, "train_data": data, "load": base / "ckpt"}
+    stage.run_stage(tmp_path, "grpo_seed1", args)
+    stage.run_stage(tmp_path, "grpo_seed1", args)
+    assert len(trainer_calls) == 2  # unchanged: reused
+    data.write_text('{"problem": "b"}\n')  # the splits drawn again
+    stage.run_stage(tmp_path, "base", {"optimizer.lr": 1e-3, "train_data": data})
+    assert len(trainer_calls) == 3  # the base runs again on them
+    stage.run_stage(tmp_path, "grpo_seed1", args)
+    assert len(trainer_calls) == 4  # and so does the run from it (its data and its base)
+    (base / "final.json").write_text('{"wall_s": 1}')  # only the base made again
+    stage.run_stage(tmp_path, "grpo_seed1", {**args, "train_data": data})
+    assert len(trainer_calls) == 5

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from megatron_trapo.cpu_demo.stats import (final_rows, gain_over, paired, read_final_eval,
-                                          right_length_share, sign_test)
+                                          right_length_share, sign_test, worked_share)
 from megatron_trapo.data.synthetic import steps_written
 
 
@@ -83,6 +83,17 @@ def test_right_length_share_counts_step_lines_of_either_style(tmp_path):
                             for s, i, t in rows))
     sources = {"a": "synthetic-2step", "b": "synthetic-3step", "c": "synthetic-3step"}
     assert right_length_share(final_rows(path), sources) == {"synthetic-2step": 0.5, "synthetic-3step": 0.5}
+
+
+def test_worked_share_counts_answers_with_any_step_line(tmp_path):
+    rows = [(4, "a", "The answer is \\boxed{4}."), (4, "a", "1 + 1 = 2.\n\nThe answer is 2."),
+            (4, "b", "We go step by step.\n\nNow 3 - 1 gives 2.\n\nSo \\boxed{2}."),
+            (4, "c", "The answer is \\boxed{7}."), (0, "c", "2 + 2 = 4.")]  # step 0: not last
+    path = tmp_path / "eval_samples.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "id": i, "correct": 0.0, "text": t}) + "\n"
+                            for s, i, t in rows))
+    sources = {"a": "synthetic-2step", "b": "synthetic-3step", "c": "synthetic-3step"}
+    assert worked_share(final_rows(path), sources) == {"synthetic-2step": 0.5, "synthetic-3step": 0.5}
 
 
 def test_gain_over_the_base_in_seed_stds():

@@ -3,12 +3,15 @@ solution styles, the tuning probe is drawn apart from every split a method train
 evaluated on."""
 import dataclasses
 
+import pytest
+
 from megatron_trapo.cpu_demo.task import LEVELS, Sizes, prepare
 from megatron_trapo.data.records import load_records
 
 
 def test_prepare_keeps_held_out_problems_out_and_shows_both_styles(tmp_path):
-    sizes = Sizes(pretrain=300, train=120, eval=60, eval_extra={2: 10, 4: 5}, probe=20)
+    sizes = Sizes(pretrain=300, train=120, eval=60, eval_extra={2: 10, 4: 5}, probe=20,
+                  pretrain_direct=0.0)  # every solution worked (answers alone: next test)
     prepare(tmp_path, sizes)
     pre, train, probe, held = (load_records(tmp_path / f"{n}.jsonl")
                                for n in ("pretrain", "train", "tune_probe", "eval"))
@@ -36,3 +39,36 @@ def test_prepare_keeps_held_out_problems_out_and_shows_both_styles(tmp_path):
     assert step_by_step == 150
     assert not any(r.solutions[0].startswith("We go") for r in train)  # methods: as made
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_the_base_answers_a_share_without_working_and_the_methods_never_do(tmp_path):
+    sizes = Sizes(pretrain=400, train=120, eval=60, eval_extra={}, probe=20,
+                  pretrain_direct=0.4)
+    prepare(tmp_path, sizes)
+    pre = load_records(tmp_path / "pretrain.jsonl")
+    direct = [r for r in pre if r.solutions[0].startswith("The answer is")]
+    assert 0.33 < len(direct) / len(pre) < 0.47  # a seeded draw of 40% (n = 400)
+    for r in direct:  # the answer alone, right, in the words the terse style ends with
+        assert r.solutions[0] == f"The answer is \\boxed{{{r.answer}}}."
+        assert r.solutions[1].count("\n\n") >= 1  # the other solution keeps its working
+    # the methods' expert solutions and the held-out answers keep every step
+    for name in ("train", "eval", "tune_probe"):
+        assert not any(s.startswith("The answer is") for r in load_records(
+            tmp_path / f"{name}.jsonl") for s in r.solutions)
+
+
+def test_a_share_of_answers_alone_outside_0_1_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="Sizes.pretrain_direct"):
+        prepare(tmp_path, Sizes(pretrain=50, train=20, eval=20, eval_extra={}, probe=5,
+                                pretrain_direct=1.5))
+
+
+def test_a_folder_made_with_other_sizes_is_made_again(tmp_path):
+    sizes = Sizes(pretrain=200, train=60, eval=40, eval_extra={}, probe=10)
+    prepare(tmp_path, sizes)
+    first = (tmp_path / "pretrain.jsonl").read_text()
+    prepare(tmp_path, sizes)  # the same sizes: kept as made
+    assert (tmp_path / "pretrain.jsonl").read_text() == first
+    prepare(tmp_path, dataclasses.replace(sizes, pretrain_direct=0.5))
+    remade = load_records(tmp_path / "pretrain.jsonl")
+    assert any(r.solutions[0].startswith("The answer is") for r in remade)
