@@ -52,10 +52,10 @@ def inputs(overrides: Dict[str, object]) -> Dict[str, str]:
     them, where paths alone would not change."""
     out = {}
     for key, value in overrides.items():
-        path = Path(str(value))
-        if key == "load":
-            path = path.parent / "final.json"
-        if isinstance(value, Path) and path.is_file():
+        if not isinstance(value, Path):
+            continue
+        path = value.parent / "final.json" if key == "load" else value
+        if path.is_file():
             out[key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
 from megatron_trapo.data.records import Record, save_records
-from megatron_trapo.data.synthetic import make_split, tokenizer_corpus
+from megatron_trapo.data.synthetic import answer_line, make_split, tokenizer_corpus
 from megatron_trapo.data.tokenizer import train_bpe_tokenizer
 
 LEVELS: Tuple[int, ...] = (1, 2, 3, 4, 5)  # steps per problem in the training/held-out splits
@@ -94,8 +94,7 @@ def direct_answers(records: List[Record], share: float) -> List[Record]:
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"Sizes.pretrain_direct: a share in [0, 1], got {share}")
     rng = random.Random("direct")
-    return [dataclasses.replace(r, solutions=[f"The answer is \\boxed{{{r.answer}}}.",
-                                              *r.solutions[1:]])
+    return [dataclasses.replace(r, solutions=[answer_line(r.answer), *r.solutions[1:]])
             if rng.random() < share else r for r in records]
 
 
@@ -124,7 +123,7 @@ def prepare(data: Path, sizes: Sizes) -> None:
     if marker.is_file() and marker.read_text() == recorded:
         return
     data.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)  # a re-make cut off must not pass for the old sizes'
+    marker.unlink(missing_ok=True)  # a re-make cut off must not pass for the old sizes
     top = sizes.max_value
     evals = make_split(sizes.eval, 0, LEVELS, "eval", top)
     held_out = {r.problem for r in evals}

@@ -77,8 +77,14 @@ def _solution(rng: random.Random, value: int, ops: Sequence[tuple], slip: float,
         lines.append(f"{value} {sym} {operand} = {new}." if style == "main"
                      else f"Now {value} {sym} {operand} gives {new}.")
         value = new
+    return "\n\n".join(lines + [answer_line(value, style)])
+
+
+def answer_line(value: object, style: str = "main") -> str:
+    """A solution's last line, in ``style``'s words (the demo's answers-only pretraining text
+    is this line alone)."""
     end = "The answer is" if style == "main" else "So the result is"
-    return "\n\n".join(lines + [f"{end} \\boxed{{{value}}}."])
+    return f"{end} \\boxed{{{value}}}."
 
 
 def make_split(n: int, seed: int, steps: Union[Sequence[int], Mapping[int, float]],
