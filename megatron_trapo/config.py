@@ -674,6 +674,10 @@ class InLoopEvalConfig:
 
     data: Optional[str] = None  # .jsonl records
     interval: int = 0  # 0 = only at the end
+    # also before the first step (a fresh run): false where that number is known already or
+    # means nothing (the CPU demo's base starts from random weights: 96 tokens of noise for
+    # each of 1120 problems)
+    at_start: bool = True
     max_problems: Optional[int] = None
     # 0.6, the reference's val_temperature (train_trapo.sh; fidelity review D13), sample j of
     # problem i seeded with seed + i·k + j; 0: greedy

@@ -82,6 +82,17 @@ class Run:
     rollout: Optional[RolloutSide]  # rank 0 only
     data_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)  # rows kept/skipped
     timers: StepTimers = dataclasses.field(default_factory=StepTimers)  # this step's phases
+    # the weight version the engine has not been sent yet: a method that never generates
+    # (SFT) sends its weights when they are next used, by an evaluation (:meth:`sync_engine`)
+    unsent_version: Optional[str] = None
+
+    def sync_engine(self) -> Dict[str, float]:
+        """Send the engine the weights it has not had yet (collective, every rank); the
+        sync's stats, {} when it was up to date."""
+        if self.unsent_version is None or self.sync is None:
+            return {}
+        version, self.unsent_version = self.unsent_version, None
+        return self.sync.sync(self.ddp, version)
 
     @property
     def engine(self) -> Optional[RolloutEngine]:

@@ -94,11 +94,14 @@ def trapo_step(run, step: int) -> StepResult:
     memory.release_freed_memory()  # the activations, before the next generation
     train_tokens = float(sum(s["tokens"].numel() for s in seqs))  # every DP rank's
     timers.count("train_tokens", train_tokens)
-    # 8. the new weights to the engine
+    # 8. the new weights to the engine; a method that never generates (SFT) leaves them
+    #    for the next evaluation to send (the CPU demo's base: 8% of its step time)
     synced = {}
     if run.sync is not None:
-        with timers.phase("weight_sync"):
-            synced = run.sync.sync(run.ddp, str(step + 1))
+        run.unsent_version = str(step + 1)
+        if m.sampling != "expert_only":
+            with timers.phase("weight_sync"):
+                synced = run.sync_engine()
     # 9. metrics
     warn_trace_fallback(trajs, cfg.sampler.trace_index)
     metrics = {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs, sources), **health,

@@ -166,6 +166,7 @@ def evaluate(run: Run, step: int) -> Dict[str, float]:
     and answers graded as ``megatron-trapo eval`` grades them (``reward.grading``:
     math-verify, then PRM800K's grader), in the reward's worker pool. Every graded response
     is appended to ``log_dir/eval_samples.jsonl`` (per-problem comparisons between runs)."""
+    synced = run.sync_engine()  # the weights of a method that does not generate (SFT)
     side = run.rollout
     local = [] if side is not None else None
     if side is not None and side.eval_items:
@@ -184,9 +185,10 @@ def evaluate(run: Run, step: int) -> Dict[str, float]:
                   it.record.id, text) for g, (s, it), text in zip(grades, samples, texts)]
     rows = gather_shares(local, side.share if side is not None else None)
     if not rows:
-        return {}
+        return {f"sync/{k}": float(v) for k, v in synced.items()}
     n = len(rows)
-    metrics = {"eval/accuracy": sum(r[0] for r in rows) / n,
+    metrics = {**{f"sync/{k}": float(v) for k, v in synced.items()},
+               "eval/accuracy": sum(r[0] for r in rows) / n,
                "eval/length": sum(r[1] for r in rows) / n,
                "eval/no_answer": sum(r[2] == "no_answer" for r in rows) / n,
                "eval/second_grader": sum(r[2] == "prm800k" for r in rows) / n}
@@ -307,7 +309,7 @@ def _run_stage(cfg: TrainConfig, resume: bool, overwrite: bool = False,
                         keep_last=cfg.checkpoint.keep_last,
                         optim_metadata=checkpoint_optimizer_metadata(cfg.checkpoint))
 
-    if start == 0 and has_eval:
+    if start == 0 and has_eval and cfg.eval.at_start:
         final = evaluate(run, 0)
         metrics.log(0, final)
     run.timers.take(0.0)  # set-up and the first evaluation are not a step's

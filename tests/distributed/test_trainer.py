@@ -210,6 +210,46 @@ def test_sft_then_rl_chains_two_stages(task, tmp_path):
     assert problems[0] | problems[1] == {r.problem for r in load_records(task / "train.jsonl")}
 
 
+def _train(task, tmp_path, nproc=1, **extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "-m", "megatron_trapo.cli", "train", *args(task, **extra)]
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sft_sends_its_weights_when_an_evaluation_uses_them(task, tmp_path):
+    """A method that never generates (SFT) leaves the weight sync to the next evaluation (it
+    was every step: 8% of the CPU demo base's step time), and that evaluation answers with the
+    weights trained so far: the same answers as a fresh run from the saved checkpoint.
+    eval.at_start=false: no evaluation before the first step."""
+    run = tmp_path / "sft"
+    _train(task, tmp_path, **{"loss.loss_mode": "sft", "train_iters": 4, "eval.interval": 2,
+                              "eval.data": task / "eval.jsonl", "eval.temperature": 0.0,
+                              "eval.at_start": "false", "optimizer.lr": 3e-3,
+                              "optimizer.lr_warmup_iters": 0, "checkpoint.save": run / "ckpt",
+                              "log_dir": run / "logs"})
+    rows = _jsonl(run / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # no step-0 evaluation
+    assert [r["step"] for r in rows if "sync/tensors" in r] == [2, 4]  # with the evaluations
+    assert all(r["sync/tensors"] > 0 for r in rows if "sync/tensors" in r)
+    answers = {}
+    for r in _jsonl(run / "logs" / "eval_samples.jsonl"):
+        answers.setdefault(r["step"], []).append((r["id"], r["text"]))
+    assert answers[2] != answers[4]  # two updates move the answers: the check below can fail
+    check = tmp_path / "check"  # the checkpoint's own answers: a run at lr 0 evaluating first
+    _train(task, tmp_path, **{"loss.loss_mode": "sft", "train_iters": 1, "optimizer.lr": 0.0,
+                              "load": run / "ckpt", "eval.data": task / "eval.jsonl",
+                              "eval.temperature": 0.0, "log_dir": check / "logs"})
+    fresh = [(r["id"], r["text"]) for r in _jsonl(check / "logs" / "eval_samples.jsonl")
+             if r["step"] == 0]
+    assert fresh == answers[4]
+
+
 def test_luffy_mixes_off_policy_expert_samples(task, tmp_path):
     run = tmp_path / "luffy"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",

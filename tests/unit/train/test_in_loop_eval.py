@@ -58,7 +58,7 @@ def test_in_loop_eval_renders_and_grades_as_megatron_trapo_eval(tokenizer, monke
     with MathReward(num_workers=1) as reward:
         monkeypatch.setattr(trainer.torch.distributed, "get_rank", lambda: 0)
         run = SimpleNamespace(cfg=TrainConfig(log_dir=str(tmp_path)), tokenizer=tokenizer,
-                              stop_ids=[],
+                              stop_ids=[], sync_engine=dict,
                               rollout=RolloutSide(None, encode(records, tokenizer), engine,
                                                   reward))
         metrics = trainer.evaluate(run, 7)
@@ -86,7 +86,7 @@ def test_in_loop_eval_k_samples_per_problem_is_avg_at_k(tokenizer, monkeypatch, 
     cfg = TrainConfig(log_dir=str(tmp_path), seed=5)
     cfg.eval.k, cfg.eval.temperature = 3, 0.6
     with MathReward(num_workers=1) as reward:
-        run = SimpleNamespace(cfg=cfg, tokenizer=tokenizer, stop_ids=[],
+        run = SimpleNamespace(cfg=cfg, tokenizer=tokenizer, stop_ids=[], sync_engine=dict,
                               rollout=RolloutSide(None, encode(records, tokenizer), engine,
                                                   reward))
         metrics = trainer.evaluate(run, 3)
@@ -120,7 +120,8 @@ def test_eval_average_over_sources_weighs_each_source_the_same(tokenizer, monkey
     with MathReward(num_workers=1) as reward:
         def run_on(recs):
             engine = ScriptedEngine(tokenizer, [[a] for a in answers])
-            return SimpleNamespace(cfg=cfg, tokenizer=tokenizer, stop_ids=[], rollout=RolloutSide(
+            return SimpleNamespace(cfg=cfg, tokenizer=tokenizer, stop_ids=[], sync_engine=dict,
+                                   rollout=RolloutSide(
                 None, encode(recs, tokenizer), engine, reward))
         metrics = trainer.evaluate(run_on(records), 1)
         assert metrics["eval/accuracy"] == pytest.approx(0.5)
