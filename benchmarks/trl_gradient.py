@@ -37,7 +37,7 @@ def main(out: Path, base: str) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from trl_learning import export_base  # lazy: as bench_vs_trl's other modes
 
-    demo, hf = export_base(out, base)
+    demo, hf, _ = export_base(out, base)
     out = out.resolve() / "gradient"
     out.mkdir(parents=True, exist_ok=True)
     batch = out / "trl_fp32.pt"

@@ -23,7 +23,9 @@ Each side shuffles the training prompts with its own generator, unless
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,9 +42,21 @@ def _link(src: Path, dst: Path) -> None:
         dst.symlink_to(src.resolve())
 
 
+def fingerprint(ckpt: Path) -> str:
+    """SHA-256 over a checkpoint folder's files (relative names and bytes): a base made again
+    is another base (the tiny demo's checkpoint is a few MB)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(ckpt)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def export_base(out: Path, base: Optional[str]) -> tuple:
-    """(the demo's folder, the base as an HF folder in ``out/hf_base``); ``out`` gets links to
-    the demo's ``data/`` and base run, so that our runs made there start from the same base."""
+    """(the demo's folder, the base as an HF folder in ``out/hf_base``, the base's
+    fingerprint); ``out`` gets links to the demo's ``data/`` and base run, so that our runs
+    made there start from the same base. The HF folder records the fingerprint of the
+    checkpoint it was made from and is made again when the base changed (it was kept
+    before: TRL went on training the previous base)."""
     if not base:
         raise SystemExit("--learning/--gradient need --base: the CPU demo's base checkpoint "
                          "(runs/cpu_demo/runs/base/ckpt after bash examples/run_trapo_cpu.sh)")
@@ -54,12 +68,16 @@ def export_base(out: Path, base: Optional[str]) -> tuple:
     out = out.resolve()
     _link(demo / "data", out / "data")
     _link(demo / "runs" / "base", out / "runs" / "base")
-    hf = out / "hf_base"
-    if not (hf / "config.json").is_file():
+    hf, fp = out / "hf_base", fingerprint(base_ckpt)
+    made_from = hf / "base_fingerprint.txt"
+    if not (hf / "config.json").is_file() or not made_from.is_file() or \
+            made_from.read_text().strip() != fp:
+        shutil.rmtree(hf, ignore_errors=True)
         subprocess.run([sys.executable, str(ROOT / "tools" / "convert_mcore_to_hf.py"),
                         "--mcore-dir", str(base_ckpt), "--out-dir", str(hf)], check=True,
                        capture_output=True)
-    return demo, hf
+        made_from.write_text(fp + "\n")
+    return demo, hf, fp
 
 
 def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
@@ -68,7 +86,7 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
     from megatron_trapo.cpu_demo.stage import metrics
     from megatron_trapo.cpu_demo.task import FULL
 
-    _, hf = export_base(out, base)
+    _, hf, base_fp = export_base(out, base)
     out = out.resolve()
     sizes, lr = FULL, lr or LR["grpo"]
     # TRL's results and the report; "fp32": results of the earlier bf16-autocast worker are
@@ -83,7 +101,8 @@ def main(out: Path, base: Optional[str], seeds: int, lr: Optional[float] = None,
                            tag="" if lr == LR["grpo"] else f"_lr{lr:g}")
         curves["ours"].append({r["step"]: r["eval/accuracy"] for r in metrics(run)
                                if "eval/accuracy" in r})
-        result = out / f"trl_{name}_seed{seed}.json"
+        # TRL's result names the base it started from: one of another base is not reused
+        result = out / f"trl_{name}_base{base_fp[:12]}_seed{seed}.json"
         if not result.is_file():
             print(f"[{time.strftime('%H:%M:%S')}] TRL GRPO seed {seed}", flush=True)
             work = {"model": str(hf), "data": str(out / "data"), "seed": seed, "lr": lr,
