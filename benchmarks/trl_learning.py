@@ -23,7 +23,6 @@ Each side shuffles the training prompts with its own generator, unless
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import statistics
@@ -42,21 +41,16 @@ def _link(src: Path, dst: Path) -> None:
         dst.symlink_to(src.resolve())
 
 
-def fingerprint(ckpt: Path) -> str:
-    """SHA-256 over a checkpoint folder's files (relative names and bytes): a base made again
-    is another base (the tiny demo's checkpoint is a few MB)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(ckpt)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
 def export_base(out: Path, base: Optional[str]) -> tuple:
     """(the demo's folder, the base as an HF folder in ``out/hf_base``, the base's
     fingerprint); ``out`` gets links to the demo's ``data/`` and base run, so that our runs
     made there start from the same base. The HF folder records the fingerprint of the
     checkpoint it was made from and is made again when the base changed (it was kept
-    before: TRL went on training the previous base)."""
+    before: TRL went on training the previous base). The fingerprint is the one the demo's
+    stage cache keys our runs on (``stage.inputs``: the SHA-256 of the ``final.json`` of the
+    stage that wrote the checkpoint), so both sides agree on which base they start from."""
+    from megatron_trapo.cpu_demo.stage import inputs  # lazy: as main's imports
+
     if not base:
         raise SystemExit("--learning/--gradient need --base: the CPU demo's base checkpoint "
                          "(runs/cpu_demo/runs/base/ckpt after bash examples/run_trapo_cpu.sh)")
@@ -68,7 +62,11 @@ def export_base(out: Path, base: Optional[str]) -> tuple:
     out = out.resolve()
     _link(demo / "data", out / "data")
     _link(demo / "runs" / "base", out / "runs" / "base")
-    hf, fp = out / "hf_base", fingerprint(base_ckpt)
+    fp = inputs({"load": base_ckpt}).get("load")
+    if fp is None:
+        raise SystemExit(f"--base {base}: no {base_ckpt.parent / 'final.json'} beside it (the "
+                         "base run did not finish)")
+    hf = out / "hf_base"
     made_from = hf / "base_fingerprint.txt"
     if not (hf / "config.json").is_file() or not made_from.is_file() or \
             made_from.read_text().strip() != fp:

@@ -88,11 +88,11 @@ class Run:
 
     def sync_engine(self) -> Dict[str, float]:
         """Send the engine the weights it has not had yet (collective, every rank); the
-        sync's stats, {} when it was up to date."""
+        sync's stats as ``sync/*`` metrics, {} when it was up to date."""
         if self.unsent_version is None or self.sync is None:
             return {}
         version, self.unsent_version = self.unsent_version, None
-        return self.sync.sync(self.ddp, version)
+        return {f"sync/{k}": float(v) for k, v in self.sync.sync(self.ddp, version).items()}
 
     @property
     def engine(self) -> Optional[RolloutEngine]:

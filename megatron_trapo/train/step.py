@@ -106,7 +106,7 @@ def trapo_step(run, step: int) -> StepResult:
     warn_trace_fallback(trajs, cfg.sampler.trace_index)
     metrics = {**reduce_loss_metrics(out["losses"]), **rollout_metrics(trajs, sources), **health,
                "rollout/generating_ranks": float(side.share.world) if side is not None else 0.0,
-               **{f"sync/{k}": float(v) for k, v in synced.items()},
+               **synced,
                "grad_norm": out["grad_norm"] or 0.0, "lr": run.optimizer.param_groups[0]["lr"],
                "train/tokens": train_tokens, "train/updates": float(len(outs))}
     if step < MEMORY_STEPS:  # where this rank's memory goes (rank 0's row in metrics.jsonl)

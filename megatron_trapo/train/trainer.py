@@ -185,10 +185,9 @@ def evaluate(run: Run, step: int) -> Dict[str, float]:
                   it.record.id, text) for g, (s, it), text in zip(grades, samples, texts)]
     rows = gather_shares(local, side.share if side is not None else None)
     if not rows:
-        return {f"sync/{k}": float(v) for k, v in synced.items()}
+        return synced
     n = len(rows)
-    metrics = {**{f"sync/{k}": float(v) for k, v in synced.items()},
-               "eval/accuracy": sum(r[0] for r in rows) / n,
+    metrics = {**synced, "eval/accuracy": sum(r[0] for r in rows) / n,
                "eval/length": sum(r[1] for r in rows) / n,
                "eval/no_answer": sum(r[2] == "no_answer" for r in rows) / n,
                "eval/second_grader": sum(r[2] == "prm800k" for r in rows) / n}

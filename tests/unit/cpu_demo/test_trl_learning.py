@@ -1,6 +1,7 @@
 """benchmarks/trl_learning.py hands TRL the demo's base as an HF folder: made again when the
 base checkpoint changed (it was kept, and TRL trained the previous base after the demo re-made
-its own), and TRL's results name the base they started from."""
+its own), and TRL's results name the base they started from. A base is known by what keys the
+demo's own runs on it (``stage.inputs``)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ def test_the_hf_base_is_made_again_when_the_base_checkpoint_changes(tmp_path, mo
     ckpt = demo / "runs" / "base" / "ckpt"
     (ckpt / "iter_0000010").mkdir(parents=True)
     (ckpt / "iter_0000010" / "__0_0.distcp").write_bytes(b"weights-1")
+    (ckpt.parent / "final.json").write_text('{"wall_s": 283.0}')  # the base stage finished
     (demo / "data").mkdir()
     (demo / "data" / "eval.jsonl").write_text("{}\n")
     made = []
@@ -33,7 +35,9 @@ def test_the_hf_base_is_made_again_when_the_base_checkpoint_changes(tmp_path, mo
     _, hf, first = trl_learning.export_base(out, str(ckpt))
     _, _, again = trl_learning.export_base(out, str(ckpt))
     assert len(made) == 1 and again == first  # the same base: the folder is kept
-    (ckpt / "iter_0000010" / "__0_0.distcp").write_bytes(b"weights-2")  # the base made again
+    # the base made again: its stage writes a new checkpoint and a new final.json
+    (ckpt / "iter_0000010" / "__0_0.distcp").write_bytes(b"weights-2")
+    (ckpt.parent / "final.json").write_text('{"wall_s": 281.5}')
     _, _, second = trl_learning.export_base(out, str(ckpt))
     assert len(made) == 2 and second != first
     assert json.loads((hf / "config.json").read_text()) == {"from": "weights-2"}
