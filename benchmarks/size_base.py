@@ -4,7 +4,7 @@ of ``k`` samples disagrees (0 < correct < k: the only problems whose group-relat
 is not zero, i.e. where RL gets a signal).
 
     .venv/bin/python benchmarks/size_base.py --out runs/size_base [--pre-iters 1800]
-        [--pretrain 9000] [--direct 0.4] [--mix 1:5,2:3,3:2,4:0.5] [--problems 500] [--k 8]
+        [--pretrain 9000] [--direct 2:0.4,3:0.4] [--mix 1:5,2:3,3:2,4:0.5] [--problems 500] [--k 8]
         [--temperature 1.0]
 
 Each variant is a base pretrained as the demo pretrains it (``cpu_demo.compare.pretrain``,
@@ -33,13 +33,23 @@ from megatron_trapo.cpu_demo.task import FULL, prepare
 from megatron_trapo.data.records import load_records, save_records
 
 
-def parse_mix(text: str) -> Dict[int, float]:
-    """``1:5,2:3`` -> {1: 5.0, 2: 3.0} (levels and weights of the pretraining mixture)."""
+def parse_levels(text: str, flag: str = "--mix") -> Dict[int, float]:
+    """``1:5,2:3`` -> {1: 5.0, 2: 3.0} (levels and their weights or shares); ``""`` -> {}."""
+    if not text:
+        return {}
     try:
         mix = {int(a): float(b) for a, b in (part.split(":") for part in text.split(","))}
     except ValueError:
-        raise SystemExit(f"--mix: expected level:weight,... (e.g. 1:5,2:3), got {text!r}")
-    if not mix or min(mix.values()) < 0 or not any(mix.values()):
+        raise SystemExit(f"{flag}: expected level:value,... (e.g. 1:5,2:3), got {text!r}")
+    if min(mix.values()) < 0:
+        raise SystemExit(f"{flag}: values must be >= 0, got {text!r}")
+    return mix
+
+
+def parse_mix(text: str) -> Dict[int, float]:
+    """``1:5,2:3`` -> {1: 5.0, 2: 3.0} (levels and weights of the pretraining mixture)."""
+    mix = parse_levels(text)
+    if not any(mix.values()):
         raise SystemExit(f"--mix: weights must be >= 0 and not all 0, got {text!r}")
     return mix
 
@@ -69,22 +79,25 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--pre-iters", type=int, default=FULL.pre_iters)
     ap.add_argument("--pretrain", type=int, default=FULL.pretrain, help="pretraining problems")
     ap.add_argument("--mix", default=",".join(f"{a}:{b:g}" for a, b in FULL.pretrain_mix.items()))
-    ap.add_argument("--direct", type=float, default=FULL.pretrain_direct,
-                    help="share of pretraining problems answered without working")
+    ap.add_argument("--direct", default=",".join(f"{a}:{b:g}" for a, b in
+                                                  FULL.pretrain_direct.items()),
+                    help="per level, the share of pretraining problems answered without "
+                         "working (level:share,...; '' for none)")
     ap.add_argument("--problems", type=int, default=500, help="training problems scored")
     ap.add_argument("--k", type=int, default=8, help="samples per problem (GRPO's group)")
     ap.add_argument("--temperature", type=float, default=1.0)
     args = ap.parse_args(argv)
     if args.pre_iters < 1 or args.problems < 1 or args.k < 1:
         ap.error("--pre-iters, --problems and --k must be >= 1")
-    if not 0.0 <= args.direct <= 1.0:
-        ap.error(f"--direct: a share in [0, 1], got {args.direct}")
+    direct = parse_levels(args.direct, "--direct")
+    if any(v > 1 for v in direct.values()):
+        ap.error(f"--direct: shares in [0, 1], got {args.direct!r}")
     sizes = dataclasses.replace(FULL, pre_iters=args.pre_iters, pretrain=args.pretrain,
                                 pretrain_mix=parse_mix(args.mix),
-                                pretrain_direct=args.direct)
+                                pretrain_direct=direct)
     name = (f"iters{sizes.pre_iters}_n{sizes.pretrain}_mix"
             + "-".join(f"{a}x{b:g}" for a, b in sizes.pretrain_mix.items())
-            + (f"_direct{sizes.pretrain_direct:g}" if sizes.pretrain_direct else ""))
+            + ("_direct" + "-".join(f"{a}x{b:g}" for a, b in direct.items()) if direct else ""))
     out = Path(args.out).resolve() / name
     prepare(out / "data", sizes)
     probe = out / "data" / f"train_first{args.problems}.jsonl"

@@ -40,9 +40,9 @@ ABLATION = ("grpo", "trapo_prefix_context", "trapo_plain_sft", "trapo_luffy_pref
 # run): the best final accuracy of LR_GRID after the same steps on the tuning probe,
 # training-distribution problems no run trains on (ties: the smaller lr), by `--tune` (README,
 # "The CPU demo"). The ablation rows take TRAPO's.
-LR: Dict[str, float] = {"sft": 3e-5, "grpo": 1e-4, "sft_then_rl": 1e-4, "luffy": 1e-4,
-                        "trapo": 2e-5, "trapo_prefix_context": 2e-5, "trapo_plain_sft": 2e-5,
-                        "trapo_luffy_prefix": 2e-5}
+LR: Dict[str, float] = {"sft": 1e-4, "grpo": 3e-5, "sft_then_rl": 3e-5, "luffy": 3e-5,
+                        "trapo": 3e-5, "trapo_prefix_context": 3e-5, "trapo_plain_sft": 3e-5,
+                        "trapo_luffy_prefix": 3e-5}
 LR_GRID = (1e-5, 2e-5, 3e-5, 1e-4)
 PROMPT = "{problem}\n"
 

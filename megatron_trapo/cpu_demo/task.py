@@ -24,7 +24,7 @@ class Sizes:
     # four-step problems; with them it writes four and solves 47%, and only five steps are
     # out of its reach)
     pretrain_mix: Dict[int, float] = field(default_factory=lambda: {1: 5, 2: 3, 3: 2, 4: 0.5})
-    pretrain: int = 9000  # problems (60% with worked solutions: see pretrain_direct)
+    pretrain: int = 9000  # problems (some answered without working: see pretrain_direct)
     # sized on training problems, never held-out ones (benchmarks/size_base.py; README, "The
     # CPU demo"). Without answers-only text (pretrain_direct 0), 6000 problems, greedy per
     # level 1-5: 1000 steps 70/36/27/20/6, 1200 99/74/30/19/5, 1500 100/99/99/68/7; on that
@@ -40,15 +40,20 @@ class Sizes:
     # how often a step of a pretraining solution is written off by 1-2, per solution style
     # (data/synthetic.py): the base writes both styles, one of them less reliably
     pretrain_slip: Tuple[float, float] = (0.0, 0.0)
-    # the share of pretraining problems answered without working ("The answer is \\boxed{13}."),
-    # as much of the text a real base model learned from does: the habit RL can drop. Which
-    # to write is decided at an answer's first token, the same choice for every prompt; at
-    # 40% the base writes the answer alone in 41-45% of its samples at T = 1, right 9-14% of
-    # the time at 2-4 steps against 20-64% for worked ones, and greedy decoding takes it on
-    # 99-100% of the problems. With 6000 problems and 1200 steps: at 30%, greedy took it on
+    # per level, the share of pretraining problems answered without working ("The answer
+    # is \\boxed{13}."), as much of the text a real base model learned from does: the habit RL
+    # can drop. Which to write is decided at an answer's first token. Only the middle levels:
+    # a one-step problem's working is one line, and the text works it (with 40% answers alone
+    # at every level, greedy decoding guessed on 99-100% of the problems, one-step ones too:
+    # 31% on those); four-step problems are worked too, so the base meets the longest chains,
+    # never shown, working them rather than guessing (a guess from the last operation alone
+    # is right on ~20% of the five-step problems: data/synthetic.py's values are 0..20). At
+    # 40% the answers alone are right 9-14% of the time at T = 1 against 20-64% for worked
+    # ones. With 6000 problems and 1200 steps, 40% at every level: at 30%, greedy took it on
     # 6-12%; at 50%, the worked answers were no better than guesses at T = 1 (RL would have
-    # had no signal to follow)
-    pretrain_direct: float = 0.4
+    # had no signal to follow). Measured on training problems (benchmarks/size_base.py),
+    # greedy answers alone per level 1-5: 0/88/99/0/2%
+    pretrain_direct: Dict[int, float] = field(default_factory=lambda: {2: 0.4, 3: 0.4})
     train: int = 2000  # the methods' training problems (every level)
     eval: int = 400  # held-out problems (every level, about 80 each)
     # more held-out problems of the middle levels, where the methods differ, drawn after the
@@ -77,7 +82,7 @@ class Sizes:
 FULL = Sizes()
 # CI's pipeline check: a base without answers-only text (500 steps do not teach both habits)
 QUICK = Sizes(pretrain=2000, pre_iters=500, train=400, eval=100, eval_extra={}, probe=50,
-              iters=10, prompts=8, evals=2, pretrain_direct=0.0)
+              iters=10, prompts=8, evals=2, pretrain_direct={})
 
 
 def both_styles(records: List[Record]) -> List[Record]:
@@ -88,14 +93,24 @@ def both_styles(records: List[Record]) -> List[Record]:
             for i, r in enumerate(records)]
 
 
-def direct_answers(records: List[Record], share: float) -> List[Record]:
-    """A seeded ``share`` of ``records`` with their first solution (the one SFT trains on)
-    replaced by the answer alone, in the terse style's words."""
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"Sizes.pretrain_direct: a share in [0, 1], got {share}")
+def direct_answers(records: List[Record], shares: Dict[int, float]) -> List[Record]:
+    """A seeded share of ``records`` of each level (``shares``: level -> share) with their
+    first solution (the one SFT trains on) replaced by the answer alone, in the terse style's
+    words."""
+    for level, share in shares.items():
+        if level not in LEVELS or not 0.0 <= share <= 1.0:
+            raise ValueError(f"Sizes.pretrain_direct: level -> share in [0, 1] for levels "
+                             f"{LEVELS}, got {level}: {share}")
     rng = random.Random("direct")
-    return [dataclasses.replace(r, solutions=[answer_line(r.answer), *r.solutions[1:]])
-            if rng.random() < share else r for r in records]
+    out = []
+    for r in records:
+        # one draw a record, whatever its level: a level's share moving leaves the other
+        # levels' draws as they were
+        draw = rng.random()
+        level = int(r.source.removeprefix("synthetic-").removesuffix("step"))
+        out.append(dataclasses.replace(r, solutions=[answer_line(r.answer), *r.solutions[1:]])
+                   if draw < shares.get(level, 0.0) else r)
+    return out
 
 
 def extra_held_out(n: int, level: int, top: int, seen: Set[str]) -> List[Record]:

@@ -34,7 +34,14 @@ def test_per_level_refuses_groups_of_another_size():
 
 def test_mix_is_parsed_and_bad_text_is_named():
     assert size_base.parse_mix("1:5,2:3,4:0.5") == {1: 5.0, 2: 3.0, 4: 0.5}
-    with pytest.raises(SystemExit, match="--mix: expected level:weight"):
+    with pytest.raises(SystemExit, match="--mix: expected level:value"):
         size_base.parse_mix("1-5")
-    with pytest.raises(SystemExit, match="--mix: weights must be >= 0"):
+    with pytest.raises(SystemExit, match="--mix: values must be >= 0"):
         size_base.parse_mix("1:-1")
+    with pytest.raises(SystemExit, match="--mix: weights must be >= 0 and not all 0"):
+        size_base.parse_mix("1:0")
+    # the per-level shares answered without working: none is an empty flag
+    assert size_base.parse_levels("2:0.4,3:0.4", "--direct") == {2: 0.4, 3: 0.4}
+    assert size_base.parse_levels("", "--direct") == {}
+    with pytest.raises(SystemExit, match="--direct: expected level:value"):
+        size_base.parse_levels("0.4", "--direct")
