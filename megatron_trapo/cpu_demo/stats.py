@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from megatron_trapo.data.synthetic import steps_written
+from megatron_trapo.data.synthetic import level_of, steps_written
 from megatron_trapo.metrics import read_metrics
 
 Correct = Dict[str, float]  # problem id -> share of its samples correct at the final evaluation
@@ -128,10 +127,11 @@ def _share_per_level(rows: Sequence[dict], sources: Mapping[str, str],
     step lines w passes ``test(w, n)``."""
     out: Dict[str, List[float]] = {}
     for r in rows:
-        level = re.fullmatch(r"synthetic-(\d+)step", sources.get(r["id"], ""))
-        if level:
-            out.setdefault(level.group(0), []).append(
-                float(test(steps_written(r.get("text", "")), int(level.group(1)))))
+        source = sources.get(r["id"], "")
+        level = level_of(source)
+        if level is not None:
+            out.setdefault(source, []).append(
+                float(test(steps_written(r.get("text", "")), level)))
     return {k: sum(v) / len(v) for k, v in sorted(out.items())}
 
 

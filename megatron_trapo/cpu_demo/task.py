@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
 from megatron_trapo.data.records import Record, save_records
-from megatron_trapo.data.synthetic import answer_line, make_split, tokenizer_corpus
+from megatron_trapo.data.synthetic import answer_line, level_of, make_split, tokenizer_corpus
 from megatron_trapo.data.tokenizer import train_bpe_tokenizer
 
 LEVELS: Tuple[int, ...] = (1, 2, 3, 4, 5)  # steps per problem in the training/held-out splits
@@ -107,9 +107,8 @@ def direct_answers(records: List[Record], shares: Dict[int, float]) -> List[Reco
         # one draw a record, whatever its level: a level's share moving leaves the other
         # levels' draws as they were
         draw = rng.random()
-        level = int(r.source.removeprefix("synthetic-").removesuffix("step"))
         out.append(dataclasses.replace(r, solutions=[answer_line(r.answer), *r.solutions[1:]])
-                   if draw < shares.get(level, 0.0) else r)
+                   if draw < shares.get(level_of(r.source), 0.0) else r)
     return out
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import operator
 import random
 import re
-from typing import AbstractSet, List, Mapping, Sequence, Tuple, Union
+from typing import AbstractSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 from megatron_trapo.data.prompts import INSTRUCTION, SYSTEM
 from megatron_trapo.data.records import Record
@@ -25,6 +25,7 @@ STYLES = ("main", "second")
 # a step line of either style: "8 + 5 = 13." / "Now 8 + 5 gives 13."
 STEP_LINE = re.compile(r"(?:=|gives) -?\d+\.")
 MAX_VALUE = 99
+_SOURCE = re.compile(r"synthetic-(\d+)step")
 
 
 def _step(rng: random.Random, value: int, top: int) -> tuple:
@@ -64,7 +65,18 @@ def make_problem(rng: random.Random, steps: int, index: int, split: str,
     text.append("What is the result?")
     answer = str(value)
     main, second = (_solution(rng, start, ops, p, style) for p, style in zip(slip, STYLES))
-    return Record(" ".join(text), answer, [main, second], f"{split}-{index}", f"synthetic-{steps}step")
+    return Record(" ".join(text), answer, [main, second], f"{split}-{index}", source_of(steps))
+
+
+def source_of(steps: int) -> str:
+    """A problem's source, which names its difficulty: ``synthetic-{steps}step``."""
+    return f"synthetic-{steps}step"
+
+
+def level_of(source: str) -> Optional[int]:
+    """The number of steps a :func:`source_of` name gives; None for any other source."""
+    m = _SOURCE.fullmatch(source)
+    return int(m.group(1)) if m else None
 
 
 def _solution(rng: random.Random, value: int, ops: Sequence[tuple], slip: float,

@@ -3,7 +3,7 @@ step, the mixture's weights hold, and held-out problems never reach the training
 import re
 from collections import Counter
 
-from megatron_trapo.data.synthetic import make_split
+from megatron_trapo.data.synthetic import level_of, make_split
 
 
 def _replay(problem: str) -> tuple:
@@ -24,9 +24,16 @@ def test_answers_and_solutions_follow_the_problem_and_stay_in_range():
         assert all(0 <= v <= 30 for v in values), (r.problem, values)
         steps = int(r.source.split("-")[1][0])
         assert len(values) == steps + 1
+        assert level_of(r.source) == len(values) - 1  # the steps the problem text has
         lines = r.solutions[0].split("\n\n")
         assert len(lines) == steps + 1 and lines[-1] == f"The answer is \\boxed{{{answer}}}."
         assert [int(line.split("= ")[1].rstrip(".")) for line in lines[:-1]] == values[1:]
+
+
+def test_a_source_that_names_no_difficulty_has_no_level():
+    assert level_of("synthetic-12step") == 12
+    for other in ("gsm8k", "synthetic-step", "synthetic-3steps", "xsynthetic-3step"):
+        assert level_of(other) is None, other
 
 
 def test_mixture_weights_and_held_out_exclusion():
